@@ -1,0 +1,10 @@
+# Stage 1: full-precision ResNet-18 teacher for the aircraft search, fine-tuned
+# from ImageNet FP weights at 224 pixels.
+_base_ = [
+    './_base_/models/resnet18_224_imagenet_init.py',
+    './_base_/datasets/aircraft.py',
+    './_base_/schedules/fine_grained_sgd_50e.py',
+    './_base_/default_runtime.py',
+]
+
+model = dict(head=dict(num_classes={{_base_.num_classes}}))

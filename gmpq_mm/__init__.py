@@ -1,0 +1,13 @@
+"""gmpq_mm: GMPQ mixed-precision search as an OpenMMLab plugin.
+
+``custom_imports=dict(imports=['gmpq_mm'])`` in a config registers every
+gmpq_mm type into mmpretrain's registries (see :mod:`gmpq_mm.registry`).
+"""
+from .compat import patch_checkpoint_loading
+from .version import __version__
+
+patch_checkpoint_loading()
+
+from . import datasets, engine, models  # noqa: E402,F401  (register types)
+
+__all__ = ['__version__']

@@ -1,0 +1,118 @@
+"""The few fixes the pinned stack (torch 2.14 + mmengine 0.10.7) needs.
+
+All of them live here so they are easy to find and to drop once upstream
+catches up. Importing :mod:`gmpq_mm` applies :func:`patch_checkpoint_loading`.
+
+Trust assumption: checkpoints given to gmpq_mm (``load_from``, ``resume``,
+``init_cfg``, the search teacher) are trusted files -- your own work_dirs or
+OpenMMLab's published URLs. torch>=2.6 loads with ``weights_only=True`` by
+default, which rejects mmengine checkpoints (they pickle a ``MessageHub`` with
+``HistoryBuffer`` objects, numpy scalars, ...). We first try the safe loader
+with the few mmengine/numpy types allow-listed, and fall back to full
+unpickling -- which can run code from the file -- with a warning naming the
+file. Set ``GMPQ_MM_STRICT_LOAD=1`` to refuse that fallback.
+"""
+import logging
+import os
+import os.path as osp
+import pickle
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from mmengine.logging import HistoryBuffer, print_log
+from mmengine.runner.checkpoint import CheckpointLoader
+
+STRICT_LOAD_ENV = 'GMPQ_MM_STRICT_LOAD'
+
+
+def _safe_globals():
+    """Types mmengine writes into checkpoints besides tensors."""
+    allowed = [HistoryBuffer, np.dtype, np.ndarray, np.core.multiarray.scalar,
+               np.core.multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64',
+                                            'int32', 'bool')]
+    return allowed
+
+
+def load_trusted_checkpoint(filename, map_location=None):
+    """``torch.load`` for a trusted checkpoint file (see module docstring).
+
+    Args:
+        filename (str): Path of a local checkpoint file.
+        map_location: As for :func:`torch.load`.
+
+    Returns:
+        dict: The loaded checkpoint.
+    """
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'checkpoint file not found: {filename}')
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(
+                filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if os.environ.get(STRICT_LOAD_ENV, '0') == '1':
+            raise pickle.UnpicklingError(
+                f'{filename}: refusing to unpickle objects beyond tensors '
+                f'because {STRICT_LOAD_ENV}=1 ({err})') from err
+        print_log(
+            f'{filename} holds Python objects beyond tensors; loading it '
+            'with full unpickling because checkpoints are trusted in '
+            f'gmpq_mm (set {STRICT_LOAD_ENV}=1 to refuse).',
+            logger='current',
+            level=logging.WARNING)
+        return torch.load(
+            filename, map_location=map_location, weights_only=False)
+
+
+def _load_local(filename, map_location=None):
+    return load_trusted_checkpoint(filename, map_location)
+
+
+def _load_http(filename, map_location=None, model_dir=None):
+    """Download once per node (local rank 0 first), then load as trusted."""
+    from mmengine.dist import get_dist_info
+    model_dir = model_dir or osp.join(torch.hub.get_dir(), 'checkpoints')
+    cached = osp.join(model_dir, osp.basename(urlparse(filename).path))
+    rank, world_size = get_dist_info()
+    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    if local_rank == 0 and not osp.isfile(cached):
+        os.makedirs(model_dir, exist_ok=True)
+        torch.hub.download_url_to_file(filename, cached, progress=False)
+    if world_size > 1:
+        torch_dist.barrier()
+    return load_trusted_checkpoint(cached, map_location)
+
+
+def patch_checkpoint_loading():
+    """Route mmengine's local and http checkpoint loading through ours."""
+    CheckpointLoader.register_scheme(prefixes='', loader=_load_local,
+                                     force=True)
+    CheckpointLoader.register_scheme(
+        prefixes=('http://', 'https://'), loader=_load_http, force=True)
+
+
+def init_cpu_distributed(launcher):
+    """Start a gloo process group when there is no CUDA.
+
+    mmengine's ``init_dist`` always calls ``torch.cuda.set_device`` on this
+    path, which fails on a CPU-only machine; once a process group exists the
+    Runner skips ``init_dist``. Only the ``pytorch`` launcher (torchrun) is
+    handled: it sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+
+    Returns:
+        bool: whether a process group was started here.
+    """
+    if launcher == 'none' or torch.cuda.is_available():
+        return False
+    if torch_dist.is_initialized():
+        return False
+    if launcher != 'pytorch':
+        raise RuntimeError(
+            f"launcher '{launcher}' needs CUDA; on a CPU-only machine use "
+            "'pytorch' (tools/dist_train.sh) which runs gloo")
+    torch_dist.init_process_group(backend='gloo')
+    return True

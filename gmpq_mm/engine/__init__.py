@@ -1,0 +1,1 @@
+from .model_wrappers import *  # noqa: F401,F403

@@ -1,0 +1,3 @@
+from .any_device_ddp import AnyDeviceDistributedDataParallel
+
+__all__ = ['AnyDeviceDistributedDataParallel']

@@ -1,0 +1,1 @@
+"""Floor 1: pure-PyTorch quantization numerics (no mmengine / mmpretrain)."""

@@ -1,0 +1,351 @@
+"""The bit-width policy file: plain JSON keyed by module name.
+
+A policy says which weight / activation bit width each searched layer gets::
+
+    {
+      "format": "gmpq-policy",
+      "version": 1,
+      "layers": {
+        "layer1.0.conv1": {"w_bits": 4, "a_bits": 3},
+        ...
+      },
+      "w_candidates": [2, 3, 4, 6],
+      "a_candidates": [2, 3, 4, 6],
+      "input_shape": [3, 32, 32],
+      "bitops": 1234567890,
+      "mean_w_bits": 3.6,
+      "mean_a_bits": 3.9,
+      "source": "config / checkpoint / epoch it came from",
+      "budget": null
+    }
+
+The released GMPQ code keyed the policy by parameter ORDER and hard-coded the
+candidates at finetune time; a name-keyed file can be read, diffed and checked
+against the network it is applied to (:func:`validate_policy`).
+
+Pure PyTorch / stdlib: nothing from mmengine / mmpretrain is imported.
+"""
+import json
+import numbers
+import os
+import os.path as osp
+import tempfile
+from collections import OrderedDict
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from .quantizers import check_bits, check_candidates
+
+__all__ = [
+    'POLICY_FORMAT', 'POLICY_VERSION', 'make_policy', 'save_policy',
+    'load_policy', 'validate_policy', 'policy_layers', 'policy_from_model'
+]
+
+POLICY_FORMAT = 'gmpq-policy'
+POLICY_VERSION = 1
+
+# Order of the top-level keys in a written file (unknown keys go last).
+_KEY_ORDER = ('format', 'version', 'source', 'w_candidates', 'a_candidates',
+              'input_shape', 'bitops', 'budget', 'mean_w_bits', 'mean_a_bits',
+              'layers')
+
+PathLike = Union[str, os.PathLike]
+Bits = Tuple[int, int]
+
+
+def _check_layer_bits(name: str, entry, where: str) -> Bits:
+    """``(w_bits, a_bits)`` of one ``layers`` entry, or a ValueError."""
+    if isinstance(entry, Mapping):
+        extra = sorted(set(entry) - {'w_bits', 'a_bits'})
+        missing = [k for k in ('w_bits', 'a_bits') if k not in entry]
+        if extra or missing:
+            raise ValueError(f'{where}: layers[{name}] must hold exactly '
+                             f'"w_bits" and "a_bits" (missing {missing}, '
+                             f'unknown {extra})')
+        w_bits, a_bits = entry['w_bits'], entry['a_bits']
+    elif (isinstance(entry, Sequence) and not isinstance(entry, str)
+          and len(entry) == 2):
+        w_bits, a_bits = entry
+    else:
+        raise ValueError(f'{where}: layers[{name}] must be '
+                         f'{{"w_bits": int, "a_bits": int}}, got {entry!r}')
+    return (check_bits(w_bits, where=f'{where}: layers[{name}] w_bits'),
+            check_bits(a_bits, where=f'{where}: layers[{name}] a_bits'))
+
+
+def _mean(values: Iterable[float]) -> Optional[float]:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _ordered(policy: Mapping) -> dict:
+    keys = [k for k in _KEY_ORDER if k in policy]
+    keys += [k for k in policy if k not in _KEY_ORDER]
+    return {k: policy[k] for k in keys}
+
+
+def make_policy(layers: Mapping, **meta) -> dict:
+    """Build a policy dict.
+
+    Args:
+        layers: ``name -> (w_bits, a_bits)`` (or ``{'w_bits', 'a_bits'}``),
+            in network order.
+        **meta: ``w_candidates``, ``a_candidates``, ``input_shape``,
+            ``bitops``, ``source``, ``budget``, ... . ``mean_w_bits`` /
+            ``mean_a_bits`` default to the plain mean over the layers.
+
+    Returns:
+        dict: A policy that :func:`load_policy` accepts.
+    """
+    policy = {'format': POLICY_FORMAT, 'version': POLICY_VERSION}
+    table = OrderedDict(
+        (name, _check_layer_bits(name, bits, '<policy>'))
+        for name, bits in layers.items())
+    policy['layers'] = {
+        name: {
+            'w_bits': w,
+            'a_bits': a
+        }
+        for name, (w, a) in table.items()
+    }
+    for key in ('w_candidates', 'a_candidates'):
+        if meta.get(key) is not None:
+            meta[key] = list(check_candidates(meta[key], where=key))
+    if meta.get('input_shape') is not None:
+        meta['input_shape'] = [int(s) for s in meta['input_shape']]
+    if meta.get('bitops') is not None:
+        meta['bitops'] = int(meta['bitops'])
+    meta.setdefault('bitops', None)
+    meta.setdefault('mean_w_bits', _mean(w for w, _ in table.values()))
+    meta.setdefault('mean_a_bits', _mean(a for _, a in table.values()))
+    policy.update(meta)
+    return load_policy(_ordered(policy))
+
+
+def save_policy(policy: Mapping, path: PathLike) -> str:
+    """Write ``policy`` as JSON, atomically.
+
+    The file is written to a temporary sibling and moved over ``path`` with
+    ``os.replace``, so a crash never leaves a half-written policy behind.
+
+    Returns:
+        str: The path written.
+    """
+    path = os.fspath(path)
+    policy = _ordered(load_policy(policy))  # never write an invalid file
+    text = json.dumps(policy, indent=2) + '\n'
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _read_json(path: str) -> dict:
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'policy file not found: {path}')
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path}: malformed JSON at line {e.lineno} column '
+                         f'{e.colno}: {e.msg}') from None
+
+
+def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
+    """Read and check a policy.
+
+    Args:
+        path_or_dict: A JSON file, or an already parsed policy dict.
+
+    Returns:
+        dict: The policy, with ``layers`` as ``name -> {'w_bits', 'a_bits'}``
+        in file order.
+
+    Raises:
+        FileNotFoundError: Naming the path, if the file does not exist.
+        ValueError: Naming the file (and the layer), for malformed JSON
+            (with line / column), a wrong structure or bad bit widths.
+    """
+    if isinstance(path_or_dict, Mapping):
+        where, raw = '<policy>', dict(path_or_dict)
+    else:
+        where = os.fspath(path_or_dict)
+        raw = _read_json(where)
+    if not isinstance(raw, dict):
+        raise ValueError(f'{where}: a policy must be a JSON object, got '
+                         f'{type(raw).__name__}')
+    if raw.get('format') != POLICY_FORMAT:
+        raise ValueError(f'{where}: "format" must be "{POLICY_FORMAT}", got '
+                         f'{raw.get("format")!r}')
+    if raw.get('version') != POLICY_VERSION or isinstance(
+            raw.get('version'), bool):
+        raise ValueError(f'{where}: unsupported policy "version" '
+                         f'{raw.get("version")!r} (expected {POLICY_VERSION})')
+    layers = raw.get('layers')
+    if not isinstance(layers, Mapping) or not layers:
+        raise ValueError(f'{where}: "layers" must be a non-empty object '
+                         f'name -> {{"w_bits", "a_bits"}}')
+
+    policy = dict(raw)
+    cands = {}
+    for key in ('w_candidates', 'a_candidates'):
+        if raw.get(key) is not None:
+            cands[key] = check_candidates(raw[key], where=f'{where}: {key}')
+            policy[key] = list(cands[key])
+    table = OrderedDict()
+    for name, entry in layers.items():
+        w_bits, a_bits = _check_layer_bits(name, entry, where)
+        for kind, bits in (('w', w_bits), ('a', a_bits)):
+            allowed = cands.get(f'{kind}_candidates')
+            if allowed is not None and bits not in allowed:
+                raise ValueError(f'{where}: layers[{name}] {kind}_bits={bits} '
+                                 f'is not among {kind}_candidates '
+                                 f'{list(allowed)}')
+        table[name] = {'w_bits': w_bits, 'a_bits': a_bits}
+    policy['layers'] = dict(table)
+
+    shape = raw.get('input_shape')
+    if shape is not None and not (
+            isinstance(shape, Sequence) and not isinstance(shape, str)
+            and all(isinstance(s, numbers.Integral) and not isinstance(
+                s, bool) and s > 0 for s in shape)):
+        raise ValueError(f'{where}: "input_shape" must be a list of positive '
+                         f'ints such as [3, 32, 32], got {shape!r}')
+    if shape is not None:
+        policy['input_shape'] = [int(s) for s in shape]
+    bitops = raw.get('bitops')
+    if bitops is not None and (not isinstance(bitops, numbers.Real)
+                               or isinstance(bitops, bool) or bitops < 0):
+        raise ValueError(f'{where}: "bitops" must be a non-negative number '
+                         f'or null, got {bitops!r}')
+    return policy
+
+
+def policy_layers(policy: Union[PathLike, Mapping]) -> 'OrderedDict[str, Bits]':
+    """``name -> (w_bits, a_bits)`` of a policy (file or dict), file order."""
+    policy = load_policy(policy)
+    return OrderedDict((name, (e['w_bits'], e['a_bits']))
+                       for name, e in policy['layers'].items())
+
+
+def validate_policy(policy: Union[PathLike, Mapping],
+                    layer_names: Sequence[str],
+                    w_allowed: Optional[Iterable[int]] = None,
+                    a_allowed: Optional[Iterable[int]] = None,
+                    source: Optional[str] = None) -> Dict[str, Bits]:
+    """Check a policy against the layers of a model.
+
+    Args:
+        policy: A policy file or dict.
+        layer_names: Names of the layers the model quantizes (network order).
+        w_allowed / a_allowed: Bit widths the model allows (None: any
+            supported width).
+        source: Name of the policy in messages; default the file path (or
+            ``'<policy>'`` for a dict).
+
+    Returns:
+        dict: ``name -> (w_bits, a_bits)`` in ``layer_names`` order.
+
+    Raises:
+        ValueError: Naming the policy and every offending layer, for layers
+            the policy lacks, layers the model does not have, and bits the
+            model does not allow.
+    """
+    if source is None:
+        source = ('<policy>' if isinstance(policy, Mapping) else
+                  os.fspath(policy))
+    try:
+        table = policy_layers(policy)
+    except ValueError as e:
+        # Re-label dict errors with the caller's source name.
+        msg = str(e)
+        if msg.startswith('<policy>'):
+            msg = source + msg[len('<policy>'):]
+        raise ValueError(msg) from None
+    layer_names = list(layer_names)
+    w_allowed = None if w_allowed is None else {int(b) for b in w_allowed}
+    a_allowed = None if a_allowed is None else {int(b) for b in a_allowed}
+
+    problems = []
+    missing = [name for name in layer_names if name not in table]
+    if missing:
+        problems.append(f'missing layer(s) {missing}')
+    extra = [name for name in table if name not in set(layer_names)]
+    if extra:
+        problems.append(f'layer(s) {extra} not quantized by the model '
+                        f'(unknown name or a layer kept full precision)')
+    for name, (w_bits, a_bits) in table.items():
+        if w_allowed is not None and w_bits not in w_allowed:
+            problems.append(f'layers[{name}] w_bits={w_bits} not in allowed '
+                            f'{sorted(w_allowed)}')
+        if a_allowed is not None and a_bits not in a_allowed:
+            problems.append(f'layers[{name}] a_bits={a_bits} not in allowed '
+                            f'{sorted(a_allowed)}')
+    if problems:
+        raise ValueError(f'{source}: policy does not fit the model: ' +
+                         '; '.join(problems))
+    return {name: table[name] for name in layer_names}
+
+
+def policy_from_model(model: nn.Module,
+                      input_shape: Optional[Sequence[int]] = None,
+                      **meta) -> dict:
+    """The policy of a supernet (argmax of the alphas) or a quantized net.
+
+    Every mixed-precision layer contributes its ``choice()``, every fixed
+    bit layer its ``bits``, keyed by module name in network order.
+
+    Args:
+        model: A network holding mixed-precision or quantized layers.
+        input_shape: ``(C, H, W)``; if given, ``bitops`` of the policy (over
+            its layers, i.e. the searched layers) is measured at this shape.
+        **meta: Extra policy fields (``source``, ``budget``, ...).
+
+    Returns:
+        dict: The policy.
+    """
+    from .layers import is_mixed_layer, is_quantized_layer
+
+    table = OrderedDict()
+    w_cands, a_cands = [], []
+    for name, module in model.named_modules():
+        if is_mixed_layer(module):
+            table[name] = tuple(int(b) for b in module.choice())
+            w_cands.append(tuple(module.w_candidates))
+            a_cands.append(tuple(module.a_candidates))
+        elif is_quantized_layer(module):
+            table[name] = tuple(int(b) for b in module.bits)
+    if not table:
+        raise ValueError(f'{type(model).__name__} holds no mixed-precision '
+                         f'or quantized layer: no policy to export')
+
+    def common(cands):
+        # One list when all searched layers share it (the usual case),
+        # otherwise the sorted union.
+        if not cands:
+            return None
+        if all(c == cands[0] for c in cands):
+            return list(cands[0])
+        return sorted({b for c in cands for b in c})
+
+    meta.setdefault('w_candidates', common(w_cands))
+    meta.setdefault('a_candidates', common(a_cands))
+    if input_shape is not None:
+        from .complexity import bitops, count_macs
+        macs = count_macs(model, input_shape)
+        meta.setdefault('bitops', bitops(macs, table))
+        meta['input_shape'] = list(input_shape)
+    return make_policy(table, **meta)

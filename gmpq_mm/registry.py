@@ -1,0 +1,22 @@
+"""Registries gmpq_mm registers into.
+
+gmpq_mm puts its types straight into mmpretrain's registries instead of
+child registries with their own scope. Why: a child registry's types are
+only found when the config's ``default_scope`` is the child's scope (or with a
+``gmpq_mm.`` prefix on every type), whereas users keep
+``default_scope = 'mmpretrain'`` and mix our types (``MixedPrecisionBackbone``,
+``SearchLoop`` ...) with mmpretrain's (``ResNet``, ``CIFAR10`` ...) by bare
+name. Registering into the parents gives exactly that; the price is one
+namespace, so every gmpq_mm name is chosen not to clash (registration fails
+loudly on a clash, ``force`` is never used).
+
+Import gmpq_mm (``custom_imports=dict(imports=['gmpq_mm'])``) to fill them.
+"""
+from mmpretrain.registry import (DATASETS, HOOKS, LOOPS, MODEL_WRAPPERS,
+                                 MODELS, OPTIM_WRAPPERS, PARAM_SCHEDULERS,
+                                 TRANSFORMS)
+
+__all__ = [
+    'DATASETS', 'HOOKS', 'LOOPS', 'MODELS', 'MODEL_WRAPPERS', 'OPTIM_WRAPPERS',
+    'PARAM_SCHEDULERS', 'TRANSFORMS'
+]

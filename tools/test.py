@@ -1,0 +1,91 @@
+"""Evaluate a checkpoint with an OpenMMLab config.
+
+Prints the metrics mmengine computes (top-1/top-5) and, for quantized or
+mixed-precision models, their BitOPs, size and compression; ``--out`` writes
+all of it as JSON.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from gmpq_mm.compat import init_cpu_distributed  # noqa: E402
+from gmpq_mm.utils import check_paths  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test a checkpoint')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the dir to save logs')
+    parser.add_argument(
+        '--out', help='write the metrics (and complexity) to this JSON file')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value (xxx=yyy format)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    # Only the test split and the checkpoint matter here.
+    for key in ('train_dataloader', 'train_cfg', 'optim_wrapper',
+                'param_scheduler', 'val_dataloader', 'val_cfg',
+                'val_evaluator'):
+        cfg[key] = None
+    try:
+        check_paths(cfg, phases=('test', ), config_file=args.config)
+    except FileNotFoundError as err:
+        raise SystemExit(f'error: {err}')
+    if init_cpu_distributed(cfg.launcher):
+        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+        cfg.model_wrapper_cfg = dict(type='AnyDeviceDistributedDataParallel')
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    result = dict(config=args.config, checkpoint=args.checkpoint,
+                  metrics=metrics)
+    from gmpq_mm.utils.report import model_complexity
+    complexity = model_complexity(runner.model, cfg)
+    if complexity is not None:
+        result['complexity'] = complexity
+        runner.logger.info(
+            'BitOPs (quantized layers) {bitops_quantized:.4g} G, whole net '
+            '{bitops_total:.4g} G, size {size_mb:.3f} MB, compression '
+            '{compression:.2f}x'.format(**complexity))
+    if args.out and runner.rank == 0:
+        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(result, f, indent=2)
+        runner.logger.info(f'results written to {args.out}')
+
+
+if __name__ == '__main__':
+    main()

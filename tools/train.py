@@ -1,0 +1,143 @@
+"""Train with an OpenMMLab config: FP teachers, GMPQ searches, finetunes.
+
+Same arguments as mmpretrain's ``tools/train.py``. Additions: paths named by
+the config are checked before anything is built, and with no CUDA the
+``pytorch`` launcher runs on gloo (``bash tools/dist_train.sh CONFIG 2``
+works on a CPU-only machine).
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+from gmpq_mm.compat import init_cpu_distributed  # noqa: E402
+from gmpq_mm.utils import check_paths  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a model')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume',
+        nargs='?',
+        type=str,
+        const='auto',
+        help='resume from the latest checkpoint in the work_dir, or from '
+        'the given checkpoint path')
+    parser.add_argument(
+        '--amp', action='store_true', help='enable automatic mixed precision')
+    parser.add_argument(
+        '--no-validate',
+        action='store_true',
+        help='do not evaluate checkpoints during training')
+    parser.add_argument(
+        '--auto-scale-lr',
+        action='store_true',
+        help='scale the learning rate by the actual total batch size')
+    parser.add_argument(
+        '--no-pin-memory', action='store_true', help='no pin_memory')
+    parser.add_argument(
+        '--no-persistent-workers',
+        action='store_true',
+        help='no persistent_workers')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value (xxx=yyy format)')
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch', 'slurm', 'mpi'],
+        default='none',
+        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def _set_loader_flag(cfg, key, value):
+    for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        if cfg.get(name):
+            cfg[name][key] = value
+    for loader in (cfg.get('train_cfg') or {}).get('dataloaders', {}).values():
+        loader[key] = value
+
+
+def merge_args(cfg, args):
+    """Fold command-line arguments into the config (mmpretrain's rules)."""
+    cfg.launcher = args.launcher
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs',
+                                osp.splitext(osp.basename(args.config))[0])
+    if args.amp:
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit('--amp needs CUDA (mmengine AmpOptimWrapper); '
+                             'this machine has none')
+        optim_wrapper = cfg.optim_wrapper
+        if optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapperDict':
+            for sub in optim_wrapper.values():
+                if isinstance(sub, dict) and 'optimizer' in sub:
+                    sub['type'] = 'AmpOptimWrapper'
+                    sub.setdefault('loss_scale', 'dynamic')
+        else:
+            optim_wrapper['type'] = 'AmpOptimWrapper'
+            optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.no_validate:
+        cfg.val_cfg = None
+        cfg.val_dataloader = None
+        cfg.val_evaluator = None
+    if args.auto_scale_lr:
+        cfg.setdefault('auto_scale_lr', {})['enable'] = True
+    if args.no_pin_memory:
+        _set_loader_flag(cfg, 'pin_memory', False)
+    if args.no_persistent_workers:
+        _set_loader_flag(cfg, 'persistent_workers', False)
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
+def prepare_cpu_distributed(cfg):
+    """gloo instead of NCCL, and a DDP wrapper that accepts CPU modules."""
+    if init_cpu_distributed(cfg.launcher):
+        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+        wrapper = cfg.get('model_wrapper_cfg') or {}
+        if wrapper.get('type', 'MMDistributedDataParallel') == \
+                'MMDistributedDataParallel':
+            wrapper['type'] = 'AnyDeviceDistributedDataParallel'
+        cfg.model_wrapper_cfg = wrapper
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    cfg = merge_args(cfg, args)
+    phases = ('train', ) if cfg.get('val_cfg') is None else ('train', 'val')
+    try:
+        check_paths(cfg, phases=phases, config_file=args.config)
+    except FileNotFoundError as err:
+        raise SystemExit(f'error: {err}')
+    prepare_cpu_distributed(cfg)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
