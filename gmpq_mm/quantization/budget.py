@@ -26,8 +26,7 @@ from torch import nn
 from .complexity import LayerMacs, human_units
 from .quantizers import check_candidates
 
-__all__ = ['best_policy_under_budget', 'log_probs_from_model',
-           'policy_cost']
+__all__ = ['best_policy_under_budget', 'log_probs_from_model', 'policy_cost']
 
 Bits = Tuple[int, int]
 
@@ -78,8 +77,7 @@ def log_probs_from_model(model: nn.Module) -> 'OrderedDict[str, tuple]':
 
 def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
                                                            Sequence[float]]],
-                             macs: Mapping,
-                             w_candidates: Sequence[int],
+                             macs: Mapping, w_candidates: Sequence[int],
                              a_candidates: Sequence[int],
                              budget: float) -> Dict[str, Bits]:
     """Exact most-likely policy with ``BitOPs <= budget``.
@@ -151,8 +149,8 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
     offsets = np.cumsum([0] + [len(ok) for ok in allowed])
     n_vars = int(offsets[-1])
     objective = -np.concatenate([np.asarray(s) for s in scores])
-    flat_costs = np.concatenate([np.asarray(c, dtype=np.float64)
-                                 for c in costs])
+    flat_costs = np.concatenate(
+        [np.asarray(c, dtype=np.float64) for c in costs])
     one_hot = lil_matrix((len(names), n_vars))
     for row in range(len(names)):
         one_hot[row, offsets[row]:offsets[row + 1]] = 1.0
@@ -173,8 +171,8 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
         if not result.success or result.x is None:
             raise RuntimeError(f'budget MILP failed: {result.message}')
         choice = [
-            allowed[row][int(np.argmax(result.x[offsets[row]:offsets[row +
-                                                                     1]]))]
+            allowed[row][int(
+                np.argmax(result.x[offsets[row]:offsets[row + 1]]))]
             for row in range(len(names))
         ]
         policy = OrderedDict((name, (w_cands[i], a_cands[j]))

@@ -66,10 +66,11 @@ def _params_of(module: nn.Module) -> int:
     return int(count)
 
 
-def count_macs(model: nn.Module,
-               input_shape: Sequence[int] = (3, 32, 32),
-               types: Tuple[type, ...] = (nn.Conv2d, nn.Linear)
-               ) -> 'OrderedDict[str, LayerMacs]':
+def count_macs(
+    model: nn.Module,
+    input_shape: Sequence[int] = (3, 32, 32),
+    types: Tuple[type, ...] = (nn.Conv2d, nn.Linear)
+) -> 'OrderedDict[str, LayerMacs]':
     """MACs of every conv / linear layer, measured at ``input_shape``.
 
     One forward of a batch of one (zeros) in eval mode under no_grad; the
@@ -109,9 +110,8 @@ def count_macs(model: nn.Module,
             handle.remove()
     return OrderedDict(
         (name,
-         LayerMacs(
-             found[name], _params_of(module),
-             'conv' if isinstance(module, _ConvNd) else 'linear'))
+         LayerMacs(found[name], _params_of(module),
+                   'conv' if isinstance(module, _ConvNd) else 'linear'))
         for name, module in modules if name in found)
 
 
@@ -134,6 +134,9 @@ def bitops(macs: Mapping, layers: Mapping) -> Union[int, float]:
     Returns:
         int: BitOPs (a float if some bits are, e.g. expected bits).
     """
+    if not isinstance(layers, Mapping):
+        raise TypeError(f'layers must be a dict name -> (w_bits, a_bits), '
+                        f'got {layers!r}')
     total = 0
     for name, bits in layers.items():
         if isinstance(bits, Mapping):
@@ -187,7 +190,8 @@ def _layer_bits(name: str, module: nn.Module,
         w_bits, a_bits = module.bits
         return int(w_bits), int(a_bits), True
     if is_mixed_layer(module):
-        e_w, e_a = module.expected_bits()
+        with torch.no_grad():
+            e_w, e_a = module.expected_bits()
         return float(e_w), float(e_a), True
     return FP_BITS, FP_BITS, False
 
@@ -217,6 +221,9 @@ def complexity_report(model: nn.Module,
         ``mean_w_bits`` / ``mean_a_bits`` (plain mean over quantized layers);
         plus ``input_shape`` and ``size_unit``.
     """
+    if policy_layers is not None and not isinstance(policy_layers, Mapping):
+        raise TypeError(f'policy_layers must be a dict name -> (w_bits, '
+                        f'a_bits) or a policy, got {policy_layers!r}')
     if policy_layers is not None and 'format' in policy_layers:
         from .policy import policy_layers as layers_of
         policy_layers = layers_of(policy_layers)
@@ -274,10 +281,10 @@ def complexity_report(model: nn.Module,
         compression_quantized=fp_q / bitops_q if bitops_q else None,
         size_mb=size_bits / 8 / MB,
         fp_size_mb=fp_size_bits / 8 / MB,
-        mean_w_bits=(sum(r['w_bits'] for r in q_rows) /
-                     len(q_rows)) if q_rows else None,
-        mean_a_bits=(sum(r['a_bits'] for r in q_rows) /
-                     len(q_rows)) if q_rows else None)
+        mean_w_bits=(sum(r['w_bits']
+                         for r in q_rows) / len(q_rows)) if q_rows else None,
+        mean_a_bits=(sum(r['a_bits']
+                         for r in q_rows) / len(q_rows)) if q_rows else None)
     return dict(
         input_shape=[int(s) for s in input_shape],
         size_unit='MB = 1e6 bytes',

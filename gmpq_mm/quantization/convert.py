@@ -21,8 +21,8 @@ __all__ = [
     'to_mixed_precision', 'to_quantized'
 ]
 
-SignedSpec = Union[bool, str, Callable[[str, nn.Module], bool],
-                   Mapping[str, bool]]
+SignedSpec = Union[bool, str, Callable[[str, nn.Module], bool], Mapping[str,
+                                                                        bool]]
 
 
 @contextlib.contextmanager
@@ -43,7 +43,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
-def _probe_input(model: nn.Module, input_shape: Sequence[int],
+def _probe_input(model: nn.Module,
+                 input_shape: Sequence[int],
                  batch_size: int = 1,
                  random: bool = False) -> torch.Tensor:
     """A probe batch on the device and in the float dtype of ``model``."""
@@ -115,8 +116,8 @@ def select_layers(model: nn.Module,
 
     # Patterns are checked against every module of ``types`` (stem included),
     # so that excluding the stem explicitly is not an error.
-    unmatched = [(arg, pat) for arg, pats in (('include', include),
-                                              ('exclude', exclude))
+    unmatched = [(arg, pat)
+                 for arg, pats in (('include', include), ('exclude', exclude))
                  for pat in pats if not fnmatch.filter(typed, pat)]
     if unmatched:
         listed = ', '.join(f'{arg} {pat!r}' for arg, pat in unmatched)
@@ -235,8 +236,7 @@ def detect_signed_inputs(model: nn.Module,
     return {name: seen.get(name, False) for name in names}
 
 
-def _resolve_signed(model: nn.Module, names: Sequence[str],
-                    signed: SignedSpec,
+def _resolve_signed(model: nn.Module, names: Sequence[str], signed: SignedSpec,
                     input_shape: Sequence[int]) -> Dict[str, bool]:
     """Per-layer ``signed`` flag from the many forms ``signed`` can take."""
     if isinstance(signed, bool):
@@ -314,8 +314,9 @@ def to_mixed_precision(model: nn.Module,
     w_candidates, a_candidates = tuple(w_candidates), tuple(a_candidates)
 
     def factory(name, module):
-        cls = (qlayers.MixedPrecisionConv2d if isinstance(
-            module, nn.Conv2d) else qlayers.MixedPrecisionLinear)
+        cls = (
+            qlayers.MixedPrecisionConv2d
+            if isinstance(module, nn.Conv2d) else qlayers.MixedPrecisionLinear)
         return cls.from_float(
             module,
             w_candidates=w_candidates,
@@ -398,8 +399,9 @@ def to_quantized(model: nn.Module,
     signed_of = _resolve_signed(model, names, signed, input_shape)
 
     def factory(name, module):
-        cls = (qlayers.QuantizedConv2d if isinstance(module, nn.Conv2d) else
-               qlayers.QuantizedLinear)
+        cls = (
+            qlayers.QuantizedConv2d
+            if isinstance(module, nn.Conv2d) else qlayers.QuantizedLinear)
         w_bits, a_bits = bits_of[name]
         return cls.from_float(
             module,

@@ -99,9 +99,8 @@ def make_policy(layers: Mapping, **meta) -> dict:
         dict: A policy that :func:`load_policy` accepts.
     """
     policy = {'format': POLICY_FORMAT, 'version': POLICY_VERSION}
-    table = OrderedDict(
-        (name, _check_layer_bits(name, bits, '<policy>'))
-        for name, bits in layers.items())
+    table = OrderedDict((name, _check_layer_bits(name, bits, '<policy>'))
+                        for name, bits in layers.items())
     policy['layers'] = {
         name: {
             'w_bits': w,
@@ -218,10 +217,11 @@ def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
     policy['layers'] = dict(table)
 
     shape = raw.get('input_shape')
-    if shape is not None and not (
-            isinstance(shape, Sequence) and not isinstance(shape, str)
-            and all(isinstance(s, numbers.Integral) and not isinstance(
-                s, bool) and s > 0 for s in shape)):
+    if shape is not None and not (isinstance(shape, Sequence)
+                                  and not isinstance(shape, str) and all(
+                                      isinstance(s, numbers.Integral)
+                                      and not isinstance(s, bool) and s > 0
+                                      for s in shape)):
         raise ValueError(f'{where}: "input_shape" must be a list of positive '
                          f'ints such as [3, 32, 32], got {shape!r}')
     if shape is not None:
@@ -234,7 +234,8 @@ def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
     return policy
 
 
-def policy_layers(policy: Union[PathLike, Mapping]) -> 'OrderedDict[str, Bits]':
+def policy_layers(
+        policy: Union[PathLike, Mapping]) -> 'OrderedDict[str, Bits]':
     """``name -> (w_bits, a_bits)`` of a policy (file or dict), file order."""
     policy = load_policy(policy)
     return OrderedDict((name, (e['w_bits'], e['a_bits']))
@@ -265,8 +266,8 @@ def validate_policy(policy: Union[PathLike, Mapping],
             model does not allow.
     """
     if source is None:
-        source = ('<policy>' if isinstance(policy, Mapping) else
-                  os.fspath(policy))
+        source = ('<policy>'
+                  if isinstance(policy, Mapping) else os.fspath(policy))
     try:
         table = policy_layers(policy)
     except ValueError as e:

@@ -1,0 +1,197 @@
+"""Tests of gmpq_mm.quantization.budget (exact policy under a budget)."""
+import itertools
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gmpq_mm.quantization.budget import (best_policy_under_budget,
+                                         log_probs_from_model, policy_cost)
+from gmpq_mm.quantization.complexity import count_macs
+from gmpq_mm.quantization.convert import to_mixed_precision
+
+W, A = (2, 4), (2, 4)
+# Probabilities of the candidates (2, 4) of each layer.
+PROBS = {
+    'a': ([0.3, 0.7], [0.4, 0.6]),
+    'b': ([0.3, 0.7], [0.2, 0.8]),
+    'c': ([0.6, 0.4], [0.2, 0.8]),
+}
+MACS = {'a': 1, 'b': 3, 'c': 4}
+LOGP = {n: (np.log(pw), np.log(pa)) for n, (pw, pa) in PROBS.items()}
+
+
+def score(log_probs, w_cands, a_cands, policy):
+    return sum(log_probs[n][0][w_cands.index(w)] +
+               log_probs[n][1][a_cands.index(a)]
+               for n, (w, a) in policy.items())
+
+
+def brute_force(log_probs, macs, w_cands, a_cands, budget):
+    names = list(log_probs)
+    pairs = list(itertools.product(w_cands, a_cands))
+    best, best_score = None, -math.inf
+    for combo in itertools.product(pairs, repeat=len(names)):
+        policy = dict(zip(names, combo))
+        if policy_cost(macs, policy) > budget:
+            continue
+        s = score(log_probs, w_cands, a_cands, policy)
+        if s > best_score:
+            best, best_score = policy, s
+    return best, best_score
+
+
+def greedy(log_probs, macs, w_cands, a_cands, budget):
+    """From the argmax, repeatedly make the cheapest move in score lost per
+    BitOP saved until the policy fits: a natural but inexact heuristic."""
+    policy = {
+        n: (w_cands[int(np.argmax(lw))], a_cands[int(np.argmax(la))])
+        for n, (lw, la) in log_probs.items()
+    }
+    while policy_cost(macs, policy) > budget:
+        moves = []
+        for n, (w0, a0) in policy.items():
+            for w, a in itertools.product(w_cands, a_cands):
+                saved = macs[n] * (w0 * a0 - w * a)
+                if saved > 0:
+                    lost = (
+                        score(log_probs, w_cands, a_cands, {n: (w0, a0)}) -
+                        score(log_probs, w_cands, a_cands, {n: (w, a)}))
+                    moves.append((lost / saved, n, (w, a)))
+        _, n, bits = min(moves)
+        policy[n] = bits
+    return policy
+
+
+def test_exact_where_greedy_fails():
+    budget = 44
+    # argmax: a (4, 4), b (4, 4), c (2, 4) = 16 + 48 + 32 = 96 BitOPs
+    best, best_score = brute_force(LOGP, MACS, W, A, budget)
+    # by hand: a (2, 2) = 4, b (2, 4) = 24, c (2, 2) = 16 -> 44 = budget
+    assert best == {'a': (2, 2), 'b': (2, 4), 'c': (2, 2)}
+    got = best_policy_under_budget(LOGP, MACS, W, A, budget)
+    assert got == best and list(got) == ['a', 'b', 'c']
+    assert policy_cost(MACS, got) == 44
+    assert score(LOGP, W, A, got) == pytest.approx(best_score)
+    # greedy lands on a (4, 2), b (2, 2), c (2, 2): 36 BitOPs, worse score
+    g = greedy(LOGP, MACS, W, A, budget)
+    assert g == {'a': (4, 2), 'b': (2, 2), 'c': (2, 2)}
+    assert score(LOGP, W, A, g) < best_score - 0.5
+
+
+@pytest.mark.parametrize('budget', [36, 40, 50, 60, 70, 80, 90])
+def test_matches_brute_force_over_budgets(budget):
+    best, _ = brute_force(LOGP, MACS, W, A, budget)
+    assert best_policy_under_budget(LOGP, MACS, W, A, budget) == best
+
+
+def test_argmax_shortcut_and_infeasible():
+    argmax = {'a': (4, 4), 'b': (4, 4), 'c': (2, 4)}
+    assert best_policy_under_budget(LOGP, MACS, W, A, 96) == argmax
+    assert best_policy_under_budget(LOGP, MACS, W, A, 1e12) == argmax
+    # cheapest: every layer at W2A2 = 4 * (1 + 3 + 4) = 32 BitOPs
+    assert best_policy_under_budget(LOGP, MACS, W, A, 32) == {
+        n: (2, 2)
+        for n in MACS
+    }
+    with pytest.raises(ValueError) as err:
+        best_policy_under_budget(LOGP, MACS, W, A, 31)
+    msg = str(err.value)
+    assert 'smallest reachable' in msg and '(32)' in msg and '31' in msg
+
+    big = {n: m * 10**8 for n, m in MACS.items()}
+    with pytest.raises(
+            ValueError, match=r'2\.50G \(2500000000\).*'
+            r'3\.20G \(3200000000\)'):
+        best_policy_under_budget(LOGP, big, W, A, 2.5e9)
+
+
+def test_input_errors_and_forbidden_candidates():
+    with pytest.raises(ValueError, match="'a'.*3 log-probs"):
+        best_policy_under_budget({'a': ([0, 0, 0], [0, 0])}, MACS, W, A, 100)
+    with pytest.raises(ValueError, match="'z'"):
+        best_policy_under_budget({'z': ([0, 0], [0, 0])}, MACS, W, A, 100)
+    # -inf forbids a candidate: c may not take 2-bit weights
+    logp = dict(LOGP, c=(np.array([-np.inf, np.log(0.4)]), LOGP['c'][1]))
+    # cheapest now: a (2, 2) + b (2, 2) + c (4, 2) = 4 + 12 + 32 = 48
+    with pytest.raises(ValueError, match=r'\(48\)'):
+        best_policy_under_budget(logp, MACS, W, A, 47)
+    got = best_policy_under_budget(logp, MACS, W, A, 56)
+    assert got['c'][0] == 4
+    assert got == brute_force(logp, MACS, W, A, 56)[0]
+    # tensors (with grad) are accepted as log-probs
+    alpha = torch.zeros(2, requires_grad=True)
+    lp = {'a': (torch.log_softmax(alpha, 0), torch.log_softmax(alpha, 0))}
+    assert best_policy_under_budget(lp, {'a': 5}, W, A, 20) == {'a': (2, 2)}
+
+
+def dp_optimum(log_probs, macs, w_cands, a_cands, budget):
+    """Exact optimum by dynamic programming over integer costs."""
+    best = {0: 0.0}
+    for n, (lw, la) in log_probs.items():
+        nxt = {}
+        for cost, s in best.items():
+            for (i, w), (j, a) in itertools.product(
+                    enumerate(w_cands), enumerate(a_cands)):
+                c = cost + macs[n] * w * a
+                if c <= budget and s + lw[i] + la[j] > nxt.get(c, -math.inf):
+                    nxt[c] = s + lw[i] + la[j]
+        best = nxt
+    return max(best.values())
+
+
+def test_medium_instance_matches_dynamic_programming():
+    rng = np.random.default_rng(0)
+    cands = (2, 3, 4, 6)
+    names = [f'layer{i}' for i in range(12)]
+    macs = {n: int(rng.integers(1, 6)) for n in names}
+    log_probs = {
+        n:
+        (np.log(rng.dirichlet(np.ones(4))), np.log(rng.dirichlet(np.ones(4))))
+        for n in names
+    }
+    full = sum(m * 36 for m in macs.values())
+    for budget in (full * 0.2, full * 0.35, full * 0.5):
+        got = best_policy_under_budget(log_probs, macs, cands, cands, budget)
+        assert policy_cost(macs, got) <= budget
+        assert score(log_probs, cands, cands, got) == pytest.approx(
+            dp_optimum(log_probs, macs, cands, cands, budget), abs=1e-9)
+
+
+def test_supernet_under_budget():
+    """52 layers x 16 pairs with ResNet-50-like MACs solves in seconds."""
+    rng = np.random.default_rng(1)
+    cands = (2, 3, 4, 6)
+    names = [f'l{i}' for i in range(52)]
+    macs = {n: int(rng.integers(10**6, 10**8)) for n in names}
+    log_probs = {
+        n:
+        (np.log(rng.dirichlet(np.ones(4))), np.log(rng.dirichlet(np.ones(4))))
+        for n in names
+    }
+    budget = 9.5 * sum(macs.values())  # about 3 x 3 bits on average
+    start = time.perf_counter()
+    got = best_policy_under_budget(log_probs, macs, cands, cands, budget)
+    assert time.perf_counter() - start < 20
+    assert policy_cost(macs, got) <= budget
+
+    # the log-probs of a real supernet and its MACs plug in directly
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1))
+    to_mixed_precision(model, cands, cands)
+    with torch.no_grad():
+        model[1].alpha_w.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0]))
+        model[1].alpha_a.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0]))
+    lp = log_probs_from_model(model)
+    assert list(lp) == ['1', '2']
+    layer_macs = count_macs(model, (3, 8, 8))
+    argmax = best_policy_under_budget(lp, layer_macs, cands, cands, 1e12)
+    assert argmax == {'1': (6, 6), '2': (2, 2)}  # ties -> first candidate
+    # layer '1' must drop to fit 8 x 8 x 9 x 64 x 16 = 589,824 BitOPs
+    cheap = best_policy_under_budget(lp, layer_macs, cands, cands, 589_824)
+    assert policy_cost(layer_macs, cheap) <= 589_824
+    assert cheap['1'] != (6, 6)
