@@ -13,10 +13,12 @@ loudly on a clash, ``force`` is never used).
 Import gmpq_mm (``custom_imports=dict(imports=['gmpq_mm'])``) to fill them.
 """
 from mmpretrain.registry import (DATASETS, HOOKS, LOOPS, MODEL_WRAPPERS,
-                                 MODELS, OPTIM_WRAPPERS, PARAM_SCHEDULERS,
+                                 MODELS, OPTIM_WRAPPER_CONSTRUCTORS,
+                                 OPTIM_WRAPPERS, OPTIMIZERS, PARAM_SCHEDULERS,
                                  TRANSFORMS)
 
 __all__ = [
-    'DATASETS', 'HOOKS', 'LOOPS', 'MODELS', 'MODEL_WRAPPERS', 'OPTIM_WRAPPERS',
+    'DATASETS', 'HOOKS', 'LOOPS', 'MODELS', 'MODEL_WRAPPERS',
+    'OPTIM_WRAPPER_CONSTRUCTORS', 'OPTIM_WRAPPERS', 'OPTIMIZERS',
     'PARAM_SCHEDULERS', 'TRANSFORMS'
 ]

@@ -22,8 +22,12 @@ Internally ``clamp(x, lo, r) / s`` is evaluated as ``clamp(x * (n / r),
 lo * n, n)``: the same value (up to float rounding at exact ties) with one
 multiply instead of a clamp against a tensor and a division.
 """
+import functools
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable
+import os
+import warnings
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,16 +37,13 @@ from torch.autograd import Function
 FP_BITS = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 
-# Smallest threshold treated as non-zero; keeps an all-zero weight from
-# producing 0 / 0.
-_EPS = 1e-12
-
 __all__ = [
     'FP_BITS', 'SUPPORTED_BITS', 'check_bits', 'check_candidates',
     'activation_levels', 'weight_levels', 'quantize_activation',
     'quantize_weight', 'weight_threshold', 'mixed_activation',
     'mixed_weight', 'ActivationQuantizer', 'WeightQuantizer',
-    'as_threshold_buffer', 'resize_threshold_buffer'
+    'as_threshold_buffer', 'resize_threshold_buffer', 'set_kernel_backend',
+    'get_kernel_backend'
 ]
 
 
@@ -117,32 +118,262 @@ def weight_levels(bits: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Shared kernels (no autograd; called inside the autograd functions)
+# Kernel backends
 # ---------------------------------------------------------------------------
-def _act_quant_into(x: Tensor, r: Tensor, n: int, signed: bool,
-                    out: Optional[Tensor] = None) -> Tensor:
-    """Integer codes ``round(clamp(x, lo, r) / s)`` written into ``out``.
+# Every elementwise pass over an activation costs a full trip through
+# memory (and, on a busy CPU, a thread hand-off), so the kernels below work
+# on all K candidates at once: a (K, N) view of the input, a clamp and a
+# round with per-candidate bounds, and a matrix-vector product for the
+# probability-weighted sum and the per-candidate reductions. The 'compile'
+# backend hands the same maths, written as plain functions, to
+# ``torch.compile``, which fuses each direction into one or two loops
+# without any (K, N) temporary; it is opt-in because compiling takes tens
+# of seconds per process.
+_KERNEL_BACKENDS = ('eager', 'compile')
+_kernel_backend = os.environ.get('GMPQ_QUANT_BACKEND', 'eager')
+if _kernel_backend not in _KERNEL_BACKENDS:
+    warnings.warn(f'GMPQ_QUANT_BACKEND={_kernel_backend!r} is not one of '
+                  f'{_KERNEL_BACKENDS}; using eager')
+    _kernel_backend = 'eager'
+_compiled_kernels = {}
 
-    The result is still in units of ``s``; multiply by ``r / n`` for values.
+
+def set_kernel_backend(backend: str) -> None:
+    """Choose how the quantization kernels run.
+
+    Args:
+        backend (str): ``'eager'`` (plain PyTorch ops, the default) or
+            ``'compile'`` (``torch.compile`` of the fused kernels; falls
+            back to eager with a warning if compiling fails). The
+            environment variable ``GMPQ_QUANT_BACKEND`` sets the default.
     """
-    inv_scale = n / r.clamp_min(_EPS)
-    out = torch.mul(x, inv_scale, out=out) if out is not None else x * inv_scale
-    return out.clamp_(-n if signed else 0, n).round_()
+    global _kernel_backend
+    if backend not in _KERNEL_BACKENDS:
+        raise ValueError(f'kernel backend {backend!r} is not one of '
+                         f'{_KERNEL_BACKENDS}')
+    _kernel_backend = backend
 
 
-def _act_range_grad(x: Tensor, g: Tensor, r: Tensor, signed: bool) -> Tensor:
-    """``sum(g * dq/dr)``: ``+g`` where ``x > r`` (and ``-g`` where ``x < -r``
-    when signed)."""
-    grad = torch.where(x > r, g, 0).sum()
+def get_kernel_backend() -> str:
+    """The current kernel backend (``'eager'`` or ``'compile'``)."""
+    return _kernel_backend
+
+
+def _run_kernel(name: str, *args):
+    eager_fn, fused_fn = _KERNELS[name]
+    if _kernel_backend == 'compile':
+        fn = _compiled_kernels.get(name)
+        if fn is None:
+            fn = _compiled_kernels[name] = torch.compile(fused_fn,
+                                                         dynamic=True)
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure
+            warnings.warn('gmpq_mm: compiling the quantization kernels '
+                          f'failed ({type(err).__name__}: {err}); falling '
+                          'back to the eager backend')
+            set_kernel_backend('eager')
+    return eager_fn(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidate_table(bits: Tuple[int, ...], signed: bool, for_weight: bool,
+                     device: torch.device, dtype: torch.dtype):
+    """Per-candidate constants ``(n, is_fp, lo, hi, fp_rows)``.
+
+    ``n`` is the number of positive levels (1 for FP candidates), ``lo`` and
+    ``hi`` bound the integer codes (``+-inf`` for FP candidates, which pass
+    the input through) and ``fp_rows`` lists the FP candidates' indices.
+    """
+    levels = []
+    for b in bits:
+        if b == FP_BITS:
+            levels.append(1)
+        elif for_weight:
+            levels.append(weight_levels(b))
+        else:
+            levels.append(activation_levels(b, signed))
+    n = torch.tensor(levels, dtype=dtype, device=device)
+    is_fp = torch.tensor([b == FP_BITS for b in bits], device=device)
+    inf = torch.full_like(n, float('inf'))
+    lo = -n if (signed or for_weight) else torch.zeros_like(n)
+    lo = torch.where(is_fp, -inf, lo)
+    hi = torch.where(is_fp, inf, n)
+    fp_rows = tuple(k for k, b in enumerate(bits) if b == FP_BITS)
+    return n, is_fp, lo, hi, fp_rows
+
+
+def _act_params(ranges: Tensor, bits: Tuple[int, ...], signed: bool,
+                dtype: torch.dtype):
+    """Candidate tables plus the range-dependent ``inv``, ``scale``,
+    ``r_eff`` (the range used by the STE masks; ``inf`` for FP)."""
+    n, is_fp, lo, hi, fp_rows = _candidate_table(bits, signed, False,
+                                                 ranges.device, dtype)
+    r = ranges.detach().to(dtype)
+    # A range that reached 0 must not divide by zero.
+    r_safe = r.clamp_min(torch.finfo(dtype).tiny)
+    one = torch.ones_like(r)
+    inv = torch.where(is_fp, one, n / r_safe)
+    scale = torch.where(is_fp, one, r_safe / n)
+    r_eff = torch.where(is_fp, torch.full_like(r, float('inf')), r)
+    return inv, scale, lo, hi, is_fp, fp_rows, r_eff
+
+
+# --- activation kernels, eager ------------------------------------------------
+def _act_codes_eager(x_flat: Tensor, inv: Tensor, lo: Tensor, hi: Tensor,
+                     fp_rows: Tuple[int, ...]) -> Tensor:
+    """``(K, N)`` codes ``round(clamp(x * inv_k, lo_k, hi_k))``; FP rows = x."""
+    codes = torch.mul(x_flat.unsqueeze(0), inv.unsqueeze(1))
+    codes.clamp_(lo.unsqueeze(1), hi.unsqueeze(1)).round_()
+    for k in fp_rows:
+        codes[k].copy_(x_flat)
+    return codes
+
+
+def _act_forward_eager(x, coef, inv, lo, hi, is_fp, fp_rows):
+    """``sum_k coef_k * codes_k(x)`` with ``coef_k = p_k * s_k``."""
+    codes = _act_codes_eager(x.reshape(-1), inv, lo, hi, fp_rows)
+    if codes.shape[0] == 1:
+        out = codes[0].mul_(coef[0])
+    else:
+        out = torch.mv(codes.t(), coef)
+    return out.view(x.shape)
+
+
+def _act_backward_eager(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
+                        signed, need_x, need_p, need_r):
+    """Gradients of ``sum_k p_k q_k(x)`` w.r.t. ``x``, ``p`` and ``r``."""
+    x_flat, g_flat = x.reshape(-1), g.reshape(-1)
+    grad_x = grad_p = grad_r = None
+    buf = None
+    if need_p:
+        # sum(g * q_k) = s_k * <codes_k, g>
+        buf = _act_codes_eager(x_flat, inv, lo, hi, fp_rows)
+        grad_p = torch.mv(buf, g_flat).mul_(scale)
+    if need_x or need_r:
+        if buf is None:
+            buf = x_flat.new_empty((p.numel(), x_flat.numel()))
+        x_row = x_flat.unsqueeze(0)
+        torch.gt(x_row, r_eff.unsqueeze(1), out=buf)  # 1[x > r_k]
+        if need_r:
+            grad_r = torch.mv(buf, g_flat)
+        if need_x:
+            blocked = torch.mv(buf.t(), p)  # sum_k p_k 1[x > r_k]
+        if signed:
+            torch.lt(x_row, -r_eff.unsqueeze(1), out=buf)  # 1[x < -r_k]
+            if need_r:
+                grad_r.sub_(torch.mv(buf, g_flat))
+            if need_x:
+                blocked.add_(torch.mv(buf.t(), p))
+        del buf
+        if need_r:
+            grad_r.mul_(p)
+        if need_x:
+            # Weight of the candidates whose STE passes each element.
+            if signed:
+                passed = blocked.neg_().add_(p.sum())
+            else:
+                passed = blocked.neg_().add_(p.masked_fill(is_fp, 0).sum())
+                # Unsigned quantizers block x < 0; FP candidates never block.
+                passed.masked_fill_(x_flat < 0, 0)
+                if fp_rows:
+                    passed.add_(p[list(fp_rows)].sum())
+            grad_x = passed.mul_(g_flat).view(x.shape)
+    return grad_x, grad_p, grad_r
+
+
+# --- activation kernels, for torch.compile (same maths, functional) ----------
+def _act_codes_fused(x_row, inv, lo, hi, is_fp):
+    codes = torch.clamp(x_row * inv[:, None], lo[:, None], hi[:, None])
+    return torch.where(is_fp[:, None], x_row, codes.round())
+
+
+def _act_forward_fused(x, coef, inv, lo, hi, is_fp, fp_rows):
+    codes = _act_codes_fused(x.reshape(1, -1), inv, lo, hi, is_fp)
+    return (codes * coef[:, None]).sum(0).view(x.shape)
+
+
+def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
+                        signed, need_x, need_p, need_r):
+    x_row, g_row = x.reshape(1, -1), g.reshape(1, -1)
+    codes = _act_codes_fused(x_row, inv, lo, hi, is_fp)
+    grad_p = (codes * g_row).sum(1) * scale
+    above = x_row > r_eff[:, None]
+    grad_r = torch.where(above, g_row, 0).sum(1)
+    passed = ~above
     if signed:
-        grad = grad - torch.where(x < -r, g, 0).sum()
-    return grad
+        below = x_row < -r_eff[:, None]
+        grad_r = grad_r - torch.where(below, g_row, 0).sum(1)
+        passed = passed & ~below
+    else:
+        passed = passed & ((x_row >= 0) | is_fp[:, None])
+    weight = (passed.to(p.dtype) * p[:, None]).sum(0)
+    grad_x = (g_row[0] * weight).view(x.shape)
+    return grad_x, grad_p, grad_r * p
 
 
-def _act_pass_mask(x: Tensor, r: Tensor, signed: bool) -> Tensor:
-    """Boolean ``1[lo <= x <= r]`` (``lo`` is 0, or ``-r`` when signed)."""
-    lo = -r if signed else 0
-    return (x >= lo) & (x <= r)
+# --- weight kernels ------------------------------------------------------------
+def _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp):
+    """``(K, N)`` codes ``round(clamp(u * n_k, lo_k, hi_k))`` of ``u = w/T``."""
+    codes = torch.mul(u_flat.unsqueeze(0), n.unsqueeze(1))
+    if clamp:  # with T = max|w| the codes are already within +-n
+        codes.clamp_(lo.unsqueeze(1), hi.unsqueeze(1))
+    codes.round_()
+    for k in fp_rows:
+        codes[k].copy_(u_flat)
+    return codes
+
+
+def _safe_threshold(t: Tensor) -> Tensor:
+    # T == 0 only for an all-zero weight (or channel): any divisor works.
+    return torch.where(t > 0, t, torch.ones_like(t))
+
+
+def _weight_forward_eager(w, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+    """``sum_k p_k * T * codes_k / n_k``."""
+    u_flat = (w / _safe_threshold(t)).reshape(-1)
+    codes = _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp)
+    coef = p / n
+    if codes.shape[0] == 1:
+        out = codes[0].mul_(coef[0])
+    else:
+        out = torch.mv(codes.t(), coef)
+    return out.view(w.shape).mul_(t)
+
+
+def _weight_backward_eager(w, g, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+    """``grad_w = g * sum(p)`` (identity STE), ``grad_p_k = sum(g q_k)``."""
+    u_flat = (w / _safe_threshold(t)).reshape(-1)
+    codes = _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp)
+    grad_p = torch.mv(codes, (g * t).reshape(-1)).div_(n)
+    return g * p.sum(), grad_p
+
+
+def _weight_codes_fused(w, t, n, lo, hi, is_fp, clamp):
+    u_row = (w / _safe_threshold(t)).reshape(1, -1)
+    codes = u_row * n[:, None]
+    if clamp:
+        codes = torch.clamp(codes, lo[:, None], hi[:, None])
+    return torch.where(is_fp[:, None], u_row, codes.round())
+
+
+def _weight_forward_fused(w, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+    codes = _weight_codes_fused(w, t, n, lo, hi, is_fp, clamp)
+    return (codes * (p / n)[:, None]).sum(0).view(w.shape) * t
+
+
+def _weight_backward_fused(w, g, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+    codes = _weight_codes_fused(w, t, n, lo, hi, is_fp, clamp)
+    grad_p = (codes * (g * t).reshape(1, -1)).sum(1) / n
+    return g * p.sum(), grad_p
+
+
+_KERNELS = {
+    'act_forward': (_act_forward_eager, _act_forward_fused),
+    'act_backward': (_act_backward_eager, _act_backward_fused),
+    'weight_forward': (_weight_forward_eager, _weight_forward_fused),
+    'weight_backward': (_weight_backward_eager, _weight_backward_fused),
+}
 
 
 def weight_threshold(w: Tensor,
@@ -171,48 +402,96 @@ def weight_threshold(w: Tensor,
             raise ValueError(f'weight threshold of {t.numel()} values does '
                              f'not match a weight of shape {tuple(w.shape)}')
         return t.reshape((-1, ) + (1, ) * (w.dim() - 1))
-    w_abs = w.detach().abs()
+    w = w.detach()
     if per_channel and w.dim() > 1:
-        return w_abs.amax(dim=tuple(range(1, w.dim())), keepdim=True)
-    return w_abs.max()
-
-
-def _weight_quant(w: Tensor, t: Tensor, n: int) -> Tensor:
-    """``round(clamp(w, -T, T) / s) * s`` with ``s = T / n``; zero where
-    ``T == 0``."""
-    t_safe = t.clamp_min(_EPS)
-    codes = torch.maximum(torch.minimum(w, t), -t).mul_(n / t_safe).round_()
-    return codes.mul_(t_safe / n)
+        t = torch.linalg.vector_norm(w.flatten(1), float('inf'), dim=1)
+        return t.reshape((-1, ) + (1, ) * (w.dim() - 1))
+    return torch.linalg.vector_norm(w, float('inf'))
 
 
 # ---------------------------------------------------------------------------
-# Single-candidate quantizers
+# Autograd functions
 # ---------------------------------------------------------------------------
-class _ActivationQuantFunction(Function):
-    """PACT activation quantization with the STE of the released code."""
+class _MixedActivationFunction(Function):
+    """``sum_i p_i * q_a(x; r_i, b_i)``; keeps only ``x``, ``p`` and ``r``.
+
+    With one candidate and ``p = [1]`` it is the plain PACT quantizer.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, r: Tensor, bits: int, signed: bool) -> Tensor:
-        ctx.signed = signed
-        # Only x and r are kept: the pass-through mask is recomputed in
-        # backward, and x is usually already saved by the preceding ReLU.
-        ctx.save_for_backward(x, r)
-        n = activation_levels(bits, signed)
-        out = _act_quant_into(x, r, n, signed)
-        return out.mul_(r.clamp_min(_EPS) / n)
+    def forward(ctx, x: Tensor, probs: Tensor, ranges: Tensor,
+                bits: Tuple[int, ...], signed: bool) -> Tensor:
+        ctx.bits, ctx.signed = bits, signed
+        ctx.save_for_backward(x, probs, ranges)
+        inv, scale, lo, hi, is_fp, fp_rows, _ = _act_params(
+            ranges, bits, signed, x.dtype)
+        coef = probs.detach().to(x.dtype) * scale
+        return _run_kernel('act_forward', x, coef, inv, lo, hi, is_fp,
+                           fp_rows)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, r = ctx.saved_tensors
-        grad_x = grad_r = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out * _act_pass_mask(x, r, ctx.signed)
-        if ctx.needs_input_grad[1]:
-            grad_r = _act_range_grad(x, grad_out, r, ctx.signed)
-            grad_r = grad_r.reshape(r.shape).to(r.dtype)
-        return grad_x, grad_r, None, None
+        x, probs, ranges = ctx.saved_tensors
+        need_x, need_p, need_r = ctx.needs_input_grad[:3]
+        inv, scale, lo, hi, is_fp, fp_rows, r_eff = _act_params(
+            ranges, ctx.bits, ctx.signed, x.dtype)
+        p = probs.detach().to(x.dtype)
+        grad_x, grad_p, grad_r = _run_kernel('act_backward', x,
+                                             grad_out.contiguous(), p, scale,
+                                             inv, lo, hi, is_fp, fp_rows,
+                                             r_eff, ctx.signed, need_x,
+                                             need_p, need_r)
+        grad_x = grad_x if need_x else None
+        grad_p = grad_p.to(probs.dtype) if need_p else None
+        grad_r = grad_r.to(ranges.dtype) if need_r else None
+        return grad_x, grad_p, grad_r, None, None
 
 
+class _MixedWeightFunction(Function):
+    """``sum_j p_j * q_w(w; b_j)``; keeps only ``w``, ``p`` and ``T``."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, probs: Tensor, t: Tensor,
+                bits: Tuple[int, ...], clamp: bool) -> Tensor:
+        ctx.bits, ctx.clamp = bits, clamp
+        ctx.save_for_backward(w, probs, t)
+        n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True,
+                                                     w.device, w.dtype)
+        return _run_kernel('weight_forward', w, probs.detach().to(w.dtype),
+                           t, n, lo, hi, is_fp, fp_rows, clamp)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        w, probs, t = ctx.saved_tensors
+        n, is_fp, lo, hi, fp_rows = _candidate_table(ctx.bits, True, True,
+                                                     w.device, w.dtype)
+        grad_w, grad_p = _run_kernel('weight_backward', w,
+                                     grad_out.contiguous(),
+                                     probs.detach().to(w.dtype), t, n, lo,
+                                     hi, is_fp, fp_rows, ctx.clamp)
+        grad_w = grad_w if ctx.needs_input_grad[0] else None
+        grad_p = grad_p.to(probs.dtype) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_p, None, None, None
+
+
+class _WeightQuantFunction(Function):
+    """One weight quantizer; identity STE (no recomputation needed)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, t: Tensor, bits: int, clamp: bool) -> Tensor:
+        n, is_fp, lo, hi, fp_rows = _candidate_table((bits, ), True, True,
+                                                     w.device, w.dtype)
+        return _run_kernel('weight_forward', w, torch.ones_like(n), t, n, lo,
+                           hi, is_fp, fp_rows, clamp)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        return grad_out, None, None, None
+
+
+# ---------------------------------------------------------------------------
+# Functional interface
+# ---------------------------------------------------------------------------
 def quantize_activation(x: Tensor,
                         r: Tensor,
                         bits: int,
@@ -221,34 +500,29 @@ def quantize_activation(x: Tensor,
 
     Args:
         x (Tensor): The activation.
-        r (Tensor): The clipping range (a scalar tensor, usually a
+        r (Tensor | float): The clipping range (a scalar tensor, usually a
             ``nn.Parameter``).
         bits (int): The bit width; 32 returns ``x`` unchanged.
         signed (bool): Clip to ``[-r, r]`` instead of ``[0, r]``.
 
     Returns:
-        Tensor: The quantized activation. Gradients follow the STE:
-        ``dq/dx = 1[lo <= x <= r]``, ``dq/dr = 1[x > r]`` (signed: ``-1``
-        for ``x < -r`` too).
+        Tensor: ``round(clamp(x, lo, r) / s) * s``. Gradients follow the
+        STE: ``dq/dx = 1[lo <= x <= r]``, ``dq/dr = 1[x > r]`` (signed:
+        ``-1`` for ``x < -r`` too), summed to ``r``'s shape.
     """
     bits = check_bits(bits)
     if bits == FP_BITS:
         return x
     if not isinstance(r, Tensor):
         r = torch.tensor(float(r), dtype=x.dtype, device=x.device)
-    return _ActivationQuantFunction.apply(x, r, bits, bool(signed))
-
-
-class _WeightQuantFunction(Function):
-    """Symmetric weight quantization with an identity STE."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, t: Tensor, bits: int) -> Tensor:
-        return _weight_quant(w, t, weight_levels(bits))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        return grad_out, None, None
+    if r.numel() != 1:
+        raise ValueError(f'the activation range must hold one value, got '
+                         f'shape {tuple(r.shape)}')
+    one = _candidate_table((bits, ), bool(signed), False, x.device,
+                           x.dtype)[0].new_ones(1)
+    # The reshape is a view: the range gradient flows back to r's shape.
+    return _MixedActivationFunction.apply(x, one, r.reshape(1), (bits, ),
+                                          bool(signed))
 
 
 def quantize_weight(w: Tensor,
@@ -266,86 +540,21 @@ def quantize_weight(w: Tensor,
         per_channel (bool): One ``T`` per output channel.
 
     Returns:
-        Tensor: The quantized weight; its gradient to ``w`` is the identity.
+        Tensor: ``round(clamp(w, -T, T) / s) * s`` with
+        ``s = T / (2^(b-1) - 1)``; its gradient to ``w`` is the identity.
     """
     bits = check_bits(bits)
     if bits == FP_BITS:
         return w
     t = weight_threshold(w, threshold, per_channel)
-    return _WeightQuantFunction.apply(w, t, bits)
+    return _WeightQuantFunction.apply(w, t, bits, _is_calibrated(threshold))
 
 
-# ---------------------------------------------------------------------------
-# Mixed (supernet) quantizers
-# ---------------------------------------------------------------------------
-class _MixedActivationFunction(Function):
-    """``sum_i p_i * q_a(x; r_i, b_i)`` with recomputation in backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, probs: Tensor, ranges: Tensor,
-                bits: Tuple[int, ...], signed: bool) -> Tensor:
-        ctx.bits, ctx.signed = bits, signed
-        ctx.save_for_backward(x, probs, ranges)
-        out = None
-        codes = None  # one scratch buffer reused by every candidate
-        for i, b in enumerate(bits):
-            if b == FP_BITS:
-                term, coef = x, probs[i]
-            else:
-                n = activation_levels(b, signed)
-                r = ranges[i]
-                codes = _act_quant_into(x, r, n, signed, out=codes)
-                term, coef = codes, probs[i] * r.clamp_min(_EPS) / n
-            if out is None:
-                out = term * coef
-            else:
-                out.addcmul_(term, coef)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, probs, ranges = ctx.saved_tensors
-        bits, signed = ctx.bits, ctx.signed
-        need_x, need_p, need_r = ctx.needs_input_grad[:3]
-        grad_x = grad_p = grad_r = None
-        g = grad_out.contiguous()
-        g_flat = g.reshape(-1)
-        if need_p:
-            grad_p = torch.zeros_like(probs)
-        if need_r:
-            grad_r = torch.zeros_like(ranges)
-        # Per-element sum of p_i over the candidates whose STE passes x.
-        pass_weight = None
-        codes = None
-        for i, b in enumerate(bits):
-            p = probs[i]
-            if b == FP_BITS:
-                if need_p:
-                    grad_p[i] = torch.dot(g_flat, x.reshape(-1).to(g.dtype))
-                if need_x:
-                    # The identity candidate passes every element.
-                    if pass_weight is None:
-                        pass_weight = torch.empty_like(g).fill_(p)
-                    else:
-                        pass_weight.add_(p)
-                continue
-            r = ranges[i]
-            if need_p:
-                n = activation_levels(b, signed)
-                codes = _act_quant_into(x, r, n, signed, out=codes)
-                dot = torch.dot(g_flat, codes.reshape(-1).to(g.dtype))
-                grad_p[i] = dot * (r.clamp_min(_EPS) / n)
-            if need_r:
-                grad_r[i] = p * _act_range_grad(x, g, r, signed)
-            if need_x:
-                mask = _act_pass_mask(x, r, signed)
-                if pass_weight is None:
-                    pass_weight = mask * p.to(g.dtype)
-                else:
-                    pass_weight.addcmul_(mask, p.to(g.dtype))
-        if need_x:
-            grad_x = pass_weight.mul_(g)
-        return grad_x, grad_p, grad_r, None, None
+def _is_calibrated(threshold) -> bool:
+    """Whether a threshold is given (so the clamp is not a no-op)."""
+    if threshold is None:
+        return False
+    return not isinstance(threshold, Tensor) or threshold.numel() > 0
 
 
 def _as_vector(values, like: Tensor) -> Tensor:
@@ -392,41 +601,6 @@ def mixed_activation(x: Tensor,
                                           bool(signed))
 
 
-class _MixedWeightFunction(Function):
-    """``sum_j p_j * q_w(w; b_j)`` with recomputation in backward."""
-
-    @staticmethod
-    def forward(ctx, w: Tensor, probs: Tensor, t: Tensor,
-                bits: Tuple[int, ...]) -> Tensor:
-        ctx.bits = bits
-        ctx.save_for_backward(w, probs, t)
-        out = None
-        for j, b in enumerate(bits):
-            q = w if b == FP_BITS else _weight_quant(w, t, weight_levels(b))
-            if out is None:
-                out = q * probs[j]
-            else:
-                out.add_(q * probs[j])
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        w, probs, t = ctx.saved_tensors
-        grad_w = grad_p = None
-        if ctx.needs_input_grad[0]:
-            # Identity STE for every candidate, weighted by its probability.
-            grad_w = grad_out * probs.sum()
-        if ctx.needs_input_grad[1]:
-            g_flat = grad_out.reshape(-1)
-            grad_p = torch.stack([
-                torch.dot(
-                    g_flat, (w if b == FP_BITS else _weight_quant(
-                        w, t, weight_levels(b))).reshape(-1))
-                for b in ctx.bits
-            ]).to(probs.dtype)
-        return grad_w, grad_p, None, None
-
-
 def mixed_weight(w: Tensor,
                  probs: Tensor,
                  bits: Sequence[int],
@@ -454,7 +628,8 @@ def mixed_weight(w: Tensor,
         raise ValueError(f'{len(bits)} candidates need as many probs, got '
                          f'{probs.numel()}')
     t = weight_threshold(w, threshold, per_channel)
-    return _MixedWeightFunction.apply(w, probs, t, bits)
+    return _MixedWeightFunction.apply(w, probs, t, bits,
+                                      _is_calibrated(threshold))
 
 
 # ---------------------------------------------------------------------------

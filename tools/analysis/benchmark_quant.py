@@ -53,12 +53,20 @@ def parse_args():
         choices=VARIANTS,
         help='networks to compare (the ratios need fp)')
     parser.add_argument(
+        '--backends',
+        nargs='+',
+        default=['eager', 'compile'],
+        choices=['eager', 'compile'],
+        help='quantization kernel backends to run the quantized networks '
+        'with (GMPQ_QUANT_BACKEND)')
+    parser.add_argument(
         '--local-resnet',
         action='store_true',
         help='use the script\'s own ResNet-18 even if mmpretrain imports')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', help='write the results as JSON here')
     parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument('--backend', default='eager', help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -200,25 +208,37 @@ def run_worker(args):
     num_swapped = 0
     if args.worker != 'fp':
         num_swapped = swap_convs(net, args.worker)
+    if args.worker != 'fp':
+        from gmpq_mm.quantization.quantizers import set_kernel_backend
+        set_kernel_backend(args.backend)
     net.train()
-    images = torch.randn(args.batch_size, 3, 32, 32)
-    labels = torch.randint(0, 10, (args.batch_size, ))
-    base_rss = _maxrss_mib()
 
-    def step():
+    def step(images, labels):
         loss = F.cross_entropy(net(images), labels)
         loss.backward()
         net.zero_grad(set_to_none=False)
 
+    # One step on a tiny batch first: it allocates the gradients and, for
+    # the compile backend, compiles the kernels (and imports the compiler),
+    # so that none of this counts as memory of the measured steps.
+    start = time.perf_counter()
+    step(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, )))
+    prewarm_s = time.perf_counter() - start
+    images = torch.randn(args.batch_size, 3, 32, 32)
+    labels = torch.randint(0, 10, (args.batch_size, ))
+    base_rss = _maxrss_mib()
+
     for _ in range(args.warmup):
-        step()
+        step(images, labels)
     times = []
     for _ in range(args.iters):
         start = time.perf_counter()
-        step()
+        step(images, labels)
         times.append(time.perf_counter() - start)
     result = dict(
         variant=args.worker,
+        backend=args.backend if args.worker != 'fp' else None,
+        prewarm_s=prewarm_s,
         model=source,
         swapped_convs=num_swapped,
         median_s=statistics.median(times),
@@ -234,10 +254,11 @@ def run_worker(args):
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
-def run_variant(variant, args):
+def run_variant(variant, backend, args):
     cmd = [
         sys.executable,
-        osp.abspath(__file__), '--worker', variant, '--batch-size',
+        osp.abspath(__file__), '--worker', variant, '--backend', backend,
+        '--batch-size',
         str(args.batch_size), '--iters',
         str(args.iters), '--warmup',
         str(args.warmup), '--threads',
@@ -265,31 +286,36 @@ def main():
         run_worker(args)
         return
     print('command: ' + ' '.join([osp.relpath(sys.argv[0])] + sys.argv[1:]))
+    runs = [(v, 'eager') for v in args.variants if v == 'fp']
+    runs += [(v, b) for b in args.backends for v in args.variants
+             if v != 'fp']
     results = {}
-    for variant in args.variants:
-        res = run_variant(variant, args)
-        results[variant] = res
-        print(f"{variant:>9s}: model={res['model']} "
+    for variant, backend in runs:
+        key = variant if variant == 'fp' else f'{variant}[{backend}]'
+        res = run_variant(variant, backend, args)
+        results[key] = res
+        print(f"{key:>17s}: model={res['model']} "
               f"swapped={res['swapped_convs']} "
-              f"median step {res['median_s'] * 1000:8.1f} ms, "
-              f"step memory {res['step_mem_mib']:8.1f} MiB "
+              f"median step {res['median_s'] * 1000:8.1f} ms "
+              f"(all: {', '.join(f'{t:.2f}' for t in res['times_s'])} s), "
+              f"step memory {res['step_mem_mib']:7.1f} MiB "
               f"(peak rss {res['peak_rss_mib']:.1f} MiB)")
     if 'fp' in results:
         fp = results['fp']
         print(f'ratios vs fp (batch {args.batch_size}, {args.threads} '
               f'threads, median of {args.iters} steps):')
-        for variant, res in results.items():
-            if variant == 'fp':
+        for key, res in results.items():
+            if key == 'fp':
                 continue
             t_ratio = res['median_s'] / fp['median_s']
             m_ratio = res['step_mem_mib'] / max(fp['step_mem_mib'], 1e-6)
             res['time_ratio'], res['mem_ratio'] = t_ratio, m_ratio
-            target = TARGETS.get(variant, {})
+            target = TARGETS.get(res['variant'], {})
             t_note = (f" (target <= {target['time']})"
                       if target.get('time') else '')
             m_note = (f" (target <= {target['mem']})"
                       if target.get('mem') else '')
-            print(f'{variant:>9s}: time x{t_ratio:.2f}{t_note}, '
+            print(f'{key:>17s}: time x{t_ratio:.2f}{t_note}, '
                   f'step memory x{m_ratio:.2f}{m_note}')
     if args.out:
         with open(args.out, 'w') as f:

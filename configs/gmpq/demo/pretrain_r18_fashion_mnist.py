@@ -12,8 +12,8 @@ model = dict(
     head=dict(in_channels=128))
 optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=5e-4))
-param_scheduler = dict(type='CosineAnnealingLR', T_max=4, by_epoch=True)
-train_cfg = dict(by_epoch=True, max_epochs=4, val_interval=4)
+param_scheduler = dict(type='CosineAnnealingLR', T_max=3, by_epoch=True)
+train_cfg = dict(by_epoch=True, max_epochs=3, val_interval=3)
 val_cfg = dict()
 test_cfg = dict()
 default_hooks = dict(logger=dict(interval=20))

@@ -1,0 +1,182 @@
+"""The GMPQ search loop: bilevel (first-order DARTS) or single-level."""
+import copy
+from typing import Dict, Optional, Union
+
+import torch
+from mmengine.dataset import BaseDataset
+from mmengine.model import is_model_wrapper
+from mmengine.optim import AmpOptimWrapper, OptimWrapperDict
+from mmengine.runner import EpochBasedTrainLoop
+from torch.utils.data import DataLoader, Subset
+
+from gmpq_mm.registry import DATASETS, LOOPS
+
+SEARCH_MODES = ('bilevel', 'single')
+
+
+def split_dataset(dataset, arch_fraction: float, seed: int):
+    """Cut a dataset into disjoint ``(weights part, arch part)``.
+
+    The cut is a seeded permutation, identical on every rank and on resume.
+    """
+    n = len(dataset)
+    n_arch = int(round(n * arch_fraction))
+    if not 0 < n_arch < n:
+        raise ValueError(f'arch_fraction={arch_fraction} of {n} samples '
+                         'leaves one part empty')
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    arch_idx = sorted(perm[:n_arch].tolist())
+    weight_idx = sorted(perm[n_arch:].tolist())
+    if isinstance(dataset, BaseDataset):
+        return dataset.get_subset(weight_idx), dataset.get_subset(arch_idx)
+    return Subset(dataset, weight_idx), Subset(dataset, arch_idx)
+
+
+@LOOPS.register_module()
+class SearchLoop(EpochBasedTrainLoop):
+    """Epoch loop of the GMPQ search with two optimizers.
+
+    Modes:
+
+    - ``'bilevel'`` (first-order DARTS): the train set is cut into a
+      *weights* part and an *arch* part (``arch_fraction`` of it, or a
+      separate ``arch_dataloader``). Every iteration takes one step of the
+      ``arch`` optimizer (alphas) on an arch batch, then one step of the
+      ``weights`` optimizer on a weights batch.
+    - ``'single'`` (the released code): one batch, one backward, then both
+      optimizers step.
+
+    Gradients of the other group are cleared before each step so nothing
+    leaks between them. Under DDP the alphas' gradients are all-reduced with
+    the rest, so the alphas stay identical on every rank. Both samplers get
+    ``set_epoch`` every epoch; ``--resume`` restores the alphas (model),
+    both optimizers and schedulers (runner) and the epoch (this loop).
+
+    Args:
+        runner: The runner.
+        dataloader (dict | DataLoader): The train dataloader config.
+        max_epochs (int): Search epochs.
+        mode (str): ``'bilevel'`` or ``'single'``.
+        arch_fraction (float): Share of the train set used for the alphas in
+            bilevel mode (ignored when ``arch_dataloader`` is given).
+        arch_dataloader (dict, optional): A dataloader for the alpha steps.
+        split_seed (int): Seed of the weights/arch split.
+        **kwargs: ``val_begin``, ``val_interval``, ``dynamic_intervals``.
+    """
+
+    def __init__(self,
+                 runner,
+                 dataloader: Union[Dict, DataLoader],
+                 max_epochs: int,
+                 mode: str = 'bilevel',
+                 arch_fraction: float = 0.5,
+                 arch_dataloader: Optional[Dict] = None,
+                 split_seed: int = 0,
+                 **kwargs):
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"SearchLoop: mode must be one of "
+                             f"{SEARCH_MODES}, got {mode!r}")
+        self.mode = mode
+        arch_loader_cfg = None
+        if mode == 'bilevel':
+            if not isinstance(dataloader, dict):
+                raise TypeError('SearchLoop(bilevel) needs the train '
+                                'dataloader as a config dict to split it')
+            dataloader = copy.deepcopy(dataloader)
+            if arch_dataloader is not None:
+                arch_loader_cfg = copy.deepcopy(arch_dataloader)
+            else:
+                dataset = dataloader['dataset']
+                if isinstance(dataset, dict):
+                    dataset = DATASETS.build(dataset)
+                weights_part, arch_part = split_dataset(
+                    dataset, arch_fraction, split_seed)
+                arch_loader_cfg = copy.deepcopy(
+                    {k: v for k, v in dataloader.items() if k != 'dataset'})
+                arch_loader_cfg['dataset'] = arch_part
+                dataloader['dataset'] = weights_part
+        super().__init__(runner, dataloader, max_epochs, **kwargs)
+        self.arch_dataloader = None
+        if arch_loader_cfg is not None:
+            self.arch_dataloader = runner.build_dataloader(
+                arch_loader_cfg,
+                seed=runner.seed,
+                diff_rank_seed=runner._randomness_cfg.get(
+                    'diff_rank_seed', False))
+        self._arch_iter = None
+
+    # ------------------------------------------------------------------
+    def _optim_wrappers(self):
+        optim = self.runner.optim_wrapper
+        if not isinstance(optim, OptimWrapperDict) or \
+                set(optim.keys()) != {'weights', 'arch'}:
+            raise TypeError(
+                'SearchLoop needs optim_wrapper with '
+                "constructor='SearchOptimWrapperConstructor' (an "
+                "OptimWrapperDict with 'weights' and 'arch'), got "
+                f'{type(optim).__name__}')
+        return optim
+
+    def _next_arch_batch(self):
+        try:
+            return next(self._arch_iter)
+        except StopIteration:
+            # Shorter arch part: start it again within the epoch.
+            self._arch_iter = iter(self.arch_dataloader)
+            return next(self._arch_iter)
+
+    def run_epoch(self) -> None:
+        self._optim_wrappers()
+        if self.arch_dataloader is not None:
+            sampler = getattr(self.arch_dataloader, 'sampler', None)
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(self._epoch)
+            self._arch_iter = iter(self.arch_dataloader)
+        super().run_epoch()
+
+    def run_iter(self, idx, data_batch) -> None:
+        self.runner.call_hook(
+            'before_train_iter', batch_idx=idx, data_batch=data_batch)
+        optim = self._optim_wrappers()
+        if self.mode == 'bilevel':
+            arch_logs = self._step(self._next_arch_batch(), optim['arch'])
+            outputs = self._step(data_batch, optim['weights'])
+            outputs.update({f'arch_{k}': v for k, v in arch_logs.items()
+                            if k.startswith('loss')})
+        else:
+            outputs = self._single_step(data_batch, optim)
+        self.runner.call_hook(
+            'after_train_iter',
+            batch_idx=idx,
+            data_batch=data_batch,
+            outputs=outputs)
+        self._iter += 1
+
+    # ------------------------------------------------------------------
+    def _step(self, data_batch, optim_wrapper):
+        """One step of one optimizer, with every gradient cleared first."""
+        self.runner.optim_wrapper.zero_grad()
+        return self.runner.model.train_step(
+            data_batch, optim_wrapper=optim_wrapper)
+
+    def _single_step(self, data_batch, optim):
+        """One forward and backward, then both optimizers step."""
+        model = self.runner.model
+        module = model.module if is_model_wrapper(model) else model
+        weights, arch = optim['weights'], optim['arch']
+        optim.zero_grad()
+        with weights.optim_context(model):
+            data = module.data_preprocessor(data_batch, True)
+            losses = model(**data, mode='loss') if isinstance(
+                data, dict) else model(*data, mode='loss')
+        loss, log_vars = module.parse_losses(losses)
+        weights.backward(loss)
+        if isinstance(weights, AmpOptimWrapper):
+            # One scaled backward: the weights' scaler unscales and checks
+            # the arch step too, before it updates its scale.
+            weights.loss_scaler.step(arch.optimizer)
+        else:
+            arch.step()
+        weights.step()
+        optim.zero_grad()
+        return log_vars

@@ -1,0 +1,63 @@
+"""``QuantizedBackbone``: any mmpretrain CNN with fixed bits from a policy.
+
+A builder, like :func:`MixedPrecisionBackbone`, for the same reason: names,
+parameters and the backbone's own behaviour stay as they are, so FP ImageNet
+weights and a policy searched on a CIFAR-stem twin both apply unchanged.
+"""
+from gmpq_mm.quantization.convert import to_quantized
+from gmpq_mm.quantization.policy import validate_policy
+from gmpq_mm.quantization.quantizers import SUPPORTED_BITS, check_bits
+from gmpq_mm.registry import MODELS
+from .mixed_precision_backbone import build_and_select, stem_in_channels
+
+
+@MODELS.register_module()
+def QuantizedBackbone(backbone,
+                      policy=None,
+                      w_bits=None,
+                      a_bits=None,
+                      include=None,
+                      exclude=None,
+                      signed='auto',
+                      init_range=6.0,
+                      per_channel=False):
+    """Build ``backbone`` with fixed-bit quantized convs.
+
+    Give either ``policy`` (a policy JSON path or dict, keyed by module name)
+    or uniform ``w_bits`` and ``a_bits``.
+
+    Args:
+        backbone (dict | nn.Module): An mmpretrain backbone config.
+        policy (str | dict, optional): Per-layer bits; it must name exactly
+            the layers this backbone quantizes (by default every conv but
+            the stem), else a ``ValueError`` names the file and the layers.
+        w_bits / a_bits (int, optional): Uniform bits instead of a policy.
+        include / exclude, signed, init_range, per_channel: As for
+            :func:`MixedPrecisionBackbone`.
+
+    Returns:
+        nn.Module: The backbone with ``QuantizedConv2d`` layers.
+    """
+    if (policy is None) == (w_bits is None and a_bits is None):
+        raise ValueError('QuantizedBackbone needs either `policy` or uniform '
+                         '`w_bits` and `a_bits`, not both / neither')
+    model, names = build_and_select(backbone, include, exclude)
+    if policy is None:
+        if w_bits is None or a_bits is None:
+            raise ValueError('QuantizedBackbone: uniform bits need both '
+                             f'w_bits and a_bits, got {w_bits}, {a_bits}')
+        bits = {name: (check_bits(w_bits, 'QuantizedBackbone w_bits'),
+                       check_bits(a_bits, 'QuantizedBackbone a_bits'))
+                for name in names}
+    else:
+        bits = validate_policy(
+            policy, names, w_allowed=SUPPORTED_BITS,
+            a_allowed=SUPPORTED_BITS)
+    return to_quantized(
+        model,
+        bits,
+        names=names,
+        signed=signed,
+        input_shape=(stem_in_channels(model), 64, 64),
+        init_range=init_range,
+        per_channel=per_channel)

@@ -1,0 +1,3 @@
+from .gmpq_search_classifier import GMPQSearchClassifier
+
+__all__ = ['GMPQSearchClassifier']

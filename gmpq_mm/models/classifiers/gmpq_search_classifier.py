@@ -1,0 +1,273 @@
+"""The GMPQ search model: a mixed-precision supernet and its frozen teacher."""
+import copy
+import os.path as osp
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from mmengine.config import Config
+from mmpretrain.models import ImageClassifier
+
+from gmpq_mm.compat import load_trusted_checkpoint
+from gmpq_mm.quantization.budget import (best_policy_under_budget,
+                                         log_probs_from_model, policy_cost)
+from gmpq_mm.quantization.complexity import count_macs, expected_bitops
+from gmpq_mm.quantization.layers import is_mixed_layer
+from gmpq_mm.quantization.policy import make_policy
+from gmpq_mm.registry import MODELS
+from ..utils.attribution import attribution_map
+
+
+def _teacher_model_cfg(teacher):
+    """The teacher's model dict, from a dict or a config file path."""
+    if isinstance(teacher, str):
+        if not osp.isfile(teacher):
+            raise FileNotFoundError(f'teacher config not found: {teacher}')
+        return copy.deepcopy(Config.fromfile(teacher)['model'].to_dict())
+    if isinstance(teacher, dict) and 'config' in teacher:
+        return _teacher_model_cfg(teacher['config'])
+    return copy.deepcopy(dict(teacher))
+
+
+def _strip_init_cfg(cfg):
+    """Drop pretrained-weight init from a model dict (the teacher checkpoint
+    replaces it, and it must not trigger a download)."""
+    if isinstance(cfg, dict):
+        cfg.pop('init_cfg', None)
+        for value in cfg.values():
+            _strip_init_cfg(value)
+    return cfg
+
+
+@MODELS.register_module()
+class GMPQSearchClassifier(ImageClassifier):
+    """Classifier for the GMPQ search (spec §3-§6).
+
+    Loss = CE + ``attribution_loss`` (``aw * L_attr``) + ``complexity_loss``
+    (``cd * C``). The teacher is built from its own config, loaded from
+    ``teacher_checkpoint`` at construction (so a wrong file fails before
+    training), kept in eval mode with ``requires_grad=False`` and excluded
+    from every optimizer; it stays in the state dict so a resumed search
+    holds the identical teacher.
+
+    Args:
+        backbone (dict): A ``MixedPrecisionBackbone`` config.
+        neck, head (dict): As for :class:`ImageClassifier`.
+        teacher (str | dict): The FP teacher: a config file whose ``model``
+            is used, ``dict(config=PATH)``, or a model dict.
+        teacher_checkpoint (str): The teacher's trained weights.
+        attribution_loss (dict): ``AttributionRankLoss`` config.
+        complexity_loss (dict): ``ComplexityLoss`` config.
+        input_shape (Sequence[int]): ``(C, H, W)`` of the search images; the
+            layers' MACs are measured at it.
+        target_bitops (float, optional): BitOPs budget of the searched
+            layers; the exported policy is the most likely one within it.
+        attribution_stages (Sequence[int], optional): Indices into the
+            backbone outputs to match maps at (default: the last one).
+    """
+
+    def __init__(self,
+                 backbone: dict,
+                 neck: Optional[dict],
+                 head: dict,
+                 teacher,
+                 teacher_checkpoint: str,
+                 attribution_loss: dict = dict(type='AttributionRankLoss'),
+                 complexity_loss: dict = dict(type='ComplexityLoss'),
+                 input_shape: Sequence[int] = (3, 32, 32),
+                 target_bitops: Optional[float] = None,
+                 attribution_stages: Optional[Sequence[int]] = None,
+                 **kwargs):
+        super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
+        self.mixed_layers = [(name, m)
+                             for name, m in self.backbone.named_modules()
+                             if is_mixed_layer(m)]
+        if not self.mixed_layers:
+            raise ValueError('GMPQSearchClassifier: the backbone has no '
+                             'mixed-precision layer; use '
+                             "dict(type='MixedPrecisionBackbone', ...)")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        all_macs = count_macs(self.backbone, self.input_shape)
+        self.layer_macs = {name: int(all_macs[name].macs)
+                           for name, _ in self.mixed_layers}
+        self.reference_macs = self.layer_macs[self.mixed_layers[0][0]]
+        self.attribution_stages = attribution_stages
+        self.attribution_loss = MODELS.build(attribution_loss)
+        self.complexity_loss = MODELS.build(complexity_loss)
+        self.teacher = self._build_teacher(teacher, teacher_checkpoint)
+        self.teacher_checkpoint = teacher_checkpoint
+        first = self.mixed_layers[0][1]
+        self.w_candidates = tuple(first.w_candidates)
+        self.a_candidates = tuple(first.a_candidates)
+        self.target_bitops = target_bitops
+        if target_bitops is not None:
+            self.current_policy()  # an unreachable budget fails here
+
+    # ------------------------------------------------------------------
+    # teacher
+    def _build_teacher(self, teacher, checkpoint):
+        cfg = _strip_init_cfg(_teacher_model_cfg(teacher))
+        cfg.pop('data_preprocessor', None)
+        model = MODELS.build(cfg)
+        if not osp.isfile(checkpoint):
+            raise FileNotFoundError(
+                f'teacher_checkpoint not found: {checkpoint}')
+        state = load_trusted_checkpoint(checkpoint, map_location='cpu')
+        state = state.get('state_dict', state)
+        state = {k[7:] if k.startswith('module.') else k: v
+                 for k, v in state.items()}
+        own = model.state_dict()
+        problems = []
+        t_head = state.get('head.fc.weight')
+        s_classes = getattr(self.head, 'num_classes', None)
+        if t_head is not None and s_classes is not None and \
+                t_head.shape[0] != s_classes:
+            problems.append(f'classes: the checkpoint has {t_head.shape[0]}, '
+                            f'the search model {s_classes}')
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}'
+                  for k, v in own.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing:
+            problems.append(f'{len(missing)} missing keys, e.g. {missing[:3]}')
+        if unexpected:
+            problems.append(f'{len(unexpected)} unexpected keys, e.g. '
+                            f'{unexpected[:3]}')
+        if shapes:
+            problems.append(f'shape mismatch (checkpoint vs teacher config): '
+                            f'{shapes[:3]}')
+        if problems:
+            raise ValueError(
+                f'teacher checkpoint {checkpoint} does not match the teacher '
+                f'config ({type(model.backbone).__name__}): ' +
+                '; '.join(problems))
+        model.load_state_dict(state)
+        model.requires_grad_(False)
+        model.eval()
+        model._is_init = True  # init_weights must not overwrite it
+        return model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------
+    # parameters
+    def arch_parameters(self) -> List[torch.nn.Parameter]:
+        """The alphas of every mixed layer (the ``arch`` optimizer's)."""
+        return [p for _, m in self.mixed_layers for p in m.arch_parameters()]
+
+    def weight_parameters(self) -> List[torch.nn.Parameter]:
+        """Everything trainable except the alphas (and the frozen teacher):
+        network weights and quantizer ranges (the ``weights`` optimizer's)."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for name, p in self.named_parameters()
+                if p.requires_grad and id(p) not in arch
+                and not name.startswith('teacher.')]
+
+    # ------------------------------------------------------------------
+    # complexity
+    def expected_bitops(self) -> torch.Tensor:
+        return expected_bitops(self.backbone, self.layer_macs)
+
+    def mean_bits(self):
+        with torch.no_grad():
+            bits = [m.expected_bits() for _, m in self.mixed_layers]
+            return (torch.stack([b[0] for b in bits]).mean(),
+                    torch.stack([b[1] for b in bits]).mean())
+
+    def capacity(self) -> torch.Tensor:
+        """``mean_l 1 / (E[b_w,l] E[b_a,l])`` for the capacity-aware p."""
+        with torch.no_grad():
+            terms = [1.0 / (w * a)
+                     for w, a in (m.expected_bits()
+                                  for _, m in self.mixed_layers)]
+            return torch.stack(terms).mean()
+
+    def current_policy(self, **meta) -> dict:
+        """The policy the search has found so far (argmax, or the most
+        likely one within ``target_bitops``)."""
+        if self.target_bitops is None:
+            layers = {name: m.choice() for name, m in self.mixed_layers}
+        else:
+            layers = best_policy_under_budget(
+                log_probs_from_model(self.backbone), self.layer_macs,
+                self.w_candidates, self.a_candidates, self.target_bitops)
+        bitops = policy_cost(self.layer_macs, layers)
+        return make_policy(
+            layers,
+            w_candidates=list(self.w_candidates),
+            a_candidates=list(self.a_candidates),
+            input_shape=list(self.input_shape),
+            bitops=int(bitops),
+            budget=self.target_bitops,
+            **meta)
+
+    # ------------------------------------------------------------------
+    # loss
+    def _maps(self, feats, neck, head, logits, create_graph):
+        stages = self.attribution_stages or [len(feats) - 1]
+        maps = []
+        for stage in stages:
+            if stage in (-1, len(feats) - 1):
+                maps.append(attribution_map(feats[-1], neck, head,
+                                            logits=logits,
+                                            create_graph=create_graph))
+                continue
+            # Earlier stages: the gradient runs through the later stages.
+            feat = feats[stage]
+            cls = logits.detach().argmax(dim=1)
+            picked = logits.gather(1, cls[:, None]).sum()
+            grad, = torch.autograd.grad(
+                picked, feat, create_graph=create_graph, retain_graph=True)
+            weights = grad.sum(dim=(2, 3), keepdim=True)
+            maps.append(F.relu((weights * feat).sum(dim=1)))
+        return maps
+
+    def _teacher_maps(self, inputs):
+        teacher = self.teacher
+        # Maps at earlier stages differentiate through the later stages, so
+        # the (frozen) teacher needs an activation graph for them.
+        need_grad = self.attribution_stages is not None and any(
+            s != -1 for s in self.attribution_stages)
+        with torch.set_grad_enabled(need_grad):
+            if need_grad:
+                inputs = inputs.detach().requires_grad_()
+            feats = teacher.backbone(inputs)
+            neck = teacher.neck if teacher.with_neck else None
+            logits = teacher.head(neck(feats) if neck is not None else feats)
+            maps = self._maps(feats, neck, teacher.head, logits,
+                              create_graph=False)
+        return [m.detach() for m in maps]
+
+    def loss(self, inputs: torch.Tensor, data_samples) -> dict:
+        feats = self.backbone(inputs)
+        neck_out = self.neck(feats) if self.with_neck else feats
+        logits = self.head(neck_out)
+        losses = dict()
+        ce = self.head._get_loss(logits, data_samples)
+        losses['loss_cls'] = ce.pop('loss')
+        losses.update(ce)
+        student = self._maps(feats, self.neck if self.with_neck else None,
+                             self.head, logits, create_graph=True)
+        teacher = self._teacher_maps(inputs)
+        capacity = self.capacity()
+        attr = 0.
+        for s_map, t_map in zip(student, teacher):
+            if t_map.shape[-2:] != s_map.shape[-2:]:
+                t_map = F.interpolate(t_map[:, None], size=s_map.shape[-2:],
+                                      mode='bilinear',
+                                      align_corners=False)[:, 0]
+            attr = attr + self.attribution_loss(s_map, t_map,
+                                                capacity=capacity)
+        losses['loss_attr'] = attr / len(student)
+        exp_bitops = self.expected_bitops()
+        losses['loss_complexity'] = self.complexity_loss(
+            exp_bitops, self.reference_macs)
+        mean_w, mean_a = self.mean_bits()
+        losses['expected_gbitops'] = exp_bitops.detach() / 1e9
+        losses['mean_w_bits'] = mean_w
+        losses['mean_a_bits'] = mean_a
+        return losses

@@ -1,0 +1,241 @@
+"""MACs, BitOPs, size and compression of the model a config builds.
+
+Works for full-precision configs, supernet configs (``MixedPrecisionBackbone``:
+expected bits under the current alphas) and quantized configs
+(``QuantizedBackbone``); ``--policy`` turns any of them into the quantized
+network that policy describes. No weights are loaded (nothing is downloaded):
+MACs and BitOPs do not depend on them.
+
+Prints one row per conv / linear layer (MACs, weight / activation bits,
+BitOPs; ``fp`` marks full-precision layers) and the totals: MACs, BitOPs of
+the quantized layers (what papers report) and of the whole network (FP
+layers at 32x32), model size and compression against FP. A check line
+compares the conv / linear MACs with mmengine's ``FlopAnalyzer`` run on the
+full-precision twin of the network (same layers, no quantizers: the
+analyzer's tracer cannot read the quantizers' autograd functions).
+
+Examples::
+
+    python tools/analysis/complexity.py configs/gmpq/pretrain_r18_cifar10.py
+    python tools/analysis/complexity.py configs/gmpq/pretrain_r18_cifar10.py \\
+        --policy work_dirs/search/policy.json --out complexity.json
+    python tools/analysis/complexity.py CONFIG --input-shape 224 224
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+import warnings
+
+from mmengine.config import Config, DictAction
+
+sys.path.insert(
+    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+
+WRAPPER_TYPES = ('MixedPrecisionBackbone', 'QuantizedBackbone')
+# Wrapper arguments that say WHICH layers are quantized and how; carried
+# over to the QuantizedBackbone that applies --policy.
+CARRIED_KEYS = ('include', 'exclude', 'signed', 'init_range', 'per_channel')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='MACs / BitOPs / size / compression of a config\'s model '
+        '(FP, supernet or quantized)')
+    parser.add_argument('config', help='config file')
+    parser.add_argument(
+        '--policy',
+        help='policy JSON: count the network quantized with these bits '
+        '(the config\'s backbone becomes a QuantizedBackbone)')
+    parser.add_argument(
+        '--input-shape',
+        type=int,
+        nargs=2,
+        metavar=('H', 'W'),
+        help='input height and width (channels from the stem conv); '
+        'default: inferred from the config\'s test data')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value (xxx=yyy format)')
+    parser.add_argument('--out', help='write the report as JSON here')
+    parser.add_argument(
+        '--no-check',
+        action='store_true',
+        help='skip the cross-check with mmengine.analysis.FlopAnalyzer')
+    return parser.parse_args(argv)
+
+
+def _type_name(cfg):
+    return str(cfg.get('type', '')).rpartition('.')[2] if isinstance(
+        cfg, dict) else ''
+
+
+def inner_backbone(backbone_cfg):
+    """The FP backbone config inside a (nested) gmpq wrapper config."""
+    while _type_name(backbone_cfg) in WRAPPER_TYPES:
+        backbone_cfg = backbone_cfg['backbone']
+    return backbone_cfg
+
+
+def model_cfg_with_policy(model_cfg, policy):
+    """``model_cfg`` with its backbone quantized by ``policy`` (a path)."""
+    model_cfg = copy.deepcopy(model_cfg)
+    backbone = model_cfg['backbone']
+    carried = {}
+    if _type_name(backbone) in WRAPPER_TYPES:
+        carried = {k: backbone[k] for k in CARRIED_KEYS if k in backbone}
+    model_cfg['backbone'] = dict(
+        type='QuantizedBackbone',
+        backbone=copy.deepcopy(inner_backbone(backbone)),
+        policy=policy,
+        **carried)
+    return model_cfg
+
+
+def fp_model_cfg(model_cfg):
+    """``model_cfg`` with the plain FP backbone (no quantized layers)."""
+    model_cfg = copy.deepcopy(model_cfg)
+    model_cfg['backbone'] = copy.deepcopy(
+        inner_backbone(model_cfg['backbone']))
+    return model_cfg
+
+
+def model_kind(model):
+    from gmpq_mm.quantization.layers import (is_mixed_layer,
+                                             is_quantized_layer)
+    mods = list(model.modules())
+    if any(is_mixed_layer(m) for m in mods):
+        return 'supernet (expected bits under the current alphas)'
+    if any(is_quantized_layer(m) for m in mods):
+        return 'quantized'
+    return 'full precision'
+
+
+def flop_analyzer_check(fp_net, input_shape, layer_names, our_macs):
+    """mmengine's FlopAnalyzer on the FP twin: conv / linear MACs of our
+    layers (one flop = one MAC in its convention) and all its ops."""
+    from mmengine.analysis import FlopAnalyzer
+
+    from gmpq_mm.quantization.convert import _probe_input, eval_mode
+    with eval_mode(fp_net):
+        inputs = _probe_input(fp_net, input_shape, batch_size=1)
+        analyzer = FlopAnalyzer(fp_net, inputs)
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            by_module = analyzer.by_module()
+            total = analyzer.total()
+    layers = int(sum(by_module.get(name, 0) for name in layer_names))
+    return dict(
+        tool='mmengine.analysis.FlopAnalyzer (FP twin)',
+        conv_linear_macs=layers,
+        all_ops=int(total),
+        ours=int(our_macs),
+        match=layers == int(our_macs))
+
+
+def _fail(message):
+    print(f'error: {message}', file=sys.stderr)
+    return 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not osp.isfile(args.config):
+        return _fail(f'config file not found: {args.config}')
+    if args.policy is not None and not osp.isfile(args.policy):
+        return _fail(f'policy file not found: {args.policy}')
+
+    from mmengine.registry import init_default_scope
+
+    import gmpq_mm  # noqa: F401  (registers the gmpq types)
+    from gmpq_mm.quantization.complexity import complexity_report, format_table
+    from gmpq_mm.registry import MODELS
+    from gmpq_mm.utils.report import (countable_model, infer_input_shape,
+                                      summarize_report)
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model,
+                                               'to_dict') else dict(cfg.model)
+    if args.policy is not None:
+        if not isinstance(model_cfg.get('backbone'), dict):
+            return _fail(f'{args.config}: model has no `backbone` config to '
+                         f'apply {args.policy} to')
+        model_cfg = model_cfg_with_policy(model_cfg, args.policy)
+
+    # Building never calls init_weights: no pretrained weights are loaded.
+    try:
+        model = MODELS.build(model_cfg)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    net = countable_model(model)
+    if net is None:
+        return _fail(f'{args.config}: {type(model).__name__} has no backbone')
+    shape = infer_input_shape(cfg, net, args.input_shape)
+    report = complexity_report(net, shape)
+    summary = summarize_report(report)
+    kind = model_kind(net)
+
+    check = None
+    if not args.no_check:
+        try:
+            if kind == 'full precision':
+                fp_net = net
+            else:
+                fp_net = countable_model(MODELS.build(fp_model_cfg(model_cfg)))
+            check = flop_analyzer_check(
+                fp_net, shape, [row['name'] for row in report['layers']],
+                report['totals']['macs'])
+        except Exception as err:  # noqa: BLE001  a check, not the report
+            check = dict(error=f'{type(err).__name__}: {err}')
+
+    print(f'config: {args.config}')
+    if args.policy is not None:
+        print(f'policy: {args.policy}')
+    print(f'model: {kind}')
+    print(format_table(report))
+    if summary['num_quantized']:
+        print(f'mean bits over {summary["num_quantized"]} quantized layers: '
+              f'W {summary["mean_w_bits"]:.2f}, A '
+              f'{summary["mean_a_bits"]:.2f}')
+    print(f'totals: {summary["macs"]:.4f} GMACs, BitOPs '
+          f'{summary["bitops_quantized"]:.4f} G (quantized layers) / '
+          f'{summary["bitops_total"]:.4f} G (whole network), size '
+          f'{summary["size_mb"]:.3f} MB (FP {summary["fp_size_mb"]:.3f} MB), '
+          f'compression {summary["compression"]:.2f}x')
+    if check is not None:
+        if 'error' in check:
+            print(f'check: mmengine FlopAnalyzer failed ({check["error"]})')
+        else:
+            verdict = 'match' if check['match'] else 'MISMATCH'
+            print(f'check: mmengine FlopAnalyzer (FP twin) conv/linear MACs '
+                  f'{check["conv_linear_macs"]:,} vs ours {check["ours"]:,}: '
+                  f'{verdict}; all its ops (BN, pooling too) '
+                  f'{check["all_ops"]:,}')
+
+    if args.out:
+        result = dict(
+            config=args.config,
+            policy=args.policy,
+            model=kind,
+            **summary,
+            check=check)
+        folder = osp.dirname(osp.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.out, 'w', encoding='utf-8') as f:
+            json.dump(result, f, indent=2)
+        print(f'written: {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
