@@ -33,6 +33,9 @@ Fixtures (use them by name in a test's arguments):
     (``epoch_1.pth``, ``epoch_2.pth``, ``last_checkpoint``, logs). Only built
     when a test asks for it; treat it as read-only (copy it to resume).
 
+Session-wide and automatic: ``mmpretrain::`` config look-ups are memoized
+(a pure speed-up of ``Config.fromfile`` in the test process).
+
 Smaller ones: ``imagenet_classes``, ``tiny_cifar_options`` (the bare
 ``key=value`` list), ``free_tcp_port``.
 
@@ -78,6 +81,42 @@ def class_images(labels, size=32, seed=0):
     base = _PALETTE[labels % len(_PALETTE)][:, None, None, :]
     noise = rng.randint(-20, 21, size=(len(labels), size, size, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _cached_external_config_lookup():
+    """Speed-up only: memoize mmengine's ``mmpretrain::`` config look-up.
+
+    mmengine 0.10 resolves every ``mmpretrain::...`` ``_base_`` entry by
+    loading all of mmpretrain's model-index metafiles (~250 YAML files, about
+    a second each time). Results are cached per (package, config) for the
+    test session; parsing results are unchanged.
+    """
+    import copy
+
+    try:
+        from mmengine.config import utils as cfg_utils
+        original = cfg_utils._get_cfg_metainfo
+    except (ImportError, AttributeError):  # other mmengine: leave it be
+        yield
+        return
+    cache = {}
+
+    def cached(package_path, cfg_path):
+        key = (package_path, cfg_path)
+        if key not in cache:
+            try:
+                cache[key] = (True, original(package_path, cfg_path))
+            except ValueError as err:  # a _base_ file: not in the index
+                cache[key] = (False, err)
+        found, value = cache[key]
+        if not found:
+            raise ValueError(*value.args)
+        return copy.deepcopy(value)
+
+    cfg_utils._get_cfg_metainfo = cached
+    yield
+    cfg_utils._get_cfg_metainfo = original
 
 
 # ---------------------------------------------------------------- CIFAR-10 --

@@ -67,7 +67,9 @@ def main(argv=None):
     if init_cpu_distributed(cfg.launcher):
         cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
         cfg.env_cfg.dist_cfg['backend'] = 'gloo'
-        cfg.model_wrapper_cfg = dict(type='AnyDeviceDistributedDataParallel')
+        # Scope-qualified: see tools/train.py.
+        cfg.model_wrapper_cfg = dict(
+            type='mmpretrain.AnyDeviceDistributedDataParallel')
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
     result = dict(config=args.config, checkpoint=args.checkpoint,

@@ -121,7 +121,9 @@ def prepare_cpu_distributed(cfg):
         wrapper = cfg.get('model_wrapper_cfg') or {}
         if wrapper.get('type', 'MMDistributedDataParallel') == \
                 'MMDistributedDataParallel':
-            wrapper['type'] = 'AnyDeviceDistributedDataParallel'
+            # Scope-qualified: the Runner looks the type up in mmengine's
+            # root MODEL_WRAPPERS, which does not search mmpretrain's child.
+            wrapper['type'] = 'mmpretrain.AnyDeviceDistributedDataParallel'
         cfg.model_wrapper_cfg = wrapper
 
 

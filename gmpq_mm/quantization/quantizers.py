@@ -283,33 +283,43 @@ def _act_backward_eager(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
 
 
 # --- activation kernels, for torch.compile (same maths, functional) ----------
-def _act_codes_fused(x_row, inv, lo, hi, is_fp):
-    codes = torch.clamp(x_row * inv[:, None], lo[:, None], hi[:, None])
-    return torch.where(is_fp[:, None], x_row, codes.round())
-
-
+# Written candidate by candidate: the loop unrolls at trace time into plain
+# elementwise maths that inductor fuses into one pass over ``x``, whereas a
+# reduction over a (K, N) view compiles into a much slower strided loop.
 def _act_forward_fused(x, coef, inv, lo, hi, is_fp, fp_rows):
-    codes = _act_codes_fused(x.reshape(1, -1), inv, lo, hi, is_fp)
-    return (codes * coef[:, None]).sum(0).view(x.shape)
+    out = None
+    for k in range(coef.shape[0]):
+        q = x if k in fp_rows else torch.clamp(x * inv[k], lo[k],
+                                               hi[k]).round()
+        out = q * coef[k] if out is None else out + q * coef[k]
+    return out
 
 
 def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
                         signed, need_x, need_p, need_r):
-    x_row, g_row = x.reshape(1, -1), g.reshape(1, -1)
-    codes = _act_codes_fused(x_row, inv, lo, hi, is_fp)
-    grad_p = (codes * g_row).sum(1) * scale
-    above = x_row > r_eff[:, None]
-    grad_r = torch.where(above, g_row, 0).sum(1)
-    passed = ~above
-    if signed:
-        below = x_row < -r_eff[:, None]
-        grad_r = grad_r - torch.where(below, g_row, 0).sum(1)
-        passed = passed & ~below
-    else:
-        passed = passed & ((x_row >= 0) | is_fp[:, None])
-    weight = (passed.to(p.dtype) * p[:, None]).sum(0)
-    grad_x = (g_row[0] * weight).view(x.shape)
-    return grad_x, grad_p, grad_r * p
+    grad_p, grad_r = [], []
+    weight = None
+    for k in range(p.shape[0]):
+        if k in fp_rows:
+            grad_p.append((g * x).sum())
+            grad_r.append(torch.zeros_like(p[k]))
+            passed = torch.ones_like(x, dtype=torch.bool)
+        else:
+            codes = torch.clamp(x * inv[k], lo[k], hi[k]).round()
+            grad_p.append((g * codes).sum() * scale[k])
+            above = x > r_eff[k]
+            g_r = torch.where(above, g, 0).sum()
+            passed = ~above
+            if signed:
+                below = x < -r_eff[k]
+                g_r = g_r - torch.where(below, g, 0).sum()
+                passed = passed & ~below
+            else:
+                passed = passed & (x >= 0)
+            grad_r.append(g_r * p[k])
+        term = passed * p[k]
+        weight = term if weight is None else weight + term
+    return g * weight, torch.stack(grad_p), torch.stack(grad_r)
 
 
 # --- weight kernels ------------------------------------------------------------
@@ -349,23 +359,34 @@ def _weight_backward_eager(w, g, p, t, n, lo, hi, is_fp, fp_rows, clamp):
     return g * p.sum(), grad_p
 
 
-def _weight_codes_fused(w, t, n, lo, hi, is_fp, clamp):
-    u_row = (w / _safe_threshold(t)).reshape(1, -1)
-    codes = u_row * n[:, None]
-    if clamp:
-        codes = torch.clamp(codes, lo[:, None], hi[:, None])
-    return torch.where(is_fp[:, None], u_row, codes.round())
-
-
 def _weight_forward_fused(w, p, t, n, lo, hi, is_fp, fp_rows, clamp):
-    codes = _weight_codes_fused(w, t, n, lo, hi, is_fp, clamp)
-    return (codes * (p / n)[:, None]).sum(0).view(w.shape) * t
+    u = w / _safe_threshold(t)
+    out = None
+    for k in range(p.shape[0]):
+        if k in fp_rows:
+            term = u * p[k]
+        else:
+            codes = u * n[k]
+            if clamp:
+                codes = torch.clamp(codes, lo[k], hi[k])
+            term = codes.round() * (p[k] / n[k])
+        out = term if out is None else out + term
+    return out * t
 
 
 def _weight_backward_fused(w, g, p, t, n, lo, hi, is_fp, fp_rows, clamp):
-    codes = _weight_codes_fused(w, t, n, lo, hi, is_fp, clamp)
-    grad_p = (codes * (g * t).reshape(1, -1)).sum(1) / n
-    return g * p.sum(), grad_p
+    u = w / _safe_threshold(t)
+    g_t = g * t
+    grad_p = []
+    for k in range(p.shape[0]):
+        if k in fp_rows:
+            grad_p.append((g_t * u).sum())
+            continue
+        codes = u * n[k]
+        if clamp:
+            codes = torch.clamp(codes, lo[k], hi[k])
+        grad_p.append((g_t * codes.round()).sum() / n[k])
+    return g * p.sum(), torch.stack(grad_p)
 
 
 _KERNELS = {

@@ -39,14 +39,15 @@ def _dataset_problems(dataset, where):
     if _is_local(ann_file):
         path = ann_file if osp.isabs(ann_file) else osp.join(
             data_root, ann_file)
-        if not osp.exists(path):
+        # Relative to a remote data_root (s3://, http://) is remote too.
+        if _is_local(path) and not osp.exists(path):
             yield f'{where}.ann_file', path
     prefix = dataset.get('data_prefix', '') or ''
     prefixes = prefix.items() if isinstance(prefix, dict) else [('', prefix)]
     for key, value in prefixes:
         if _is_local(value):
             path = value if osp.isabs(value) else osp.join(data_root, value)
-            if not osp.exists(path):
+            if _is_local(path) and not osp.exists(path):
                 yield f'{where}.data_prefix{"." + key if key else ""}', path
 
 

@@ -94,6 +94,7 @@ def test_resume_auto(trained_cifar_r18, cifar10_root, tmp_path, run_tool,
     assert ckpt['meta']['iter'] == 3 * ITERS_PER_EPOCH
 
 
+@pytest.mark.slow
 def test_resume_from_path(trained_cifar_r18, cifar10_root, tmp_path,
                           run_tool, tiny_cifar_cfg):
     """``--resume PATH`` resumes from that file, not from last_checkpoint."""
@@ -363,6 +364,25 @@ def _fail_fast(train_tool, argv, work_dir):
     return message
 
 
+@pytest.mark.parametrize('argv, resume, load_from', [
+    ([], False, None),
+    (['--resume'], True, None),
+    (['--resume', 'work_dirs/x/epoch_3.pth'], True, 'work_dirs/x/epoch_3.pth'),
+    (['--cfg-options', 'load_from=a.pth'], False, 'a.pth'),
+])
+def test_resume_arguments(train_tool, argv, resume, load_from):
+    """mmpretrain's rules: ``--resume`` alone = auto (latest in work_dir,
+    load_from dropped), ``--resume PATH`` = resume from PATH."""
+    from mmengine.config import Config
+    args = train_tool.parse_args([CONFIG] + argv)
+    cfg = train_tool.merge_args(
+        Config.fromfile(osp.join(REPO_ROOT, CONFIG)), args)
+    assert cfg.resume is resume
+    assert cfg.load_from == load_from
+    assert cfg.work_dir == osp.join('./work_dirs', 'pretrain_r18_cifar10')
+    assert cfg.launcher == 'none'
+
+
 def test_missing_data_root_fails_fast(train_tool, tmp_path, tiny_cifar_cfg):
     missing = tmp_path / 'no_such_cifar'
     work_dir = tmp_path / 'wd'
@@ -415,6 +435,7 @@ def test_missing_resume_path_fails_fast(train_tool, tmp_path, cifar10_root,
     assert str(missing) in message
 
 
+@pytest.mark.slow
 def test_bad_paths_cli_exit_status(tmp_path, run_tool, tiny_cifar_cfg):
     """The real command line: nonzero exit, every bad path named, no
     traceback, and nothing built (no Runner environment dump, no work_dir)."""

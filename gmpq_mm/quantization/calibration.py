@@ -1,0 +1,509 @@
+"""Range calibration of fixed-bit layers before finetuning (pure PyTorch).
+
+The released GMPQ finetune calibrates every quantizer once before training
+(``docs/GMPQ_SPEC.md`` section 7):
+
+* activation range ``r = min(6, max|x|, KL threshold)`` when ``b < 5``, else
+  ``min(6, max|x|)``;
+* weight threshold ``T = KL threshold`` when ``b < 5``, else ``max|W|``.
+
+The KL threshold is TensorRT's entropy calibration: a histogram of ``|x|``
+(2048 bins over ``[0, max]``); for every candidate number ``i`` of kept bins,
+the reference distribution ``P`` is the first ``i`` bins with the clipped
+mass folded into the last one, the candidate ``Q`` is those ``i`` bins merged
+into as many chunks as the quantizer has values (``2^b`` for an unsigned
+activation, ``2^(b-1)`` for ``|W|``) and spread back evenly over the
+non-empty bins; the threshold is the right edge of the ``i`` bins that
+minimise ``KL(P || Q)``. This follows NVIDIA's pytorch-quantization
+``_compute_amax_entropy`` (ties: the smallest threshold), vectorised.
+
+``method='mse'`` replaces the KL threshold by the one that minimises the
+quantization mean squared error on the same histogram (every bin edge is a
+candidate); ``method='max'`` uses ``max|x|`` / ``max|W|`` throughout.
+``b >= low_bits`` (5) always uses the maximum, as the spec says.
+
+Statistics are collected with every quantizer of the network turned off
+(:func:`float_forward`), as TensorRT does: the ranges describe the FP
+network the finetune starts from, and the result does not depend on the
+order in which layers are calibrated. Collection takes two passes over the
+same batches (maxima, then fixed-range histograms) so that the statistics of
+several processes can simply be summed (``reduce_max`` / ``reduce_sum``
+callbacks): every rank then computes the same thresholds.
+
+Pure PyTorch: nothing from mmengine / mmpretrain is imported.
+"""
+import contextlib
+import math
+from collections import OrderedDict
+from typing import (Callable, Dict, Iterable, Iterator, List, Mapping,
+                    Optional, Sequence, Tuple)
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .convert import eval_mode
+from .layers import is_quantized_layer
+from .quantizers import FP_BITS, activation_levels, weight_levels
+from .quantizers import weight_threshold as current_weight_threshold
+
+__all__ = [
+    'DEFAULT_BINS', 'DEFAULT_ACT_CAP', 'DEFAULT_LOW_BITS', 'METHODS',
+    'magnitude_histogram', 'kl_threshold', 'mse_threshold',
+    'histogram_threshold', 'activation_range', 'weight_calibration',
+    'quantization_mse', 'float_forward', 'quantized_layers',
+    'collect_activation_stats', 'calibrate_model'
+]
+
+DEFAULT_BINS = 2048
+DEFAULT_ACT_CAP = 6.0
+DEFAULT_LOW_BITS = 5
+METHODS = ('kl', 'mse', 'max')
+# Candidates evaluated at once (rows of the (C, bins) work matrices).
+_CHUNK = 128
+
+
+# ---------------------------------------------------------------------------
+# Histograms and thresholds
+# ---------------------------------------------------------------------------
+def _magnitudes(x: Tensor, signed: bool) -> Tensor:
+    """What the quantizer's clipping sees: ``|x|`` (symmetric quantizers)
+    or ``max(x, 0)`` (unsigned: negatives map to 0 whatever the range)."""
+    x = x.detach().reshape(-1)
+    return x.abs() if signed else x.clamp_min(0)
+
+
+def magnitude_histogram(x: Tensor,
+                        max_value: float,
+                        bins: int = DEFAULT_BINS,
+                        signed: bool = True) -> Tensor:
+    """Histogram of ``|x|`` (or ``max(x, 0)`` unsigned) over ``[0, max]``.
+
+    Args:
+        x (Tensor): Values.
+        max_value (float): Upper edge; values above it land in the last bin.
+        bins (int): Number of bins.
+        signed (bool): ``|x|`` if True, else ``max(x, 0)``.
+
+    Returns:
+        Tensor: ``(bins,)`` float64 counts (exact up to 2^53).
+    """
+    mag = _magnitudes(x, signed).float()
+    if max_value <= 0 or not math.isfinite(max_value):
+        hist = torch.zeros(bins, dtype=torch.float64)
+        hist[0] = mag.numel()
+        return hist
+    mag = mag.clamp_max(max_value)
+    return torch.histc(mag.cpu(), bins=bins, min=0.0,
+                       max=float(max_value)).double()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small tensor ops on one thread: the (128, 2048) work matrices
+    gain nothing from more, and lose a lot on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kl_threshold(hist: Tensor, max_value: float, num_quant_bins: int) -> float:
+    """TensorRT's entropy (KL) threshold of a magnitude histogram.
+
+    Args:
+        hist (Tensor): ``(bins,)`` counts over ``[0, max_value]``.
+        max_value (float): The histogram's upper edge.
+        num_quant_bins (int): Values the quantizer can produce for the
+            magnitudes: ``2^b`` for a b-bit unsigned activation, ``2^(b-1)``
+            for ``|W|`` of a b-bit weight (TensorRT int8: 128).
+
+    Returns:
+        float: The threshold (a bin edge); ``max_value`` when the histogram
+        has no more bins than ``num_quant_bins``; 0 for an empty histogram.
+    """
+    hist = torch.as_tensor(hist, dtype=torch.float64).reshape(-1).cpu()
+    nbins = hist.numel()
+    total = float(hist.sum())
+    if max_value <= 0 or total <= 0:
+        return 0.0
+    nq = int(num_quant_bins)
+    if nq < 1:
+        raise ValueError(f'num_quant_bins must be >= 1, got {num_quant_bins}')
+    if nbins <= nq:
+        return float(max_value)
+    width = float(max_value) / nbins
+    zero = torch.zeros(1, dtype=torch.float64)
+    # Exclusive prefix sums: sums over any bin range [a, b) by differences.
+    cum = torch.cat([zero, torch.cumsum(hist, 0)])
+    cum_nz = torch.cat([zero, torch.cumsum((hist > 0).double(), 0)])
+    with _one_thread():
+        best_i = _kl_search(hist, total, nq, cum, cum_nz, zero)
+    return best_i * width
+
+
+def _kl_search(hist: Tensor, total: float, nq: int, cum: Tensor,
+               cum_nz: Tensor, zero: Tensor) -> int:
+    """The number of kept bins ``i`` (``nq..bins``) of least KL."""
+    nbins = hist.numel()
+    nonzero = hist > 0
+    jj = torch.arange(nq + 1)
+    best_kl, best_i = math.inf, nbins
+    for chunk in torch.arange(nq, nbins + 1).split(_CHUNK):
+        c, kmax = chunk.numel(), int(chunk[-1])
+        rows = torch.arange(c)
+        i = chunk.unsqueeze(1)  # (C, 1) candidate numbers of kept bins
+        k = torch.arange(kmax).unsqueeze(0)  # (1, K) only bins < max(i)
+        keep = k < i
+        h = hist[:kmax].unsqueeze(0)
+        # P: the kept bins, the clipped mass folded into the last one.
+        p = torch.where(keep, h, zero)
+        p[rows, chunk - 1] += total - cum[chunk]
+        # Q: the kept (unclipped) bins merged into nq chunks (chunk
+        # j = floor(k * nq / i) starts at ceil(j * i / nq)), each chunk's
+        # mass spread evenly over its non-empty bins.
+        starts = torch.div(jj.unsqueeze(0) * i + nq - 1, nq,
+                           rounding_mode='floor')  # (C, nq + 1)
+        mass = cum[starts[:, 1:]] - cum[starts[:, :-1]]
+        count = cum_nz[starts[:, 1:]] - cum_nz[starts[:, :-1]]
+        j = torch.div(k * nq, i, rounding_mode='floor').clamp_max(nq - 1)
+        q = (mass / count.clamp_min(1)).gather(1, j)
+        q = torch.where(keep & nonzero[:kmax].unsqueeze(0), q, zero)
+        p = p / total
+        q = q / cum[chunk].unsqueeze(1)  # spreading keeps the kept mass
+        pos = p > 0
+        ratio = torch.where(pos, p / q, torch.ones((), dtype=torch.float64))
+        kl = torch.where(pos, p * torch.log(ratio), zero).sum(1)  # q=0: inf
+        kl = torch.nan_to_num(kl, nan=math.inf)
+        value, idx = torch.min(kl, 0)  # first minimum: the smallest i
+        if float(value) < best_kl:
+            best_kl, best_i = float(value), int(chunk[idx])
+    return best_i
+
+
+def quantization_mse(values: Tensor, threshold: float, levels: int) -> float:
+    """Mean squared error of quantizing ``values`` (magnitudes, >= 0) to
+    ``round(clamp(v, 0, t) / s) * s`` with ``s = t / levels``."""
+    v = values.detach().double().reshape(-1)
+    if threshold <= 0:
+        return float((v * v).mean())
+    s = threshold / levels
+    q = torch.round(v.clamp(0, threshold) / s) * s
+    return float(((q - v)**2).mean())
+
+
+def mse_threshold(hist: Tensor, max_value: float, levels: int) -> float:
+    """The clipping threshold with the least quantization MSE.
+
+    Every bin's mass sits at its centre; every bin edge ``i * width`` is a
+    candidate threshold of a quantizer with ``levels`` positive steps
+    (``2^b - 1`` unsigned activations, ``2^(b-1) - 1`` weights).
+
+    Returns:
+        float: The threshold (smallest on ties); 0 for an empty histogram.
+    """
+    hist = torch.as_tensor(hist, dtype=torch.float64).reshape(-1).cpu()
+    nbins = hist.numel()
+    if max_value <= 0 or float(hist.sum()) <= 0:
+        return 0.0
+    width = float(max_value) / nbins
+    centres = (torch.arange(nbins, dtype=torch.float64) + 0.5) * width
+    zero = torch.zeros(1, dtype=torch.float64)
+    with _one_thread():
+        return _mse_search(hist, width, centres, levels, zero,
+                           float(max_value))
+
+
+def _mse_search(hist: Tensor, width: float, centres: Tensor, levels: int,
+                zero: Tensor, max_value: float) -> float:
+    """The bin edge of least histogram quantization error."""
+    nbins = hist.numel()
+    # Suffix sums of h, h*c, h*c^2: the clipped bins' error in closed form.
+    tail = [torch.cat([torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0]),
+                       zero]) for v in (hist, hist * centres,
+                                        hist * centres * centres)]
+    best_err, best_t = math.inf, max_value
+    for chunk in torch.arange(1, nbins + 1).split(_CHUNK * 2):
+        kmax = int(chunk[-1])
+        t = chunk.double().unsqueeze(1) * width  # (C, 1)
+        s = t / levels
+        c = centres[:kmax].unsqueeze(0)
+        inside = c < t  # bins whose centre is below t: rounding error
+        q = torch.round(c / s) * s
+        err = torch.where(inside, (q - c)**2 * hist[:kmax].unsqueeze(0),
+                          zero).sum(1)
+        # Bins from the first centre >= t on clip to t (centre index of
+        # chunk i: the bins k >= i, since centre_k = (k + 0.5) * width).
+        first = chunk
+        t1 = t.squeeze(1)
+        err = err + (tail[2][first] - 2 * t1 * tail[1][first] +
+                     t1 * t1 * tail[0][first])
+        value, idx = torch.min(err, 0)
+        if float(value) < best_err:
+            best_err, best_t = float(value), float(t1[idx])
+    return best_t
+
+
+def histogram_threshold(hist: Tensor, max_value: float, method: str,
+                        levels: int) -> float:
+    """``method``'s threshold for a quantizer with ``levels`` positive steps
+    (``levels + 1`` magnitudes, the KL ``num_quant_bins``)."""
+    if method == 'kl':
+        return kl_threshold(hist, max_value, levels + 1)
+    if method == 'mse':
+        return mse_threshold(hist, max_value, levels)
+    if method == 'max':
+        return float(max_value)
+    raise ValueError(f'calibration method {method!r} is not one of {METHODS}')
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(
+            f'calibration method {method!r} is not one of {METHODS}')
+    return method
+
+
+def activation_range(hist: Tensor,
+                     max_value: float,
+                     bits: int,
+                     signed: bool = False,
+                     method: str = 'kl',
+                     cap: Optional[float] = DEFAULT_ACT_CAP,
+                     low_bits: int = DEFAULT_LOW_BITS) -> float:
+    """The calibrated activation range ``r`` of one layer.
+
+    ``min(cap, max|x|, threshold)`` when ``bits < low_bits`` (threshold by
+    ``method``), else ``min(cap, max|x|)``; ``cap=None`` means no cap.
+    """
+    _check_method(method)
+    value = float(max_value)
+    if bits < low_bits and method != 'max':
+        levels = activation_levels(bits, signed)
+        value = min(value, histogram_threshold(hist, max_value, method,
+                                               levels))
+    if cap is not None:
+        value = min(value, float(cap))
+    return value
+
+
+def weight_calibration(weight: Tensor,
+                       bits: int,
+                       method: str = 'kl',
+                       low_bits: int = DEFAULT_LOW_BITS,
+                       bins: int = DEFAULT_BINS,
+                       per_channel: bool = False) -> Optional[Tensor]:
+    """The calibrated weight threshold ``T`` of one layer.
+
+    Returns:
+        Tensor | None: ``None`` means ``max|W|`` (the layer keeps computing
+        it from its current weights) -- for ``bits >= low_bits``, FP
+        weights and ``method='max'``. Otherwise a 0-d tensor, or one value
+        per output channel when ``per_channel``.
+    """
+    _check_method(method)
+    if bits == FP_BITS or bits >= low_bits or method == 'max':
+        return None
+    levels = weight_levels(bits)
+    w = weight.detach().float().cpu()
+    rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    out = []
+    for row in rows:
+        top = float(row.abs().max())
+        hist = magnitude_histogram(row, top, bins, signed=True)
+        out.append(histogram_threshold(hist, top, method, levels))
+    t = torch.tensor(out, dtype=weight.dtype)
+    return t if per_channel else t.reshape(())
+
+
+# ---------------------------------------------------------------------------
+# Statistics of a network
+# ---------------------------------------------------------------------------
+def quantized_layers(model: nn.Module) -> 'OrderedDict[str, nn.Module]':
+    """The fixed-bit layers of ``model`` by name, network order."""
+    return OrderedDict((name, m) for name, m in model.named_modules()
+                       if is_quantized_layer(m))
+
+
+def _float_forward_fn(module: nn.Module) -> Callable:
+    if isinstance(module, nn.Conv2d):
+        return lambda x: module._conv_forward(x, module.weight, module.bias)
+    return lambda x: F.linear(x, module.weight, module.bias)
+
+
+@contextlib.contextmanager
+def float_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the fixed-bit layers of ``model`` unquantized inside the block.
+
+    Each layer's ``forward`` is shadowed by the plain conv / linear on its
+    own (shared) parameters; nothing else changes and it is undone on exit.
+    """
+    patched = []
+    try:
+        for module in quantized_layers(model).values():
+            module.forward = _float_forward_fn(module)
+            patched.append(module)
+        yield model
+    finally:
+        for module in patched:
+            del module.forward
+
+
+ReduceFn = Callable[[Tensor], Tensor]
+
+
+def collect_activation_stats(
+        model: nn.Module,
+        batches: Sequence,
+        forward: Optional[Callable] = None,
+        bins: int = DEFAULT_BINS,
+        names: Optional[Sequence[str]] = None,
+        reduce_max: Optional[ReduceFn] = None,
+        reduce_sum: Optional[ReduceFn] = None) -> Dict[str, dict]:
+    """Input statistics of the quantized layers of the FP network.
+
+    Two passes over ``batches`` (eval mode, no grad, quantizers off): the
+    maximum magnitude of each layer's input, then its histogram over
+    ``[0, max]``.
+
+    Args:
+        model: The network.
+        batches: Inputs for ``forward`` (kept, so both passes see the same).
+        forward: ``forward(model, batch)``; default ``model(batch)``.
+        bins: Histogram bins.
+        names: Layers to observe; default every quantized layer whose
+            activations are quantized (``a_bits < 32``).
+        reduce_max / reduce_sum: In-place all-reduce of a tensor across
+            processes (None: single process). Applied to all layers'
+            statistics at once, so every process ends with the same ones.
+
+    Returns:
+        dict: ``name -> {'max': float, 'hist': Tensor(bins), 'count': int,
+        'signed': bool}``.
+    """
+    layers = quantized_layers(model)
+    if names is None:
+        names = [n for n, m in layers.items() if m.a_bits != FP_BITS]
+    names = list(names)
+    if not names:
+        return {}
+    batches = list(batches)
+    if not batches:
+        raise ValueError('calibration needs at least one batch')
+    forward = forward or (lambda m, b: m(b))
+    signed = {n: bool(layers[n].signed) for n in names}
+    maxima = torch.zeros(len(names), dtype=torch.float64)
+    hists = torch.zeros(len(names), bins, dtype=torch.float64)
+    state = {'pass': 'max'}
+
+    def make_hook(i, name):
+
+        def hook(module, args):
+            x = args[0]
+            if state['pass'] == 'max':
+                mag = _magnitudes(x, signed[name])
+                if mag.numel():
+                    maxima[i] = max(float(maxima[i]), float(mag.max()))
+            else:
+                hists[i] += magnitude_histogram(x, float(maxima[i]), bins,
+                                                signed[name])
+
+        return hook
+
+    handles = [
+        layers[name].register_forward_pre_hook(make_hook(i, name))
+        for i, name in enumerate(names)
+    ]
+    try:
+        with eval_mode(model), float_forward(model):
+            for batch in batches:
+                forward(model, batch)
+            if reduce_max is not None:
+                reduce_max(maxima)
+            state['pass'] = 'hist'
+            for batch in batches:
+                forward(model, batch)
+            if reduce_sum is not None:
+                reduce_sum(hists)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        name: dict(
+            max=float(maxima[i]),
+            hist=hists[i].clone(),
+            count=int(hists[i].sum()),
+            signed=signed[name])
+        for i, name in enumerate(names)
+    }
+
+
+def calibrate_model(model: nn.Module,
+                    batches: Iterable,
+                    forward: Optional[Callable] = None,
+                    method: str = 'kl',
+                    act_cap: Optional[float] = DEFAULT_ACT_CAP,
+                    low_bits: int = DEFAULT_LOW_BITS,
+                    bins: int = DEFAULT_BINS,
+                    weights: bool = True,
+                    activations: bool = True,
+                    reduce_max: Optional[ReduceFn] = None,
+                    reduce_sum: Optional[ReduceFn] = None) -> Dict[str, dict]:
+    """Calibrate every fixed-bit layer of ``model`` in place.
+
+    Activation ranges from the inputs seen on ``batches`` (see
+    :func:`activation_range`), weight thresholds from the weights (see
+    :func:`weight_calibration`). The training flags of the modules are
+    restored; only ``act_range`` and ``w_threshold`` change.
+
+    Args:
+        model: A network with ``QuantizedConv2d`` / ``QuantizedLinear``.
+        batches: Inputs for ``forward``.
+        forward: ``forward(model, batch)``; default ``model(batch)``.
+        method: ``'kl'`` (the spec), ``'mse'`` or ``'max'``.
+        act_cap: Upper bound of activation ranges (6.0; None: none).
+        low_bits: Widths below it use ``method``; the rest use the max.
+        bins: Histogram bins.
+        weights / activations: What to calibrate.
+        reduce_max / reduce_sum: See :func:`collect_activation_stats`.
+
+    Returns:
+        dict: ``name -> {'w_bits', 'a_bits', 'signed', 'act_max',
+        'act_range', 'w_max', 'w_threshold'}`` (``w_threshold`` None: the
+        layer keeps ``max|W|``; ``act_range`` None: not calibrated).
+    """
+    _check_method(method)
+    layers = quantized_layers(model)
+    stats = {}
+    if activations:
+        stats = collect_activation_stats(
+            model, batches, forward, bins,
+            reduce_max=reduce_max, reduce_sum=reduce_sum)
+    results = OrderedDict()
+    for name, module in layers.items():
+        w_bits, a_bits = module.bits
+        row = dict(w_bits=w_bits, a_bits=a_bits, signed=bool(module.signed),
+                   act_max=None, act_range=None, w_max=None,
+                   w_threshold=None)
+        if name in stats:
+            st = stats[name]
+            r = activation_range(st['hist'], st['max'], a_bits, module.signed,
+                                 method, act_cap, low_bits)
+            if r <= 0:  # a dead input: keep any positive range
+                r = float(act_cap) if act_cap is not None else 1.0
+            module.calibrate_activation(r)
+            row.update(act_max=st['max'], act_range=float(module.act_range))
+        if weights and w_bits != FP_BITS:
+            t = weight_calibration(module.weight, w_bits, method, low_bits,
+                                   bins, module.per_channel)
+            module.calibrate_weight(t)
+            with torch.no_grad():
+                current = current_weight_threshold(
+                    module.weight, module.w_threshold, module.per_channel)
+                row['w_max'] = float(module.weight.detach().abs().max())
+            row['w_threshold'] = (None if t is None else
+                                  [float(v) for v in current.reshape(-1)])
+        results[name] = row
+    return results
