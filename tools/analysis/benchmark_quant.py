@@ -10,11 +10,16 @@ from the same ResNet-18 (CIFAR stem):
 * ``w4a4``: every conv except the stem replaced by a ``QuantizedConv2d``
   with 4-bit weights and activations.
 
-Each variant runs in its own subprocess, so its peak resident memory
-(``ru_maxrss``) is its own; the script reports the peak minus the resident
-size the same process had after building the model and the batch, i.e. the
-memory of the training step itself. Times are the median over ``--iters``
-steps after ``--warmup`` steps.
+Memory: each variant runs in its own subprocess, so its peak resident
+memory (``ru_maxrss``) is its own; the script reports the peak minus the
+resident size the same process had after building the model (and one step
+on a tiny batch), i.e. the memory of the training step itself.
+
+Time: one subprocess builds every variant and runs them in interleaved
+rounds (one step each, order rotated), so that a shared machine's load hits
+them alike; the ratio to ``fp`` is the median of the per-round ratios. Wall
+and process CPU time are both reported. The quantized networks run with
+each kernel backend asked for (``--backends eager compile``).
 
 Example::
 
@@ -43,8 +48,10 @@ def parse_args():
         description='Benchmark the GMPQ quantized layers (CPU, one step = '
         'forward + backward of a CIFAR ResNet-18).')
     parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--iters', type=int, default=5, help='timed steps')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps')
+    parser.add_argument(
+        '--iters', type=int, default=5, help='timed rounds (one step each)')
+    parser.add_argument(
+        '--warmup', type=int, default=1, help='untimed rounds')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument(
         '--variants',
@@ -65,8 +72,17 @@ def parse_args():
         help='use the script\'s own ResNet-18 even if mmpretrain imports')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', help='write the results as JSON here')
-    parser.add_argument('--worker', choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--mem-steps',
+        type=int,
+        default=1,
+        help='full-batch steps of each memory run')
+    # Internal: what a worker subprocess does.
+    parser.add_argument(
+        '--worker', choices=['memory', 'time'], help=argparse.SUPPRESS)
+    parser.add_argument('--variant', choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument('--backend', default='eager', help=argparse.SUPPRESS)
+    parser.add_argument('--runs', nargs='+', help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -198,86 +214,124 @@ def _maxrss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(args):
+def _build_variant(variant, args):
+    """The classifier for ``variant`` and the number of swapped convs."""
     import torch
-    import torch.nn.functional as F
-
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     net, source = build_resnet18(not args.local_resnet)
-    num_swapped = 0
-    if args.worker != 'fp':
-        num_swapped = swap_convs(net, args.worker)
-    if args.worker != 'fp':
-        from gmpq_mm.quantization.quantizers import set_kernel_backend
-        set_kernel_backend(args.backend)
-    net.train()
+    num_swapped = swap_convs(net, variant) if variant != 'fp' else 0
+    return net.train(), source, num_swapped
+
+
+def _make_step(net, backend):
+    import torch.nn.functional as F
+
+    from gmpq_mm.quantization.quantizers import set_kernel_backend
 
     def step(images, labels):
+        set_kernel_backend(backend)
         loss = F.cross_entropy(net(images), labels)
         loss.backward()
         net.zero_grad(set_to_none=False)
 
-    # One step on a tiny batch first: it allocates the gradients and, for
-    # the compile backend, compiles the kernels (and imports the compiler),
-    # so that none of this counts as memory of the measured steps.
-    start = time.perf_counter()
-    step(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, )))
-    prewarm_s = time.perf_counter() - start
-    images = torch.randn(args.batch_size, 3, 32, 32)
-    labels = torch.randint(0, 10, (args.batch_size, ))
-    base_rss = _maxrss_mib()
+    return step
 
-    for _ in range(args.warmup):
+
+def _batch(batch_size):
+    import torch
+    return (torch.randn(batch_size, 3, 32, 32),
+            torch.randint(0, 10, (batch_size, )))
+
+
+def memory_worker(args):
+    """Peak memory of one variant's training step, in this process."""
+    import torch
+    torch.set_num_threads(args.threads)
+    net, source, num_swapped = _build_variant(args.variant, args)
+    step = _make_step(net, args.backend)
+    # A step on a tiny batch first: it allocates the gradients and, for the
+    # compile backend, compiles the kernels (and imports the compiler), so
+    # that none of this counts as memory of the measured steps.
+    step(*_batch(2))
+    images, labels = _batch(args.batch_size)
+    base_rss = _maxrss_mib()
+    for _ in range(args.mem_steps):
         step(images, labels)
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        step(images, labels)
-        times.append(time.perf_counter() - start)
-    result = dict(
-        variant=args.worker,
-        backend=args.backend if args.worker != 'fp' else None,
-        prewarm_s=prewarm_s,
+    peak_rss = _maxrss_mib()
+    return dict(
         model=source,
         swapped_convs=num_swapped,
-        median_s=statistics.median(times),
-        times_s=times,
         base_rss_mib=base_rss,
-        peak_rss_mib=_maxrss_mib(),
-        step_mem_mib=_maxrss_mib() - base_rss,
-        torch=torch.__version__,
-        threads=torch.get_num_threads())
+        peak_rss_mib=peak_rss,
+        step_mem_mib=peak_rss - base_rss)
+
+
+def time_worker(args):
+    """Step times of all variants, interleaved in this one process.
+
+    The machine may be shared: interleaving the variants round by round
+    exposes them to the same load, and the per-round ratios to ``fp``
+    cancel most of its drift.
+    """
+    import torch
+    torch.set_num_threads(args.threads)
+    steps = {}
+    for key in args.runs:
+        variant, _, backend = key.partition(':')
+        net = _build_variant(variant, args)[0]
+        steps[key] = _make_step(net, backend or 'eager')
+        steps[key](*_batch(2))  # compiles, if that backend compiles
+    images, labels = _batch(args.batch_size)
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step(images, labels)
+    wall = {key: [] for key in steps}
+    cpu = {key: [] for key in steps}
+    keys = list(steps)
+    for i in range(args.iters):
+        # Rotate the order so no variant always runs right after another.
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[key](images, labels)
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    return dict(wall_s=wall, cpu_s=cpu, threads=torch.get_num_threads())
+
+
+def run_worker(args):
+    result = (memory_worker(args)
+              if args.worker == 'memory' else time_worker(args))
     print('RESULT ' + json.dumps(result))
 
 
 # ---------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------
-def run_variant(variant, backend, args):
+def _run_subprocess(extra_args, args, env_extra=None):
     cmd = [
         sys.executable,
-        osp.abspath(__file__), '--worker', variant, '--backend', backend,
-        '--batch-size',
+        osp.abspath(__file__), '--batch-size',
         str(args.batch_size), '--iters',
         str(args.iters), '--warmup',
-        str(args.warmup), '--threads',
+        str(args.warmup), '--mem-steps',
+        str(args.mem_steps), '--threads',
         str(args.threads), '--seed',
         str(args.seed)
-    ]
+    ] + extra_args
     if args.local_resnet:
         cmd.append('--local-resnet')
     env = dict(os.environ)
     repo_root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     env['PYTHONPATH'] = os.pathsep.join(
         p for p in (repo_root, env.get('PYTHONPATH')) if p)
+    env.update(env_extra or {})
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith('RESULT '):
             return json.loads(line[len('RESULT '):])
-    raise RuntimeError(f'worker {variant} failed (exit {proc.returncode}):\n'
-                       f'{proc.stdout}\n{proc.stderr}')
+    raise RuntimeError(f'worker {extra_args} failed (exit {proc.returncode})'
+                       f':\n{proc.stdout}\n{proc.stderr}')
 
 
 def main():
@@ -285,38 +339,66 @@ def main():
     if args.worker:
         run_worker(args)
         return
-    print('command: ' + ' '.join([osp.relpath(sys.argv[0])] + sys.argv[1:]))
-    runs = [(v, 'eager') for v in args.variants if v == 'fp']
-    runs += [(v, b) for b in args.backends for v in args.variants
-             if v != 'fp']
-    results = {}
-    for variant, backend in runs:
-        key = variant if variant == 'fp' else f'{variant}[{backend}]'
-        res = run_variant(variant, backend, args)
-        results[key] = res
-        print(f"{key:>17s}: model={res['model']} "
-              f"swapped={res['swapped_convs']} "
-              f"median step {res['median_s'] * 1000:8.1f} ms "
-              f"(all: {', '.join(f'{t:.2f}' for t in res['times_s'])} s), "
-              f"step memory {res['step_mem_mib']:7.1f} MiB "
-              f"(peak rss {res['peak_rss_mib']:.1f} MiB)")
+    print('command: ' + ' '.join(['python', osp.relpath(sys.argv[0])] +
+                                 sys.argv[1:]))
+    runs = ['fp'] if 'fp' in args.variants else []
+    runs += [
+        f'{v}:{b}' for b in args.backends for v in args.variants if v != 'fp'
+    ]
+    results = {key: dict(variant=key.partition(':')[0]) for key in runs}
+
+    # Memory: one process per variant. Large blocks are mmap-ed and given
+    # back on free (glibc), so the resident peak follows the live tensors
+    # instead of what the heap happened to keep.
+    for key in runs:
+        variant, _, backend = key.partition(':')
+        res = _run_subprocess(
+            ['--worker', 'memory', '--variant', variant, '--backend',
+             backend or 'eager'],
+            args,
+            env_extra=dict(MALLOC_MMAP_THRESHOLD_='131072'))
+        results[key].update(res)
+        print(f"memory {key:>17s}: model={res['model']} "
+              f"swapped={res['swapped_convs']} step memory "
+              f"{res['step_mem_mib']:7.1f} MiB (peak rss "
+              f"{res['peak_rss_mib']:.1f} MiB)")
+
+    # Time: all variants interleaved in one process.
+    timing = _run_subprocess(['--worker', 'time', '--runs'] + runs, args)
+    for key in runs:
+        wall, cpu = timing['wall_s'][key], timing['cpu_s'][key]
+        results[key].update(
+            wall_s=wall,
+            cpu_s=cpu,
+            median_s=statistics.median(wall),
+            median_cpu_s=statistics.median(cpu))
+        print(f"time   {key:>17s}: median step {statistics.median(wall):6.2f}"
+              f" s wall, {statistics.median(cpu):6.2f} s cpu (wall: "
+              f"{', '.join(f'{t:.2f}' for t in wall)})")
+
     if 'fp' in results:
         fp = results['fp']
         print(f'ratios vs fp (batch {args.batch_size}, {args.threads} '
-              f'threads, median of {args.iters} steps):')
+              f'threads, {args.iters} interleaved rounds; time = median of '
+              'the per-round ratios):')
         for key, res in results.items():
             if key == 'fp':
                 continue
-            t_ratio = res['median_s'] / fp['median_s']
+            t_ratio = statistics.median(
+                a / b for a, b in zip(res['wall_s'], fp['wall_s']))
+            c_ratio = statistics.median(
+                a / b for a, b in zip(res['cpu_s'], fp['cpu_s']))
             m_ratio = res['step_mem_mib'] / max(fp['step_mem_mib'], 1e-6)
-            res['time_ratio'], res['mem_ratio'] = t_ratio, m_ratio
+            res.update(
+                time_ratio=t_ratio, cpu_ratio=c_ratio, mem_ratio=m_ratio)
             target = TARGETS.get(res['variant'], {})
             t_note = (f" (target <= {target['time']})"
                       if target.get('time') else '')
             m_note = (f" (target <= {target['mem']})"
                       if target.get('mem') else '')
-            print(f'{key:>17s}: time x{t_ratio:.2f}{t_note}, '
-                  f'step memory x{m_ratio:.2f}{m_note}')
+            print(f'{key:>17s}: time x{t_ratio:.2f}{t_note} '
+                  f'[cpu time x{c_ratio:.2f}], step memory '
+                  f'x{m_ratio:.2f}{m_note}')
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(results, f, indent=2)
