@@ -12,8 +12,8 @@ Fixtures (use them by name in a test's arguments):
     here, so ``import gmpq_mm`` works without installing the package).
 ``cifar10_root``
     session-scoped directory holding ``cifar-10-batches-py/`` (data_batch_1..5,
-    test_batch, batches.meta) written byte-for-byte the way the official
-    python-version files are pickled. Pass it as ``data_root`` of
+    test_batch, batches.meta) pickled the way the official python-version
+    files are (Python 2 ``str`` keys, uint8 ``(N, 3072)`` data). Pass it as ``data_root`` of
     ``CIFAR10`` / ``CIFAR10Format``. See :func:`write_cifar10`.
 ``imagenet_root``
     session-scoped ImageNet-style folder (``train/<cls>/*.JPEG``,

@@ -50,7 +50,7 @@ from .quantizers import weight_threshold as current_weight_threshold
 __all__ = [
     'DEFAULT_BINS', 'DEFAULT_ACT_CAP', 'DEFAULT_LOW_BITS', 'METHODS',
     'magnitude_histogram', 'kl_threshold', 'mse_threshold',
-    'histogram_threshold', 'activation_range', 'weight_calibration',
+    'release_threshold', 'histogram_threshold', 'activation_range', 'weight_calibration',
     'quantization_mse', 'float_forward', 'quantized_layers',
     'collect_activation_stats', 'calibrate_model'
 ]
@@ -58,7 +58,7 @@ __all__ = [
 DEFAULT_BINS = 2048
 DEFAULT_ACT_CAP = 6.0
 DEFAULT_LOW_BITS = 5
-METHODS = ('kl', 'mse', 'max')
+METHODS = ('kl', 'release', 'mse', 'max')
 # Candidates evaluated at once (rows of the (C, bins) work matrices).
 _CHUNK = 128
 
@@ -234,26 +234,114 @@ def _mse_search(hist: Tensor, width: float, centres: Tensor, levels: int,
         q = torch.round(c / s) * s
         err = torch.where(inside, (q - c)**2 * hist[:kmax].unsqueeze(0),
                           zero).sum(1)
-        # Bins from the first centre >= t on clip to t (centre index of
-        # chunk i: the bins k >= i, since centre_k = (k + 0.5) * width).
-        first = chunk
+        # The bins k >= i (centres above t = i * width) clip to t.
         t1 = t.squeeze(1)
-        err = err + (tail[2][first] - 2 * t1 * tail[1][first] +
-                     t1 * t1 * tail[0][first])
+        err = err + (tail[2][chunk] - 2 * t1 * tail[1][chunk] +
+                     t1 * t1 * tail[0][chunk])
         value, idx = torch.min(err, 0)
         if float(value) < best_err:
             best_err, best_t = float(value), float(t1[idx])
     return best_t
 
 
-def histogram_threshold(hist: Tensor, max_value: float, method: str,
-                        levels: int) -> float:
-    """``method``'s threshold for a quantizer with ``levels`` positive steps
-    (``levels + 1`` magnitudes, the KL ``num_quant_bins``)."""
+def release_threshold(hist: Tensor, max_value: float, bits: int) -> float:
+    """The released GMPQ code's "KL" threshold (``_compute_threshold``).
+
+    The release (inherited from HAQ) does not compare distributions with
+    TensorRT's KL: on the normalised CDF ``c`` of the histogram it takes,
+    for every ``i`` in ``n+1 .. bins`` (``n = 2^(b-1)``, for activations and
+    weights alike), ``p = c`` with ``p[i-1:] = 1``, squeezes ``p[:i]`` to
+    ``n`` points and back by linear interpolation (``q``; ``q[i:] = 1``),
+    and scores ``sum (c - q) * log2(c / q)``; the threshold is
+    ``(i + 0.5) * width`` of the best ``i``. Ported faithfully (the release
+    used ``sqrt(N)`` bins; here the histogram's), except that ``0 * log 0``
+    terms count as 0 and undefined scores as +inf where numpy's argmin
+    would have picked the first NaN.
+    """
+    hist = torch.as_tensor(hist, dtype=torch.float64).reshape(-1).cpu()
+    nbins = hist.numel()
+    total = float(hist.sum())
+    if max_value <= 0 or total <= 0:
+        return 0.0
+    width = float(max_value) / nbins
+    n = 2**(int(bits) - 1)
+    if n + 1 > nbins:
+        return float(max_value)
+    with _one_thread():
+        best_i = _release_search(torch.cumsum(hist, 0) / total, n)
+    return (best_i + 0.5) * width
+
+
+def _divergence_terms(c: Tensor, q: Tensor) -> Tensor:
+    """``(c - q) * log2(c / q)``, 0 where ``c == q`` (``0 log 0`` too)."""
+    with torch.no_grad():
+        terms = (c - q) * torch.log2(c / q)
+    return torch.where(c == q, torch.zeros((), dtype=c.dtype), terms)
+
+
+def _release_search(cdf: Tensor, n: int) -> int:
+    nbins = cdf.numel()
+    one = torch.ones((), dtype=torch.float64)
+    # Bins at or past i score (c - 1) * log2(c) (q = 1 there): suffix sums.
+    tail_terms = _divergence_terms(cdf, one.expand_as(cdf))
+    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(tail_terms, [0]),
+                                              0), [0]),
+                      torch.zeros(1, dtype=torch.float64)])
+    x_n = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else \
+        torch.zeros(1, dtype=torch.float64)
+    best_d, best_i = math.inf, nbins
+    for chunk in torch.arange(n + 1, nbins + 1).split(_CHUNK):
+        kmax = int(chunk[-1])
+        i = chunk.unsqueeze(1)  # (C, 1)
+        k = torch.arange(kmax).unsqueeze(0)  # (1, K)
+        # p: the CDF with p[i-1:] = 1, on the first i points.
+        p = torch.where(k < i - 1, cdf[:kmax].unsqueeze(0), one)
+        # p[:i] at n evenly spaced points (np.interp on linspace(0,1,i)).
+        t = x_n.unsqueeze(0) * (i - 1)  # (C, n) positions in p's index
+        lo = t.floor().long().clamp(max=kmax - 1)
+        hi = torch.minimum(lo + 1, i - 1)
+        frac = t - lo
+        p_n = p.gather(1, lo) * (1 - frac) + p.gather(1, hi) * frac
+        # ... and back onto i points.
+        if n > 1:
+            t2 = k.double() / (i - 1).double() * (n - 1)  # (C, K)
+            lo2 = t2.floor().long().clamp(0, n - 1)
+            hi2 = (lo2 + 1).clamp_max(n - 1)
+            frac2 = t2 - lo2
+            q = p_n.gather(1, lo2) * (1 - frac2) + p_n.gather(1, hi2) * frac2
+        else:
+            q = p_n.expand(-1, kmax)
+        inside = _divergence_terms(cdf[:kmax].unsqueeze(0), q)
+        d = torch.where(k < i, inside, torch.zeros((),
+                                                   dtype=torch.float64))
+        d = d.sum(1) + tail[chunk]
+        d = torch.nan_to_num(d, nan=math.inf)
+        value, idx = torch.min(d, 0)
+        if float(value) < best_d:
+            best_d, best_i = float(value), int(chunk[idx])
+    return best_i
+
+
+def histogram_threshold(hist: Tensor,
+                        max_value: float,
+                        method: str,
+                        bits: int,
+                        for_weight: bool = False,
+                        signed: bool = False) -> float:
+    """``method``'s clipping threshold of a b-bit quantizer.
+
+    ``levels`` (positive steps): ``2^(b-1) - 1`` for weights and signed
+    activations, ``2^b - 1`` for unsigned activations; the KL quantizer
+    has ``levels + 1`` magnitudes.
+    """
+    levels = (weight_levels(bits)
+              if for_weight else activation_levels(bits, signed))
     if method == 'kl':
         return kl_threshold(hist, max_value, levels + 1)
     if method == 'mse':
         return mse_threshold(hist, max_value, levels)
+    if method == 'release':
+        return release_threshold(hist, max_value, bits)
     if method == 'max':
         return float(max_value)
     raise ValueError(f'calibration method {method!r} is not one of {METHODS}')
@@ -281,9 +369,8 @@ def activation_range(hist: Tensor,
     _check_method(method)
     value = float(max_value)
     if bits < low_bits and method != 'max':
-        levels = activation_levels(bits, signed)
         value = min(value, histogram_threshold(hist, max_value, method,
-                                               levels))
+                                               bits, signed=signed))
     if cap is not None:
         value = min(value, float(cap))
     return value
@@ -306,14 +393,14 @@ def weight_calibration(weight: Tensor,
     _check_method(method)
     if bits == FP_BITS or bits >= low_bits or method == 'max':
         return None
-    levels = weight_levels(bits)
     w = weight.detach().float().cpu()
     rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     out = []
     for row in rows:
         top = float(row.abs().max())
         hist = magnitude_histogram(row, top, bins, signed=True)
-        out.append(histogram_threshold(hist, top, method, levels))
+        out.append(histogram_threshold(hist, top, method, bits,
+                                       for_weight=True))
     t = torch.tensor(out, dtype=weight.dtype)
     return t if per_channel else t.reshape(())
 

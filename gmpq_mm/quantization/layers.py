@@ -25,6 +25,7 @@ from gmpq_mm.quantization.quantizers import (FP_BITS, as_threshold_buffer,
                                              mixed_activation, mixed_weight,
                                              quantize_activation,
                                              quantize_weight,
+                                             quantized_conv2d,
                                              resize_threshold_buffer)
 
 __all__ = [
@@ -64,6 +65,13 @@ def _linear_config(linear: nn.Linear) -> dict:
         bias=linear.bias is not None,
         device=linear.weight.device,
         dtype=linear.weight.dtype)
+
+
+def _can_fuse(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` may use :func:`quantized_conv2d` (numeric zero
+    padding; asked for by ``memory_efficient``)."""
+    return (conv.memory_efficient and conv.padding_mode == 'zeros'
+            and not isinstance(conv.padding, str))
 
 
 def _adopt_parameters(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -166,6 +174,12 @@ class MixedPrecisionConv2d(_MixedPrecisionMixin, nn.Conv2d):
         alpha_init (float): Initial value of every alpha.
         per_channel (bool): Per-output-channel weight thresholds.
         layer_name (str): The module name, for messages and policies.
+        memory_efficient (bool): Compute the layer with
+            :func:`quantized_conv2d`, which keeps the input instead of its
+            quantized copy for backward and recomputes the copy there (one
+            elementwise pass): about half the activation memory. False (or
+            a string / non-zero padding mode) composes plain autograd ops.
+            Same values and gradients either way. Defaults to True.
         padding_mode, device, dtype: As in ``nn.Conv2d`` (keyword only).
     """
 
@@ -186,6 +200,7 @@ class MixedPrecisionConv2d(_MixedPrecisionMixin, nn.Conv2d):
                  alpha_init: float = 0.01,
                  per_channel: bool = False,
                  layer_name: str = '',
+                 memory_efficient: bool = True,
                  padding_mode: str = 'zeros',
                  device=None,
                  dtype=None):
@@ -203,6 +218,7 @@ class MixedPrecisionConv2d(_MixedPrecisionMixin, nn.Conv2d):
             dtype=dtype)
         self._init_search(w_candidates, a_candidates, signed, init_range,
                           alpha_init, per_channel, layer_name)
+        self.memory_efficient = bool(memory_efficient)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **kwargs) -> 'MixedPrecisionConv2d':
@@ -213,6 +229,23 @@ class MixedPrecisionConv2d(_MixedPrecisionMixin, nn.Conv2d):
         return _adopt_parameters(cls(**_conv_config(conv), **kwargs), conv)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _can_fuse(self):
+            p_w, p_a = self.probs()
+            return quantized_conv2d(
+                x,
+                self.weight,
+                self.bias,
+                a_bits=self.a_candidates,
+                w_bits=self.w_candidates,
+                a_probs=p_a,
+                a_ranges=self.act_ranges,
+                w_probs=p_w,
+                signed=self.signed,
+                per_channel=self.per_channel,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=self.groups)
         x_mixed, w_mixed = self._mixed_inputs(x)
         return self._conv_forward(x_mixed, w_mixed, self.bias)
 
@@ -345,6 +378,7 @@ class QuantizedConv2d(_QuantizedMixin, nn.Conv2d):
         init_range (float): Initial activation range ``act_range``.
         per_channel (bool): Per-output-channel weight thresholds.
         layer_name (str): The module name, for messages.
+        memory_efficient (bool): As in :class:`MixedPrecisionConv2d`.
         padding_mode, device, dtype: As in ``nn.Conv2d`` (keyword only).
     """
 
@@ -364,6 +398,7 @@ class QuantizedConv2d(_QuantizedMixin, nn.Conv2d):
                  init_range: float = 6.0,
                  per_channel: bool = False,
                  layer_name: str = '',
+                 memory_efficient: bool = True,
                  padding_mode: str = 'zeros',
                  device=None,
                  dtype=None):
@@ -381,6 +416,7 @@ class QuantizedConv2d(_QuantizedMixin, nn.Conv2d):
             dtype=dtype)
         self._init_quant(w_bits, a_bits, signed, init_range, per_channel,
                          layer_name)
+        self.memory_efficient = bool(memory_efficient)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, w_bits: int, a_bits: int,
@@ -391,6 +427,21 @@ class QuantizedConv2d(_QuantizedMixin, nn.Conv2d):
             conv)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _can_fuse(self):
+            return quantized_conv2d(
+                x,
+                self.weight,
+                self.bias,
+                a_bits=(self._a_bits, ),
+                w_bits=(self._w_bits, ),
+                a_ranges=self.act_range.reshape(1),
+                signed=self.signed,
+                per_channel=self.per_channel,
+                threshold=self.w_threshold,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=self.groups)
         x_q, w_q = self._quantized_inputs(x)
         return self._conv_forward(x_q, w_q, self.bias)
 

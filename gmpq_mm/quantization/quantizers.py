@@ -27,12 +27,15 @@ import numbers
 from collections.abc import Iterable
 import os
 import warnings
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
 
 FP_BITS = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
@@ -41,7 +44,7 @@ __all__ = [
     'FP_BITS', 'SUPPORTED_BITS', 'check_bits', 'check_candidates',
     'activation_levels', 'weight_levels', 'quantize_activation',
     'quantize_weight', 'weight_threshold', 'mixed_activation',
-    'mixed_weight', 'ActivationQuantizer', 'WeightQuantizer',
+    'mixed_weight', 'quantized_conv2d', 'ActivationQuantizer', 'WeightQuantizer',
     'as_threshold_buffer', 'resize_threshold_buffer', 'set_kernel_backend',
     'get_kernel_backend'
 ]
@@ -433,6 +436,52 @@ def weight_threshold(w: Tensor,
 # ---------------------------------------------------------------------------
 # Autograd functions
 # ---------------------------------------------------------------------------
+def _act_forward(x, probs, ranges, bits, signed) -> Tensor:
+    """``sum_k p_k q_a(x; r_k, b_k)`` (no autograd)."""
+    inv, scale, lo, hi, is_fp, fp_rows, _ = _act_params(
+        ranges, bits, signed, x.dtype)
+    coef = probs.detach().to(x.dtype) * scale
+    return _run_kernel('act_forward', x, coef, inv, lo, hi, is_fp, fp_rows)
+
+
+def _act_backward(x, grad_out, probs, ranges, bits, signed, need_x, need_p,
+                  need_r):
+    """Gradients of :func:`_act_forward` w.r.t. ``x``, ``probs``,
+    ``ranges`` (``None`` where not needed)."""
+    inv, scale, lo, hi, is_fp, fp_rows, r_eff = _act_params(
+        ranges, bits, signed, x.dtype)
+    grad_x, grad_p, grad_r = _run_kernel('act_backward', x,
+                                         grad_out.contiguous(),
+                                         probs.detach().to(x.dtype), scale,
+                                         inv, lo, hi, is_fp, fp_rows, r_eff,
+                                         signed, need_x, need_p, need_r)
+    return (grad_x if need_x else None,
+            grad_p.to(probs.dtype) if need_p else None,
+            grad_r.to(ranges.dtype) if need_r else None)
+
+
+def _weight_forward(w, probs, t, bits, clamp) -> Tensor:
+    """``sum_j p_j q_w(w; T, b_j)`` (no autograd)."""
+    n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True, w.device,
+                                                 w.dtype)
+    return _run_kernel('weight_forward', w, probs.detach().to(w.dtype), t, n,
+                       lo, hi, is_fp, fp_rows, clamp)
+
+
+def _weight_backward(w, grad_out, probs, t, bits, clamp, need_w, need_p):
+    """Gradients of :func:`_weight_forward` w.r.t. ``w`` and ``probs``."""
+    if not need_p:
+        # The identity STE needs no recomputation.
+        return grad_out * probs.detach().sum().to(w.dtype) if need_w \
+            else None, None
+    n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True, w.device,
+                                                 w.dtype)
+    grad_w, grad_p = _run_kernel('weight_backward', w, grad_out.contiguous(),
+                                 probs.detach().to(w.dtype), t, n, lo, hi,
+                                 is_fp, fp_rows, clamp)
+    return grad_w if need_w else None, grad_p.to(probs.dtype)
+
+
 class _MixedActivationFunction(Function):
     """``sum_i p_i * q_a(x; r_i, b_i)``; keeps only ``x``, ``p`` and ``r``.
 
@@ -444,70 +493,108 @@ class _MixedActivationFunction(Function):
                 bits: Tuple[int, ...], signed: bool) -> Tensor:
         ctx.bits, ctx.signed = bits, signed
         ctx.save_for_backward(x, probs, ranges)
-        inv, scale, lo, hi, is_fp, fp_rows, _ = _act_params(
-            ranges, bits, signed, x.dtype)
-        coef = probs.detach().to(x.dtype) * scale
-        return _run_kernel('act_forward', x, coef, inv, lo, hi, is_fp,
-                           fp_rows)
+        return _act_forward(x, probs, ranges, bits, signed)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, probs, ranges = ctx.saved_tensors
-        need_x, need_p, need_r = ctx.needs_input_grad[:3]
-        inv, scale, lo, hi, is_fp, fp_rows, r_eff = _act_params(
-            ranges, ctx.bits, ctx.signed, x.dtype)
-        p = probs.detach().to(x.dtype)
-        grad_x, grad_p, grad_r = _run_kernel('act_backward', x,
-                                             grad_out.contiguous(), p, scale,
-                                             inv, lo, hi, is_fp, fp_rows,
-                                             r_eff, ctx.signed, need_x,
-                                             need_p, need_r)
-        grad_x = grad_x if need_x else None
-        grad_p = grad_p.to(probs.dtype) if need_p else None
-        grad_r = grad_r.to(ranges.dtype) if need_r else None
-        return grad_x, grad_p, grad_r, None, None
+        grads = _act_backward(x, grad_out, probs, ranges, ctx.bits,
+                              ctx.signed, *ctx.needs_input_grad[:3])
+        return grads + (None, None)
 
 
 class _MixedWeightFunction(Function):
-    """``sum_j p_j * q_w(w; b_j)``; keeps only ``w``, ``p`` and ``T``."""
+    """``sum_j p_j * q_w(w; b_j)``; keeps only ``w``, ``p`` and ``T``.
+
+    With one candidate and ``p = [1]`` it is the plain weight quantizer.
+    """
 
     @staticmethod
     def forward(ctx, w: Tensor, probs: Tensor, t: Tensor,
                 bits: Tuple[int, ...], clamp: bool) -> Tensor:
         ctx.bits, ctx.clamp = bits, clamp
         ctx.save_for_backward(w, probs, t)
-        n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True,
-                                                     w.device, w.dtype)
-        return _run_kernel('weight_forward', w, probs.detach().to(w.dtype),
-                           t, n, lo, hi, is_fp, fp_rows, clamp)
+        return _weight_forward(w, probs, t, bits, clamp)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         w, probs, t = ctx.saved_tensors
-        n, is_fp, lo, hi, fp_rows = _candidate_table(ctx.bits, True, True,
-                                                     w.device, w.dtype)
-        grad_w, grad_p = _run_kernel('weight_backward', w,
-                                     grad_out.contiguous(),
-                                     probs.detach().to(w.dtype), t, n, lo,
-                                     hi, is_fp, fp_rows, ctx.clamp)
-        grad_w = grad_w if ctx.needs_input_grad[0] else None
-        grad_p = grad_p.to(probs.dtype) if ctx.needs_input_grad[1] else None
-        return grad_w, grad_p, None, None, None
+        grads = _weight_backward(w, grad_out, probs, t, ctx.bits, ctx.clamp,
+                                 *ctx.needs_input_grad[:2])
+        return grads + (None, None, None)
 
 
-class _WeightQuantFunction(Function):
-    """One weight quantizer; identity STE (no recomputation needed)."""
+class _ConvSpec(NamedTuple):
+    """Static arguments of :class:`_QuantConv2dFunction`."""
+    a_bits: Tuple[int, ...]
+    w_bits: Tuple[int, ...]
+    signed: bool
+    clamp: bool
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+
+class _QuantConv2dFunction(Function):
+    """``conv2d(x~, W~)`` with quantized (mixed) operands.
+
+    Autograd would keep ``x~`` alive for the weight gradient: a second copy
+    of every searched layer's input next to ``x``, which the preceding ReLU
+    keeps anyway. This function keeps ``x`` only and recomputes ``x~`` in
+    backward (one elementwise pass), so the quantized network needs about
+    the memory of the full-precision one.
+    """
 
     @staticmethod
-    def forward(ctx, w: Tensor, t: Tensor, bits: int, clamp: bool) -> Tensor:
-        n, is_fp, lo, hi, fp_rows = _candidate_table((bits, ), True, True,
-                                                     w.device, w.dtype)
-        return _run_kernel('weight_forward', w, torch.ones_like(n), t, n, lo,
-                           hi, is_fp, fp_rows, clamp)
+    def forward(ctx, x, weight, bias, a_probs, a_ranges, w_probs, t,
+                spec: _ConvSpec):
+        x_q = (x if spec.a_bits == (FP_BITS, ) else _act_forward(
+            x, a_probs, a_ranges, spec.a_bits, spec.signed))
+        w_q = (weight if spec.w_bits == (FP_BITS, ) else _weight_forward(
+            weight, w_probs, t, spec.w_bits, spec.clamp))
+        out = F.conv2d(x_q, w_q, bias, spec.stride, spec.padding,
+                       spec.dilation, spec.groups)
+        ctx.spec = spec
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.save_for_backward(x, weight, a_probs, a_ranges, w_probs, t, w_q)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        return grad_out, None, None, None
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, a_probs, a_ranges, w_probs, t, w_q = ctx.saved_tensors
+        spec = ctx.spec
+        (need_x, need_w, need_b, need_pa, need_r, need_pw,
+         _, _) = ctx.needs_input_grad
+        quant_a = spec.a_bits != (FP_BITS, )
+        x_q = (_act_forward(x, a_probs, a_ranges, spec.a_bits, spec.signed)
+               if quant_a else x)
+        grad_xq, grad_wq, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x_q, w_q, ctx.bias_sizes, spec.stride, spec.padding,
+            spec.dilation, False, [0, 0], spec.groups,
+            [need_x or need_pa or need_r, need_w or need_pw, need_b])
+        del x_q
+        grad_x = grad_pa = grad_r = grad_w = grad_pw = None
+        if quant_a:
+            if grad_xq is not None:
+                grad_x, grad_pa, grad_r = _act_backward(
+                    x, grad_xq, a_probs, a_ranges, spec.a_bits, spec.signed,
+                    need_x, need_pa, need_r)
+        else:
+            grad_x = grad_xq
+        if spec.w_bits != (FP_BITS, ):
+            if grad_wq is not None:
+                grad_w, grad_pw = _weight_backward(weight, grad_wq, w_probs,
+                                                   t, spec.w_bits,
+                                                   spec.clamp, need_w,
+                                                   need_pw)
+        else:
+            grad_w = grad_wq
+        return (grad_x, grad_w, grad_b if need_b else None, grad_pa, grad_r,
+                grad_pw, None, None)
 
 
 # ---------------------------------------------------------------------------
@@ -539,11 +626,9 @@ def quantize_activation(x: Tensor,
     if r.numel() != 1:
         raise ValueError(f'the activation range must hold one value, got '
                          f'shape {tuple(r.shape)}')
-    one = _candidate_table((bits, ), bool(signed), False, x.device,
-                           x.dtype)[0].new_ones(1)
     # The reshape is a view: the range gradient flows back to r's shape.
-    return _MixedActivationFunction.apply(x, one, r.reshape(1), (bits, ),
-                                          bool(signed))
+    return _MixedActivationFunction.apply(x, _ones(x), r.reshape(1),
+                                          (bits, ), bool(signed))
 
 
 def quantize_weight(w: Tensor,
@@ -568,7 +653,13 @@ def quantize_weight(w: Tensor,
     if bits == FP_BITS:
         return w
     t = weight_threshold(w, threshold, per_channel)
-    return _WeightQuantFunction.apply(w, t, bits, _is_calibrated(threshold))
+    return _MixedWeightFunction.apply(w, _ones(w), t, (bits, ),
+                                      _is_calibrated(threshold))
+
+
+def _ones(like: Tensor) -> Tensor:
+    """The probabilities ``[1]`` of a single candidate (no gradient)."""
+    return torch.ones(1, dtype=like.dtype, device=like.device)
 
 
 def _is_calibrated(threshold) -> bool:
@@ -651,6 +742,80 @@ def mixed_weight(w: Tensor,
     t = weight_threshold(w, threshold, per_channel)
     return _MixedWeightFunction.apply(w, probs, t, bits,
                                       _is_calibrated(threshold))
+
+
+def quantized_conv2d(x: Tensor,
+                     weight: Tensor,
+                     bias: Optional[Tensor] = None,
+                     *,
+                     a_bits: Sequence[int],
+                     w_bits: Sequence[int],
+                     a_probs: Optional[Tensor] = None,
+                     a_ranges: Optional[Tensor] = None,
+                     w_probs: Optional[Tensor] = None,
+                     signed: bool = False,
+                     per_channel: bool = False,
+                     threshold: Optional[Union[Tensor, float]] = None,
+                     stride=1,
+                     padding=0,
+                     dilation=1,
+                     groups: int = 1) -> Tensor:
+    """``conv2d(mixed_activation(x), mixed_weight(weight))`` in one function.
+
+    The same values and gradients as composing :func:`mixed_activation`,
+    :func:`mixed_weight` and ``F.conv2d`` (one convolution call), but the
+    quantized input is recomputed in backward instead of being kept, so the
+    layer stores no more activations than a full-precision conv.
+
+    Args:
+        x (Tensor): The input ``(N, C, H, W)``.
+        weight (Tensor): The full-precision weight.
+        bias (Tensor, optional): The bias (never quantized).
+        a_bits (Sequence[int]): Activation candidates (``(32, )``: the input
+            stays full precision).
+        w_bits (Sequence[int]): Weight candidates (``(32, )``: the weight
+            stays full precision).
+        a_probs (Tensor, optional): ``(K_a,)`` activation candidate weights;
+            ``None`` for a single candidate.
+        a_ranges (Tensor): ``(K_a,)`` activation ranges (unused for 32).
+        w_probs (Tensor, optional): ``(K_w,)`` weight candidate weights;
+            ``None`` for a single candidate.
+        signed, per_channel, threshold: As in :func:`mixed_activation` and
+            :func:`mixed_weight`.
+        stride, padding, dilation, groups: As in ``F.conv2d``; ``padding``
+            must be numeric (zero padding).
+
+    Returns:
+        Tensor: The convolution output.
+    """
+    a_bits, w_bits = check_candidates(a_bits), check_candidates(w_bits)
+    if isinstance(padding, str):
+        raise ValueError('quantized_conv2d needs numeric padding, got '
+                         f'{padding!r}')
+    a_probs = _ones(x) if a_probs is None else _as_vector(a_probs, x)
+    w_probs = _ones(weight) if w_probs is None else _as_vector(
+        w_probs, weight)
+    if a_ranges is None:
+        if a_bits != (FP_BITS, ):
+            raise ValueError('quantized activations need a_ranges')
+        a_ranges = torch.full((len(a_bits), ),
+                              float('inf'),
+                              dtype=x.dtype,
+                              device=x.device)
+    a_ranges = _as_vector(a_ranges, x)
+    if a_probs.numel() != len(a_bits) or a_ranges.numel() != len(a_bits):
+        raise ValueError(f'{len(a_bits)} activation candidates need as many '
+                         f'probs and ranges, got {a_probs.numel()} and '
+                         f'{a_ranges.numel()}')
+    if w_probs.numel() != len(w_bits):
+        raise ValueError(f'{len(w_bits)} weight candidates need as many '
+                         f'probs, got {w_probs.numel()}')
+    t = weight_threshold(weight, threshold, per_channel)
+    spec = _ConvSpec(a_bits, w_bits, bool(signed),
+                     _is_calibrated(threshold), _pair(stride), _pair(padding),
+                     _pair(dilation), int(groups))
+    return _QuantConv2dFunction.apply(x, weight, bias, a_probs, a_ranges,
+                                      w_probs, t, spec)
 
 
 # ---------------------------------------------------------------------------

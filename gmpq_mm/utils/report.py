@@ -10,7 +10,8 @@ Input shape, in this order:
 
 1. the ``input_shape`` argument (``(C, H, W)``, or ``(H, W)`` with the
    channels of the stem conv);
-2. ``cfg.complexity_input_shape`` (same forms);
+2. ``cfg.complexity_input_shape`` (same forms), else the model's own
+   ``input_shape`` setting (``GMPQSearchClassifier``'s);
 3. the last size-setting transform of the test pipeline (``CenterCrop``,
    ``Resize``, ``RandomResizedCrop`` ...), channels from the stem;
 4. the test dataset type: CIFAR-10/100 -> 32x32, (Fashion-)MNIST -> 28x28;
@@ -176,6 +177,10 @@ def infer_input_shape(cfg=None,
     if input_shape is not None:
         return _complete(input_shape, channels)
     explicit = _cfg_get(cfg, 'complexity_input_shape')
+    if explicit is None:
+        model_cfg = _cfg_get(cfg, 'model')
+        if isinstance(model_cfg, Mapping):
+            explicit = model_cfg.get('input_shape')
     if explicit is not None:
         return _complete(explicit, channels)
     for key in ('test_dataloader', 'val_dataloader', 'train_dataloader'):

@@ -28,6 +28,7 @@ TOOL = ROOT / 'tools' / 'analysis' / 'complexity.py'
 R18 = 'configs/gmpq/pretrain_r18_cifar10.py'
 R50 = 'configs/gmpq/pretrain_r50_cifar10.py'
 DEMO = 'configs/gmpq/demo/pretrain_r18_fashion_mnist.py'
+SEARCH = 'configs/gmpq/search_r18_cifar10.py'
 
 init_default_scope('mmpretrain')
 
@@ -272,37 +273,43 @@ def test_tool_options(tool, at_root, tmp_path, capsys):
     assert res['macs'] * 1e9 == pytest.approx(convs / 4 + 512 * 100, abs=1)
 
 
-def test_tool_supernet_config_and_policy(tool, at_root, tmp_path, capsys):
-    # A supernet config: the R18 CIFAR config with a MixedPrecisionBackbone.
-    cfg_file = tmp_path / 'supernet.py'
-    cfg_file.write_text(f"""_base_ = ['{flat(R18)}']
-model = dict(backbone=dict(
-    _delete_=True, type='MixedPrecisionBackbone', signed=False,
-    backbone=dict(type='ResNet_CIFAR', depth=18),
-    w_bits=[2, 3, 4, 6], a_bits=[2, 3, 4, 6]))
-""")
+def test_tool_search_config_and_policy(tool, at_root, tmp_path, capsys):
+    """The real search config (a GMPQSearchClassifier): counted without its
+    teacher, whose checkpoint does not exist here."""
+    cfg_file = flat(SEARCH)
+    model_cfg = Config.fromfile(cfg_file).model
+    assert model_cfg.type == 'GMPQSearchClassifier'
+    assert not os.path.exists(model_cfg.teacher_checkpoint)
     out = tmp_path / 'supernet.json'
-    assert tool.main([str(cfg_file), '--no-check', '--out', str(out)]) == 0
+    # signed=False spares the probe forward of signed='auto' (not the
+    # subject here).
+    fast = ['--cfg-options', 'model.backbone.signed=False']
+    assert tool.main([cfg_file, '--no-check', '--out', str(out)] + fast) == 0
     res = json.loads(out.read_text())
     assert res['model'].startswith('supernet')
-    # Uniform alphas: E[b] = (2 + 3 + 4 + 6) / 4 = 3.75 on both sides.
-    assert res['mean_w_bits'] == pytest.approx(3.75)
+    assert res['counted_from'] == 'GMPQSearchClassifier'
+    assert res['input_shape'] == [3, 32, 32]
+    assert res['num_quantized'] == 19
+    # Uniform alphas at init: E[b] = the mean of the candidates.
+    e_w = sum(model_cfg.backbone.w_bits) / len(model_cfg.backbone.w_bits)
+    e_a = sum(model_cfg.backbone.a_bits) / len(model_cfg.backbone.a_bits)
+    assert res['mean_w_bits'] == pytest.approx(e_w)
     assert res['bitops_quantized'] * 1e9 == pytest.approx(
-        R18_SEARCHED_MACS * 3.75**2)
-    assert 'supernet' in capsys.readouterr().out
+        R18_SEARCHED_MACS * e_w * e_a)
+    assert res['macs'] * 1e9 == pytest.approx(R18_TOTAL_MACS, abs=1)
+    assert 'teacher' in capsys.readouterr().out
 
     # --policy replaces the supernet wrapper by a QuantizedBackbone around
-    # its inner backbone (wrapper options such as signed carried over).
+    # its inner backbone.
     policy = {n: (2, 6) for n in R18_LAYERS}
     policy['layer1.0.conv1'] = (8, 8)
     path = tmp_path / 'mixed.json'
     save_policy(make_policy(policy), path)
     out = tmp_path / 'mixed_out.json'
-    assert tool.main([
-        str(cfg_file), '--policy',
-        str(path), '--no-check', '--out',
-        str(out)
-    ]) == 0
+    assert tool.main(
+        [cfg_file, '--policy',
+         str(path), '--no-check', '--out',
+         str(out)] + fast) == 0
     res = json.loads(out.read_text())
     assert res['model'] == 'quantized'
     first = conv(64, 64, 3, 32)[0]
@@ -327,6 +334,15 @@ def test_policy_cfg_rewrite(tool):
         assert 'w_bits' not in cfg['backbone']
         assert cfg['backbone'].get('include') == backbone.get('include')
         assert tool.fp_model_cfg(dict(backbone=backbone))['backbone'] == inner
+    slim, dropped = tool.countable_model_cfg(
+        dict(type='GMPQSearchClassifier', backbone=inner, neck=None,
+             head=dict(type='LinearClsHead'), teacher='t.py',
+             teacher_checkpoint='t.pth'))
+    assert dropped == 'GMPQSearchClassifier'
+    assert slim == dict(type='ImageClassifier', backbone=inner,
+                        head=dict(type='LinearClsHead'))
+    cfg = dict(type='ImageClassifier', backbone=inner)
+    assert tool.countable_model_cfg(cfg) == (cfg, None)
 
 
 # ---------------------------------------------------------------------------
@@ -449,6 +465,8 @@ def _loader_cfg(dataset):
         dict(type='CIFAR10'))), (3, 48, 40)),
     (dict(val_dataloader=dict(dataset=dict(type='MNIST'))), (1, 28, 28)),
     (None, (3, 224, 224)),
+    (dict(model=dict(input_shape=(3, 40, 40)), **_loader_cfg(
+        dict(type='CIFAR10'))), (3, 40, 40)),
     (Config(dict(test_dataloader=dict(dataset=dict(type='CIFAR10')))),
      (3, 32, 32)),
 ])

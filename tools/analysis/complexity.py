@@ -4,7 +4,9 @@ Works for full-precision configs, supernet configs (``MixedPrecisionBackbone``:
 expected bits under the current alphas) and quantized configs
 (``QuantizedBackbone``); ``--policy`` turns any of them into the quantized
 network that policy describes. No weights are loaded (nothing is downloaded):
-MACs and BitOPs do not depend on them.
+MACs and BitOPs do not depend on them. What is counted is backbone + neck +
+head, built as a plain ``ImageClassifier`` (a search config's teacher and its
+checkpoint are not needed).
 
 Prints one row per conv / linear layer (MACs, weight / activation bits,
 BitOPs; ``fp`` marks full-precision layers) and the totals: MACs, BitOPs of
@@ -104,6 +106,24 @@ def fp_model_cfg(model_cfg):
     return model_cfg
 
 
+def countable_model_cfg(model_cfg):
+    """A plain ``ImageClassifier`` of ``model_cfg``'s backbone, neck and
+    head, or ``model_cfg`` itself if it is one already.
+
+    Other classifiers (e.g. ``GMPQSearchClassifier``) carry what the
+    complexity does not depend on and may need files to build (the
+    teacher's checkpoint); the deployed network is backbone + neck + head.
+    """
+    if _type_name(model_cfg) == 'ImageClassifier' or not isinstance(
+            model_cfg.get('backbone'), dict):
+        return model_cfg, None
+    slim = dict(type='ImageClassifier', backbone=model_cfg['backbone'])
+    for key in ('neck', 'head'):
+        if model_cfg.get(key) is not None:
+            slim[key] = model_cfg[key]
+    return slim, model_cfg.get('type')
+
+
 def model_kind(model):
     from gmpq_mm.quantization.layers import (is_mixed_layer,
                                              is_quantized_layer)
@@ -172,6 +192,7 @@ def main(argv=None):
                          f'apply {args.policy} to')
         model_cfg = model_cfg_with_policy(model_cfg, args.policy)
 
+    model_cfg, dropped_type = countable_model_cfg(model_cfg)
     # Building never calls init_weights: no pretrained weights are loaded.
     try:
         model = MODELS.build(model_cfg)
@@ -202,6 +223,9 @@ def main(argv=None):
     if args.policy is not None:
         print(f'policy: {args.policy}')
     print(f'model: {kind}')
+    if dropped_type is not None:
+        print(f'counted: backbone + neck + head of {dropped_type} (what it '
+              f'holds besides, e.g. a teacher, is left out)')
     print(format_table(report))
     if summary['num_quantized']:
         print(f'mean bits over {summary["num_quantized"]} quantized layers: '
@@ -227,6 +251,7 @@ def main(argv=None):
             config=args.config,
             policy=args.policy,
             model=kind,
+            counted_from=dropped_type or 'ImageClassifier',
             **summary,
             check=check)
         folder = osp.dirname(osp.abspath(args.out))

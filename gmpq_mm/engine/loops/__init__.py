@@ -1,3 +1,6 @@
-from .search_loop import SearchLoop, split_dataset
+from .search_loop import (SearchLoop, bilevel_step, single_level_step,
+                          split_dataset)
 
-__all__ = ['SearchLoop', 'split_dataset']
+__all__ = [
+    'SearchLoop', 'bilevel_step', 'single_level_step', 'split_dataset'
+]

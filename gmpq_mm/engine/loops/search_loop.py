@@ -32,6 +32,46 @@ def split_dataset(dataset, arch_fraction: float, seed: int):
     return Subset(dataset, weight_idx), Subset(dataset, arch_idx)
 
 
+def optimizer_step(model, optim_dict, data_batch, name):
+    """One step of optimizer ``name`` with every gradient cleared first (so
+    nothing leaks from the other group's backward)."""
+    optim_dict.zero_grad()
+    return model.train_step(data_batch, optim_wrapper=optim_dict[name])
+
+
+def bilevel_step(model, optim_dict, weights_batch, arch_batch):
+    """First-order DARTS: an alpha step on an arch batch, then a weight
+    step on a weights batch. Returns the weight step's log variables plus
+    the arch step's losses prefixed ``arch_``."""
+    arch_logs = optimizer_step(model, optim_dict, arch_batch, 'arch')
+    outputs = optimizer_step(model, optim_dict, weights_batch, 'weights')
+    outputs.update({f'arch_{k}': v for k, v in arch_logs.items()
+                    if k.startswith('loss')})
+    return outputs
+
+
+def single_level_step(model, optim_dict, data_batch):
+    """The released code's step: one forward and backward, then both
+    optimizers step."""
+    module = model.module if is_model_wrapper(model) else model
+    weights, arch = optim_dict['weights'], optim_dict['arch']
+    optim_dict.zero_grad()
+    with weights.optim_context(model):
+        data = module.data_preprocessor(data_batch, True)
+        losses = model(**data, mode='loss')
+    loss, log_vars = module.parse_losses(losses)
+    weights.backward(loss)
+    if isinstance(weights, AmpOptimWrapper):
+        # One scaled backward: the weights' scaler unscales and checks the
+        # arch step too, before it updates its scale.
+        weights.loss_scaler.step(arch.optimizer)
+    else:
+        arch.step()
+    weights.step()
+    optim_dict.zero_grad()
+    return log_vars
+
+
 @LOOPS.register_module()
 class SearchLoop(EpochBasedTrainLoop):
     """Epoch loop of the GMPQ search with two optimizers.
@@ -138,45 +178,15 @@ class SearchLoop(EpochBasedTrainLoop):
         self.runner.call_hook(
             'before_train_iter', batch_idx=idx, data_batch=data_batch)
         optim = self._optim_wrappers()
+        model = self.runner.model
         if self.mode == 'bilevel':
-            arch_logs = self._step(self._next_arch_batch(), optim['arch'])
-            outputs = self._step(data_batch, optim['weights'])
-            outputs.update({f'arch_{k}': v for k, v in arch_logs.items()
-                            if k.startswith('loss')})
+            outputs = bilevel_step(model, optim, data_batch,
+                                   self._next_arch_batch())
         else:
-            outputs = self._single_step(data_batch, optim)
+            outputs = single_level_step(model, optim, data_batch)
         self.runner.call_hook(
             'after_train_iter',
             batch_idx=idx,
             data_batch=data_batch,
             outputs=outputs)
         self._iter += 1
-
-    # ------------------------------------------------------------------
-    def _step(self, data_batch, optim_wrapper):
-        """One step of one optimizer, with every gradient cleared first."""
-        self.runner.optim_wrapper.zero_grad()
-        return self.runner.model.train_step(
-            data_batch, optim_wrapper=optim_wrapper)
-
-    def _single_step(self, data_batch, optim):
-        """One forward and backward, then both optimizers step."""
-        model = self.runner.model
-        module = model.module if is_model_wrapper(model) else model
-        weights, arch = optim['weights'], optim['arch']
-        optim.zero_grad()
-        with weights.optim_context(model):
-            data = module.data_preprocessor(data_batch, True)
-            losses = model(**data, mode='loss') if isinstance(
-                data, dict) else model(*data, mode='loss')
-        loss, log_vars = module.parse_losses(losses)
-        weights.backward(loss)
-        if isinstance(weights, AmpOptimWrapper):
-            # One scaled backward: the weights' scaler unscales and checks
-            # the arch step too, before it updates its scale.
-            weights.loss_scaler.step(arch.optimizer)
-        else:
-            arch.step()
-        weights.step()
-        optim.zero_grad()
-        return log_vars
