@@ -140,9 +140,14 @@ def flop_analyzer_check(fp_net, input_shape, layer_names, our_macs):
     layers (one flop = one MAC in its convention) and all its ops."""
     from mmengine.analysis import FlopAnalyzer
 
-    from gmpq_mm.quantization.convert import _probe_input, eval_mode
+    import torch
+
+    from gmpq_mm.quantization.convert import eval_mode
+    param = next(fp_net.parameters())
     with eval_mode(fp_net):
-        inputs = _probe_input(fp_net, input_shape, batch_size=1)
+        inputs = torch.zeros((1, *input_shape),
+                             device=param.device,
+                             dtype=param.dtype)
         analyzer = FlopAnalyzer(fp_net, inputs)
         analyzer.unsupported_ops_warnings(False)
         analyzer.uncalled_modules_warnings(False)

@@ -1,6 +1,7 @@
-from .search_loop import (SearchLoop, bilevel_step, single_level_step,
-                          split_dataset)
+from .search_loop import (SearchLoop, arch_step, bilevel_step,
+                          single_level_step, split_dataset, weights_step)
 
 __all__ = [
-    'SearchLoop', 'bilevel_step', 'single_level_step', 'split_dataset'
+    'SearchLoop', 'arch_step', 'bilevel_step', 'single_level_step',
+    'split_dataset', 'weights_step'
 ]

@@ -1,8 +1,10 @@
 """The GMPQ search loop: bilevel (first-order DARTS) or single-level."""
+import contextlib
 import copy
 from typing import Dict, Optional, Union
 
 import torch
+import torch.distributed as torch_dist
 from mmengine.dataset import BaseDataset
 from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, OptimWrapperDict
@@ -32,19 +34,65 @@ def split_dataset(dataset, arch_fraction: float, seed: int):
     return Subset(dataset, weight_idx), Subset(dataset, arch_idx)
 
 
-def optimizer_step(model, optim_dict, data_batch, name):
-    """One step of optimizer ``name`` with every gradient cleared first (so
-    nothing leaks from the other group's backward)."""
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def _forward_loss(model, optim_wrapper, data_batch):
+    """Preprocess, forward in ``mode='loss'`` and parse the losses."""
+    module = _unwrap(model)
+    with optim_wrapper.optim_context(model):
+        data = module.data_preprocessor(data_batch, True)
+        losses = model(**data, mode='loss')
+    return module.parse_losses(losses)
+
+
+def arch_step(model, optim_dict, data_batch):
+    """One step of the alphas.
+
+    Only the alphas need gradients here, so the weights are frozen for this
+    backward (no weight-gradient convolutions) and, under DDP, the
+    backward runs without DDP's bucketed sync -- whose buckets expect every
+    weight -- and the alphas' gradients are averaged across ranks by hand.
+    """
+    module = _unwrap(model)
+    arch = optim_dict['arch']
     optim_dict.zero_grad()
-    return model.train_step(data_batch, optim_wrapper=optim_dict[name])
+    frozen = [p for p in module.weight_parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        sync_off = model.no_sync() if hasattr(model, 'no_sync') else \
+            contextlib.nullcontext()
+        with sync_off:
+            loss, log_vars = _forward_loss(model, arch, data_batch)
+            arch.backward(loss)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        world = torch_dist.get_world_size()
+        for p in module.arch_parameters():
+            if p.grad is not None:
+                torch_dist.all_reduce(p.grad)
+                p.grad.div_(world)
+    arch.step()
+    optim_dict.zero_grad()
+    return log_vars
+
+
+def weights_step(model, optim_dict, data_batch):
+    """One step of the network weights (and quantizer ranges)."""
+    optim_dict.zero_grad()
+    return model.train_step(data_batch, optim_wrapper=optim_dict['weights'])
 
 
 def bilevel_step(model, optim_dict, weights_batch, arch_batch):
     """First-order DARTS: an alpha step on an arch batch, then a weight
     step on a weights batch. Returns the weight step's log variables plus
     the arch step's losses prefixed ``arch_``."""
-    arch_logs = optimizer_step(model, optim_dict, arch_batch, 'arch')
-    outputs = optimizer_step(model, optim_dict, weights_batch, 'weights')
+    arch_logs = arch_step(model, optim_dict, arch_batch)
+    outputs = weights_step(model, optim_dict, weights_batch)
     outputs.update({f'arch_{k}': v for k, v in arch_logs.items()
                     if k.startswith('loss')})
     return outputs
@@ -53,13 +101,9 @@ def bilevel_step(model, optim_dict, weights_batch, arch_batch):
 def single_level_step(model, optim_dict, data_batch):
     """The released code's step: one forward and backward, then both
     optimizers step."""
-    module = model.module if is_model_wrapper(model) else model
     weights, arch = optim_dict['weights'], optim_dict['arch']
     optim_dict.zero_grad()
-    with weights.optim_context(model):
-        data = module.data_preprocessor(data_batch, True)
-        losses = model(**data, mode='loss')
-    loss, log_vars = module.parse_losses(losses)
+    loss, log_vars = _forward_loss(model, weights, data_batch)
     weights.backward(loss)
     if isinstance(weights, AmpOptimWrapper):
         # One scaled backward: the weights' scaler unscales and checks the
