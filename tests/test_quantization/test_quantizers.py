@@ -161,7 +161,7 @@ def test_weight_zero_guard():
     assert torch.equal(q, torch.zeros(3, 2))
     q.sum().backward()
     assert torch.equal(w.grad, torch.ones(3, 2))
-    w2 = t([[0.0, 0.0], [0.4, -0.8]])
+    w2 = t([[0.0, 0.0], [0.5, -0.8]])
     q2 = quantize_weight(w2, 2, per_channel=True)
     assert not torch.isnan(q2).any()
     torch.testing.assert_close(q2, t([[0.0, 0.0], [0.8, -0.8]]))
