@@ -45,6 +45,19 @@ class _CIFARFormatMixin:
                 'official release (md5); using them as they are.')
         return True
 
+    def load_data_list(self):
+        try:
+            return super().load_data_list()
+        except (OSError, RuntimeError) as err:
+            if isinstance(err, FileNotFoundError):
+                raise
+            root = self.data_prefix['root']
+            raise FileNotFoundError(
+                f'{type(self).__name__}: no usable data under {root} and '
+                f'fetching {self.url} failed ({type(err).__name__}: {err}). '
+                f"Put the '{self.base_folder}' folder there (python "
+                'version) or run where the download can reach it.') from err
+
     def _load_meta(self):
         # Same as mmpretrain's, minus the md5 requirement on the meta file.
         path = osp.join(self.data_prefix['root'], self.base_folder,
