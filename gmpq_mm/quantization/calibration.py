@@ -3,32 +3,37 @@
 The released GMPQ finetune calibrates every quantizer once before training
 (``docs/GMPQ_SPEC.md`` section 7):
 
-* activation range ``r = min(6, max|x|, KL threshold)`` when ``b < 5``, else
+* activation range ``r = min(6, max|x|, threshold)`` when ``b < 5``, else
   ``min(6, max|x|)``;
-* weight threshold ``T = KL threshold`` when ``b < 5``, else ``max|W|``.
+* weight threshold ``T = threshold`` when ``b < 5``, else ``max|W|``.
 
-The KL threshold is TensorRT's entropy calibration: a histogram of ``|x|``
-(2048 bins over ``[0, max]``); for every candidate number ``i`` of kept bins,
-the reference distribution ``P`` is the first ``i`` bins with the clipped
-mass folded into the last one, the candidate ``Q`` is those ``i`` bins merged
-into as many chunks as the quantizer has values (``2^b`` for an unsigned
-activation, ``2^(b-1)`` for ``|W|``) and spread back evenly over the
-non-empty bins; the threshold is the right edge of the ``i`` bins that
-minimise ``KL(P || Q)``. This follows NVIDIA's pytorch-quantization
-``_compute_amax_entropy`` (ties: the smallest threshold), vectorised.
+The released code calls its threshold "KL"; it is in fact a divergence
+between the CDF of ``|x|`` and that CDF squeezed to ``2^(b-1)`` points and
+back (``models/quantize_utils.py: _compute_threshold``, from HAQ). The
+estimator is chosen by ``method``:
 
-``method='mse'`` replaces the KL threshold by the one that minimises the
-quantization mean squared error on the same histogram (every bin edge is a
-candidate); ``method='max'`` uses ``max|x|`` / ``max|W|`` throughout.
+* ``'release'`` (default): that divergence, ported exactly
+  (:func:`release_threshold`);
+* ``'kl'``: TensorRT's entropy calibration (:func:`kl_threshold`): for
+  every candidate number ``i`` of kept bins of a 2048-bin histogram, ``P``
+  = the kept bins with the clipped mass folded into the last one, ``Q`` =
+  the kept bins merged into as many chunks as the quantizer has values and
+  spread back over the non-empty bins; the threshold minimises
+  ``KL(P || Q)``. Made for 8 bits, it collapses at 2-3 bits on post-ReLU
+  activations (thresholds of a few hundredths: the 0 spike dominates);
+* ``'mse'``: the threshold of least quantization MSE on the histogram;
+* ``'max'``: ``max|x|`` / ``max|W|`` throughout.
+
 ``b >= low_bits`` (5) always uses the maximum, as the spec says.
 
 Statistics are collected with every quantizer of the network turned off
-(:func:`float_forward`), as TensorRT does: the ranges describe the FP
-network the finetune starts from, and the result does not depend on the
-order in which layers are calibrated. Collection takes two passes over the
-same batches (maxima, then fixed-range histograms) so that the statistics of
-several processes can simply be summed (``reduce_max`` / ``reduce_sum``
-callbacks): every rank then computes the same thresholds.
+(:func:`float_forward`), as the release does (its calibration forward
+returns the unquantized inputs): the ranges describe the FP network the
+finetune starts from, and they do not depend on the order in which layers
+are calibrated. Collection takes two passes over the same batches (maxima,
+then fixed-range histograms) so that the statistics of several processes
+can simply be summed (``reduce_max`` / ``reduce_sum`` callbacks): every rank
+then computes the same thresholds.
 
 Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 """
@@ -48,7 +53,8 @@ from .quantizers import FP_BITS, activation_levels, weight_levels
 from .quantizers import weight_threshold as current_weight_threshold
 
 __all__ = [
-    'DEFAULT_BINS', 'DEFAULT_ACT_CAP', 'DEFAULT_LOW_BITS', 'METHODS',
+    'DEFAULT_BINS', 'DEFAULT_ACT_CAP', 'DEFAULT_LOW_BITS', 'DEFAULT_METHOD',
+    'METHODS',
     'magnitude_histogram', 'kl_threshold', 'mse_threshold',
     'release_threshold', 'histogram_threshold', 'activation_range', 'weight_calibration',
     'quantization_mse', 'float_forward', 'quantized_layers',
@@ -58,7 +64,8 @@ __all__ = [
 DEFAULT_BINS = 2048
 DEFAULT_ACT_CAP = 6.0
 DEFAULT_LOW_BITS = 5
-METHODS = ('kl', 'release', 'mse', 'max')
+METHODS = ('release', 'kl', 'mse', 'max')
+DEFAULT_METHOD = 'release'
 # Candidates evaluated at once (rows of the (C, bins) work matrices).
 _CHUNK = 128
 
@@ -358,7 +365,7 @@ def activation_range(hist: Tensor,
                      max_value: float,
                      bits: int,
                      signed: bool = False,
-                     method: str = 'kl',
+                     method: str = DEFAULT_METHOD,
                      cap: Optional[float] = DEFAULT_ACT_CAP,
                      low_bits: int = DEFAULT_LOW_BITS) -> float:
     """The calibrated activation range ``r`` of one layer.
@@ -378,7 +385,7 @@ def activation_range(hist: Tensor,
 
 def weight_calibration(weight: Tensor,
                        bits: int,
-                       method: str = 'kl',
+                       method: str = DEFAULT_METHOD,
                        low_bits: int = DEFAULT_LOW_BITS,
                        bins: int = DEFAULT_BINS,
                        per_channel: bool = False) -> Optional[Tensor]:
@@ -530,12 +537,13 @@ def collect_activation_stats(
 def calibrate_model(model: nn.Module,
                     batches: Iterable,
                     forward: Optional[Callable] = None,
-                    method: str = 'kl',
+                    method: str = DEFAULT_METHOD,
                     act_cap: Optional[float] = DEFAULT_ACT_CAP,
                     low_bits: int = DEFAULT_LOW_BITS,
                     bins: int = DEFAULT_BINS,
                     weights: bool = True,
                     activations: bool = True,
+                    weight_method: Optional[str] = None,
                     reduce_max: Optional[ReduceFn] = None,
                     reduce_sum: Optional[ReduceFn] = None) -> Dict[str, dict]:
     """Calibrate every fixed-bit layer of ``model`` in place.
@@ -549,11 +557,13 @@ def calibrate_model(model: nn.Module,
         model: A network with ``QuantizedConv2d`` / ``QuantizedLinear``.
         batches: Inputs for ``forward``.
         forward: ``forward(model, batch)``; default ``model(batch)``.
-        method: ``'kl'`` (the spec), ``'mse'`` or ``'max'``.
+        method: ``'release'`` (the spec, default), ``'kl'``, ``'mse'`` or
+            ``'max'`` (see the module doc).
         act_cap: Upper bound of activation ranges (6.0; None: none).
         low_bits: Widths below it use ``method``; the rest use the max.
         bins: Histogram bins.
         weights / activations: What to calibrate.
+        weight_method: Another method for the weights (default ``method``).
         reduce_max / reduce_sum: See :func:`collect_activation_stats`.
 
     Returns:
@@ -562,6 +572,7 @@ def calibrate_model(model: nn.Module,
         layer keeps ``max|W|``; ``act_range`` None: not calibrated).
     """
     _check_method(method)
+    weight_method = _check_method(weight_method or method)
     layers = quantized_layers(model)
     stats = {}
     if activations:
@@ -581,10 +592,11 @@ def calibrate_model(model: nn.Module,
             if r <= 0:  # a dead input: keep any positive range
                 r = float(act_cap) if act_cap is not None else 1.0
             module.calibrate_activation(r)
-            row.update(act_max=st['max'], act_range=float(module.act_range))
+            row.update(act_max=st['max'],
+                       act_range=float(module.act_range.detach()))
         if weights and w_bits != FP_BITS:
-            t = weight_calibration(module.weight, w_bits, method, low_bits,
-                                   bins, module.per_channel)
+            t = weight_calibration(module.weight, w_bits, weight_method,
+                                   low_bits, bins, module.per_channel)
             module.calibrate_weight(t)
             with torch.no_grad():
                 current = current_weight_threshold(

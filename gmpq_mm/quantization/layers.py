@@ -24,8 +24,7 @@ from gmpq_mm.quantization.quantizers import (FP_BITS, as_threshold_buffer,
                                              check_bits, check_candidates,
                                              mixed_activation, mixed_weight,
                                              quantize_activation,
-                                             quantize_weight,
-                                             quantized_conv2d,
+                                             quantize_weight, quantized_conv2d,
                                              resize_threshold_buffer)
 
 __all__ = [
@@ -57,8 +56,7 @@ def _conv_config(conv: nn.Conv2d) -> dict:
 def _linear_config(linear: nn.Linear) -> dict:
     """Constructor arguments that rebuild ``linear`` (weights excluded)."""
     if not isinstance(linear, nn.Linear):
-        raise TypeError(
-            f'expected an nn.Linear, got {type(linear).__name__}')
+        raise TypeError(f'expected an nn.Linear, got {type(linear).__name__}')
     return dict(
         in_features=linear.in_features,
         out_features=linear.out_features,
@@ -107,16 +105,19 @@ class _MixedPrecisionMixin:
         # Bit values as tensors for the expected-bits dot products; derived
         # from the candidates, so kept out of the state_dict.
         self.register_buffer(
-            '_w_cand_bits', torch.tensor(self.w_candidates, **factory),
+            '_w_cand_bits',
+            torch.tensor(self.w_candidates, **factory),
             persistent=False)
         self.register_buffer(
-            '_a_cand_bits', torch.tensor(self.a_candidates, **factory),
+            '_a_cand_bits',
+            torch.tensor(self.a_candidates, **factory),
             persistent=False)
 
     def probs(self) -> Tuple[Tensor, Tensor]:
         """Candidate probabilities ``(softmax(alpha_w), softmax(alpha_a))``."""
-        return (torch.softmax(self.alpha_w, dim=0),
-                torch.softmax(self.alpha_a, dim=0))
+        p_w = torch.softmax(self.alpha_w, dim=0)
+        p_a = torch.softmax(self.alpha_a, dim=0)
+        return p_w, p_a
 
     def expected_bits(self) -> Tuple[Tensor, Tensor]:
         """Expected weight and activation bit widths (0-d tensors).
@@ -282,11 +283,10 @@ class MixedPrecisionLinear(_MixedPrecisionMixin, nn.Linear):
                           alpha_init, per_channel, layer_name)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear,
-                   **kwargs) -> 'MixedPrecisionLinear':
+    def from_float(cls, linear: nn.Linear, **kwargs) -> 'MixedPrecisionLinear':
         """Wrap ``linear``, sharing its ``weight`` / ``bias`` Parameters."""
-        return _adopt_parameters(cls(**_linear_config(linear), **kwargs),
-                                 linear)
+        return _adopt_parameters(
+            cls(**_linear_config(linear), **kwargs), linear)
 
     def forward(self, x: Tensor) -> Tensor:
         x_mixed, w_mixed = self._mixed_inputs(x)
@@ -344,8 +344,7 @@ class _QuantizedMixin:
             self.act_range.fill_(float(r))
 
     def _quantized_inputs(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        x_q = quantize_activation(x, self.act_range, self._a_bits,
-                                  self.signed)
+        x_q = quantize_activation(x, self.act_range, self._a_bits, self.signed)
         w_q = quantize_weight(
             self.weight,
             self._w_bits,
@@ -481,7 +480,9 @@ class QuantizedLinear(_QuantizedMixin, nn.Linear):
                    **kwargs) -> 'QuantizedLinear':
         """Wrap ``linear``, sharing its ``weight`` / ``bias`` Parameters."""
         return _adopt_parameters(
-            cls(**_linear_config(linear), w_bits=w_bits, a_bits=a_bits,
+            cls(**_linear_config(linear),
+                w_bits=w_bits,
+                a_bits=a_bits,
                 **kwargs), linear)
 
     def forward(self, x: Tensor) -> Tensor:

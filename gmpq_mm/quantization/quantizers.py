@@ -17,16 +17,26 @@ The mixed (supernet) variants compute ``sum_i p_i * q_i(.)`` inside one
 autograd function that keeps only its inputs and recomputes the candidates
 in backward: letting autograd record every candidate would keep ``K``
 quantized copies of each activation alive until backward.
+:func:`quantized_conv2d` goes one step further for a whole layer: it keeps
+the conv input ``x`` (which the preceding ReLU keeps anyway) instead of the
+quantized ``x~`` and recomputes ``x~`` in backward.
 
 Internally ``clamp(x, lo, r) / s`` is evaluated as ``clamp(x * (n / r),
-lo * n, n)``: the same value (up to float rounding at exact ties) with one
-multiply instead of a clamp against a tensor and a division.
+lo * n, n)``: the same value (up to float rounding at exact ties, where
+``round`` goes to even) with one multiply instead of a division.
+
+Two kernel backends compute the same maths (:func:`set_kernel_backend`, or
+the ``GMPQ_QUANT_BACKEND`` environment variable): ``'eager'`` (default,
+plain PyTorch ops) and ``'compile'`` (``torch.compile``-fused elementwise
+kernels: much faster on CPU, but compiling takes tens of seconds per
+process).
 """
+import contextlib
 import functools
 import numbers
-from collections.abc import Iterable
 import os
 import warnings
+from collections.abc import Iterable
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,8 +53,8 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 __all__ = [
     'FP_BITS', 'SUPPORTED_BITS', 'check_bits', 'check_candidates',
     'activation_levels', 'weight_levels', 'quantize_activation',
-    'quantize_weight', 'weight_threshold', 'mixed_activation',
-    'mixed_weight', 'quantized_conv2d', 'ActivationQuantizer', 'WeightQuantizer',
+    'quantize_weight', 'weight_threshold', 'mixed_activation', 'mixed_weight',
+    'quantized_conv2d', 'ActivationQuantizer', 'WeightQuantizer',
     'as_threshold_buffer', 'resize_threshold_buffer', 'set_kernel_backend',
     'get_kernel_backend'
 ]
@@ -68,8 +78,9 @@ def check_bits(bits, where: str = '') -> int:
     Raises:
         ValueError: If ``bits`` is not supported.
     """
-    ok = (isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
-          and int(bits) in SUPPORTED_BITS)
+    ok = (
+        isinstance(bits, numbers.Integral) and not isinstance(bits, bool)
+        and int(bits) in SUPPORTED_BITS)
     if not ok:
         prefix = f'{where}: ' if where else ''
         raise ValueError(f'{prefix}bit width {bits!r} is not supported; use '
@@ -162,21 +173,35 @@ def get_kernel_backend() -> str:
     return _kernel_backend
 
 
-def _run_kernel(name: str, *args):
+def _autocast_off(device: torch.device):
+    """A context that turns autocast off on ``device`` if it is on.
+
+    The kernels' matrix-vector products are on autocast's low-precision
+    list; the sums over millions of elements they compute (the alpha and
+    range gradients) must stay in the tensors' own precision.
+    """
+    if device.type in ('cpu', 'cuda') and torch.is_autocast_enabled(
+            device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _run_kernel(name: str, x: Tensor, *args):
     eager_fn, fused_fn = _KERNELS[name]
-    if _kernel_backend == 'compile':
-        fn = _compiled_kernels.get(name)
-        if fn is None:
-            fn = _compiled_kernels[name] = torch.compile(fused_fn,
-                                                         dynamic=True)
-        try:
-            return fn(*args)
-        except Exception as err:  # noqa: BLE001 - any compiler failure
-            warnings.warn('gmpq_mm: compiling the quantization kernels '
-                          f'failed ({type(err).__name__}: {err}); falling '
-                          'back to the eager backend')
-            set_kernel_backend('eager')
-    return eager_fn(*args)
+    with _autocast_off(x.device):
+        if _kernel_backend == 'compile':
+            fn = _compiled_kernels.get(name)
+            if fn is None:
+                fn = _compiled_kernels[name] = torch.compile(
+                    fused_fn, dynamic=True)
+            try:
+                return fn(x, *args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure
+                warnings.warn('gmpq_mm: compiling the quantization kernels '
+                              f'failed ({type(err).__name__}: {err}); '
+                              'falling back to the eager backend')
+                set_kernel_backend('eager')
+        return eager_fn(x, *args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,10 +247,11 @@ def _act_params(ranges: Tensor, bits: Tuple[int, ...], signed: bool,
     return inv, scale, lo, hi, is_fp, fp_rows, r_eff
 
 
-# --- activation kernels, eager ------------------------------------------------
+# --- activation kernels, eager ---------------------------------------------
 def _act_codes_eager(x_flat: Tensor, inv: Tensor, lo: Tensor, hi: Tensor,
                      fp_rows: Tuple[int, ...]) -> Tensor:
-    """``(K, N)`` codes ``round(clamp(x * inv_k, lo_k, hi_k))``; FP rows = x."""
+    """``(K, N)`` codes ``round(clamp(x * inv_k, lo_k, hi_k))``; FP rows: x.
+    """
     codes = torch.mul(x_flat.unsqueeze(0), inv.unsqueeze(1))
     codes.clamp_(lo.unsqueeze(1), hi.unsqueeze(1)).round_()
     for k in fp_rows:
@@ -285,15 +311,15 @@ def _act_backward_eager(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
     return grad_x, grad_p, grad_r
 
 
-# --- activation kernels, for torch.compile (same maths, functional) ----------
+# --- activation kernels for torch.compile (same maths, functional) ---------
 # Written candidate by candidate: the loop unrolls at trace time into plain
 # elementwise maths that inductor fuses into one pass over ``x``, whereas a
 # reduction over a (K, N) view compiles into a much slower strided loop.
 def _act_forward_fused(x, coef, inv, lo, hi, is_fp, fp_rows):
     out = None
     for k in range(coef.shape[0]):
-        q = x if k in fp_rows else torch.clamp(x * inv[k], lo[k],
-                                               hi[k]).round()
+        q = x if k in fp_rows else torch.clamp(x *
+                                               inv[k], lo[k], hi[k]).round()
         out = q * coef[k] if out is None else out + q * coef[k]
     return out
 
@@ -325,9 +351,10 @@ def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
     return g * weight, torch.stack(grad_p), torch.stack(grad_r)
 
 
-# --- weight kernels ------------------------------------------------------------
+# --- weight kernels ---------------------------------------------------------
 def _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp):
-    """``(K, N)`` codes ``round(clamp(u * n_k, lo_k, hi_k))`` of ``u = w/T``."""
+    """``(K, N)`` codes ``round(clamp(u * n_k, lo_k, hi_k))``, ``u = w / T``.
+    """
     codes = torch.mul(u_flat.unsqueeze(0), n.unsqueeze(1))
     if clamp:  # with T = max|w| the codes are already within +-n
         codes.clamp_(lo.unsqueeze(1), hi.unsqueeze(1))
@@ -464,8 +491,9 @@ def _weight_forward(w, probs, t, bits, clamp) -> Tensor:
     """``sum_j p_j q_w(w; T, b_j)`` (no autograd)."""
     n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True, w.device,
                                                  w.dtype)
-    return _run_kernel('weight_forward', w, probs.detach().to(w.dtype), t, n,
-                       lo, hi, is_fp, fp_rows, clamp)
+    return _run_kernel('weight_forward', w,
+                       probs.detach().to(w.dtype), t, n, lo, hi, is_fp,
+                       fp_rows, clamp)
 
 
 def _weight_backward(w, grad_out, probs, t, bits, clamp, need_w, need_p):
@@ -499,8 +527,8 @@ class _MixedActivationFunction(Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, probs, ranges = ctx.saved_tensors
-        grads = _act_backward(x, grad_out, probs, ranges, ctx.bits,
-                              ctx.signed, *ctx.needs_input_grad[:3])
+        grads = _act_backward(x, grad_out, probs, ranges, ctx.bits, ctx.signed,
+                              *ctx.needs_input_grad[:3])
         return grads + (None, None)
 
 
@@ -551,14 +579,20 @@ class _QuantConv2dFunction(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a_probs, a_ranges, w_probs, t,
                 spec: _ConvSpec):
-        x_q = (x if spec.a_bits == (FP_BITS, ) else _act_forward(
-            x, a_probs, a_ranges, spec.a_bits, spec.signed))
-        w_q = (weight if spec.w_bits == (FP_BITS, ) else _weight_forward(
-            weight, w_probs, t, spec.w_bits, spec.clamp))
+        x_q = (
+            x if spec.a_bits == (FP_BITS, ) else _act_forward(
+                x, a_probs, a_ranges, spec.a_bits, spec.signed))
+        w_q = (
+            weight if spec.w_bits == (FP_BITS, ) else _weight_forward(
+                weight, w_probs, t, spec.w_bits, spec.clamp))
         out = F.conv2d(x_q, w_q, bias, spec.stride, spec.padding,
                        spec.dilation, spec.groups)
         ctx.spec = spec
         ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # Under autocast the conv ran in a lower precision than its inputs;
+        # its backward must run in that precision too.
+        ctx.conv_dtype = out.dtype
         ctx.save_for_backward(x, weight, a_probs, a_ranges, w_probs, t, w_q)
         return out
 
@@ -567,16 +601,25 @@ class _QuantConv2dFunction(Function):
     def backward(ctx, grad_out):
         x, weight, a_probs, a_ranges, w_probs, t, w_q = ctx.saved_tensors
         spec = ctx.spec
-        (need_x, need_w, need_b, need_pa, need_r, need_pw,
-         _, _) = ctx.needs_input_grad
+        (need_x, need_w, need_b, need_pa, need_r, need_pw, _,
+         _) = ctx.needs_input_grad
         quant_a = spec.a_bits != (FP_BITS, )
-        x_q = (_act_forward(x, a_probs, a_ranges, spec.a_bits, spec.signed)
-               if quant_a else x)
+        x_q = (
+            _act_forward(x, a_probs, a_ranges, spec.a_bits, spec.signed)
+            if quant_a else x)
+        dtype = ctx.conv_dtype
         grad_xq, grad_wq, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x_q, w_q, ctx.bias_sizes, spec.stride, spec.padding,
-            spec.dilation, False, [0, 0], spec.groups,
+            grad_out.to(dtype), x_q.to(dtype), w_q.to(dtype), ctx.bias_sizes,
+            spec.stride, spec.padding, spec.dilation, False, [0, 0],
+            spec.groups,
             [need_x or need_pa or need_r, need_w or need_pw, need_b])
         del x_q
+        if grad_xq is not None:
+            grad_xq = grad_xq.to(x.dtype)
+        if grad_wq is not None:
+            grad_wq = grad_wq.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
         grad_x = grad_pa = grad_r = grad_w = grad_pw = None
         if quant_a:
             if grad_xq is not None:
@@ -587,10 +630,9 @@ class _QuantConv2dFunction(Function):
             grad_x = grad_xq
         if spec.w_bits != (FP_BITS, ):
             if grad_wq is not None:
-                grad_w, grad_pw = _weight_backward(weight, grad_wq, w_probs,
-                                                   t, spec.w_bits,
-                                                   spec.clamp, need_w,
-                                                   need_pw)
+                grad_w, grad_pw = _weight_backward(weight, grad_wq, w_probs, t,
+                                                   spec.w_bits, spec.clamp,
+                                                   need_w, need_pw)
         else:
             grad_w = grad_wq
         return (grad_x, grad_w, grad_b if need_b else None, grad_pa, grad_r,
@@ -627,8 +669,8 @@ def quantize_activation(x: Tensor,
         raise ValueError(f'the activation range must hold one value, got '
                          f'shape {tuple(r.shape)}')
     # The reshape is a view: the range gradient flows back to r's shape.
-    return _MixedActivationFunction.apply(x, _ones(x), r.reshape(1),
-                                          (bits, ), bool(signed))
+    return _MixedActivationFunction.apply(x, _ones(x), r.reshape(1), (bits, ),
+                                          bool(signed))
 
 
 def quantize_weight(w: Tensor,
@@ -709,8 +751,7 @@ def mixed_activation(x: Tensor,
     if probs.numel() != len(bits) or ranges.numel() != len(bits):
         raise ValueError(f'{len(bits)} candidates need as many probs and '
                          f'ranges, got {probs.numel()} and {ranges.numel()}')
-    return _MixedActivationFunction.apply(x, probs, ranges, bits,
-                                          bool(signed))
+    return _MixedActivationFunction.apply(x, probs, ranges, bits, bool(signed))
 
 
 def mixed_weight(w: Tensor,
@@ -793,8 +834,7 @@ def quantized_conv2d(x: Tensor,
         raise ValueError('quantized_conv2d needs numeric padding, got '
                          f'{padding!r}')
     a_probs = _ones(x) if a_probs is None else _as_vector(a_probs, x)
-    w_probs = _ones(weight) if w_probs is None else _as_vector(
-        w_probs, weight)
+    w_probs = _ones(weight) if w_probs is None else _as_vector(w_probs, weight)
     if a_ranges is None:
         if a_bits != (FP_BITS, ):
             raise ValueError('quantized activations need a_ranges')
@@ -811,9 +851,9 @@ def quantized_conv2d(x: Tensor,
         raise ValueError(f'{len(w_bits)} weight candidates need as many '
                          f'probs, got {w_probs.numel()}')
     t = weight_threshold(weight, threshold, per_channel)
-    spec = _ConvSpec(a_bits, w_bits, bool(signed),
-                     _is_calibrated(threshold), _pair(stride), _pair(padding),
-                     _pair(dilation), int(groups))
+    spec = _ConvSpec(a_bits, w_bits, bool(signed), _is_calibrated(threshold),
+                     _pair(stride), _pair(padding), _pair(dilation),
+                     int(groups))
     return _QuantConv2dFunction.apply(x, weight, bias, a_probs, a_ranges,
                                       w_probs, t, spec)
 

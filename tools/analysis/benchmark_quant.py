@@ -50,8 +50,7 @@ def parse_args():
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument(
         '--iters', type=int, default=5, help='timed rounds (one step each)')
-    parser.add_argument(
-        '--warmup', type=int, default=1, help='untimed rounds')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed rounds')
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument(
         '--variants',
@@ -107,8 +106,9 @@ def build_local_resnet18(num_classes=10):
             self.downsample = None
             if stride != 1 or in_channels != out_channels:
                 self.downsample = nn.Sequential(
-                    nn.Conv2d(in_channels, out_channels, 1, stride,
-                              bias=False), nn.BatchNorm2d(out_channels))
+                    nn.Conv2d(
+                        in_channels, out_channels, 1, stride, bias=False),
+                    nn.BatchNorm2d(out_channels))
 
         def forward(self, x):
             identity = x if self.downsample is None else self.downsample(x)
@@ -173,7 +173,8 @@ def build_resnet18(prefer_mmpretrain=True):
             pass
         else:
             backbone = ResNet_CIFAR(depth=18)
-            return build_classifier(backbone, 512, 10), 'mmpretrain.ResNet_CIFAR'
+            return build_classifier(backbone, 512,
+                                    10), 'mmpretrain.ResNet_CIFAR'
     return build_local_resnet18()
 
 
@@ -239,8 +240,8 @@ def _make_step(net, backend):
 
 def _batch(batch_size):
     import torch
-    return (torch.randn(batch_size, 3, 32, 32),
-            torch.randint(0, 10, (batch_size, )))
+    return (torch.randn(batch_size, 3, 32,
+                        32), torch.randint(0, 10, (batch_size, )))
 
 
 def memory_worker(args):
@@ -299,8 +300,8 @@ def time_worker(args):
 
 
 def run_worker(args):
-    result = (memory_worker(args)
-              if args.worker == 'memory' else time_worker(args))
+    result = (
+        memory_worker(args) if args.worker == 'memory' else time_worker(args))
     print('RESULT ' + json.dumps(result))
 
 
@@ -339,8 +340,8 @@ def main():
     if args.worker:
         run_worker(args)
         return
-    print('command: ' + ' '.join(['python', osp.relpath(sys.argv[0])] +
-                                 sys.argv[1:]))
+    print('command: ' +
+          ' '.join(['python', osp.relpath(sys.argv[0])] + sys.argv[1:]))
     runs = ['fp'] if 'fp' in args.variants else []
     runs += [
         f'{v}:{b}' for b in args.backends for v in args.variants if v != 'fp'
@@ -352,11 +353,12 @@ def main():
     # instead of what the heap happened to keep.
     for key in runs:
         variant, _, backend = key.partition(':')
-        res = _run_subprocess(
-            ['--worker', 'memory', '--variant', variant, '--backend',
-             backend or 'eager'],
-            args,
-            env_extra=dict(MALLOC_MMAP_THRESHOLD_='131072'))
+        res = _run_subprocess([
+            '--worker', 'memory', '--variant', variant, '--backend', backend
+            or 'eager'
+        ],
+                              args,
+                              env_extra=dict(MALLOC_MMAP_THRESHOLD_='131072'))
         results[key].update(res)
         print(f"memory {key:>17s}: model={res['model']} "
               f"swapped={res['swapped_convs']} step memory "

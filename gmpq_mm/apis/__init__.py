@@ -1,0 +1,8 @@
+"""High-level entry points built on the registered gmpq_mm types."""
+from .deploy import (build_deployed_model, deploy_model_config,
+                     export_checkpoint, load_model)
+
+__all__ = [
+    'build_deployed_model', 'deploy_model_config', 'export_checkpoint',
+    'load_model'
+]

@@ -1,0 +1,223 @@
+"""Export a finetuned checkpoint as a packed low-bit artifact, and run it.
+
+Floor 2 around :mod:`gmpq_mm.quantization.export` (which packs and checks
+the tensors): this module builds the network from an OpenMMLab config,
+writes a self-contained model config into the artifact (the policy inlined,
+the activation signedness spelled out, no ``init_cfg`` to download), and
+rebuilds a runnable ``ImageClassifier`` from an artifact alone.
+
+    from gmpq_mm.apis import export_checkpoint, build_deployed_model
+    export_checkpoint('configs/gmpq/finetune_r18_in1k.py', 'epoch_100.pth',
+                      'r18_mixed.safetensors')
+    model, meta = build_deployed_model('r18_mixed.safetensors')
+    logits = model(images, mode='tensor')   # images normalised as in
+                                            # meta['config']['data_preprocessor']
+"""
+import copy
+import os
+import os.path as osp
+from typing import Optional, Sequence, Tuple
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.registry import init_default_scope
+from mmengine.runner import load_checkpoint
+from torch import nn
+
+from gmpq_mm.quantization.export import load_artifact, save_artifact
+from gmpq_mm.quantization.layers import is_quantized_layer
+from gmpq_mm.quantization.policy import policy_from_model
+from gmpq_mm.registry import MODELS
+
+__all__ = [
+    'load_model', 'deploy_model_config', 'export_checkpoint',
+    'build_deployed_model'
+]
+
+
+def _plain(obj):
+    """ConfigDicts / tuples -> dicts / lists (JSON-able)."""
+    if isinstance(obj, (ConfigDict, dict)):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _strip_init(obj):
+    """Drop ``init_cfg`` / ``pretrained`` entries (weights come from the
+    artifact; nothing is downloaded when it is rebuilt)."""
+    if isinstance(obj, dict):
+        return {
+            k: _strip_init(v)
+            for k, v in obj.items() if k not in ('init_cfg', 'pretrained')
+        }
+    if isinstance(obj, list):
+        return [_strip_init(v) for v in obj]
+    return obj
+
+
+def _as_config(config, cfg_options=None) -> Config:
+    if isinstance(config, (str, os.PathLike)):
+        cfg = Config.fromfile(os.fspath(config))
+    elif isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+    else:
+        cfg = Config(dict(config))
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    return cfg
+
+
+def _model_cfg(cfg: Config) -> dict:
+    model_cfg = _plain(cfg.model)
+    if cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor',
+                             _plain(cfg.data_preprocessor))
+    return model_cfg
+
+
+def load_model(config,
+               checkpoint: Optional[str] = None,
+               cfg_options=None,
+               device: str = 'cpu') -> Tuple[nn.Module, Config]:
+    """Build the model of ``config`` and load ``checkpoint`` strictly.
+
+    No ``init_weights`` is run (the checkpoint provides every weight).
+
+    Returns:
+        tuple: the model in eval mode and the (merged) config.
+    """
+    cfg = _as_config(config, cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    model = MODELS.build(_model_cfg(cfg))
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
+                        logger='silent')
+    return model.to(device).eval(), cfg
+
+
+def deploy_model_config(cfg: Config, model: nn.Module) -> dict:
+    """The model config that rebuilds ``model`` without outside files.
+
+    A ``QuantizedBackbone`` gets its policy inlined (from the built layers,
+    so a uniform ``w_bits`` / ``a_bits`` becomes a policy too) and its
+    ``signed`` flags spelled out per layer (no probe forward at rebuild);
+    every ``init_cfg`` is dropped.
+    """
+    model_cfg = _strip_init(_model_cfg(cfg))
+    backbone_cfg = model_cfg.get('backbone')
+    backbone = getattr(model, 'backbone', None)
+    if isinstance(backbone_cfg, dict) and isinstance(backbone, nn.Module) \
+            and str(backbone_cfg.get('type', '')).endswith(
+                'QuantizedBackbone'):
+        policy = policy_from_model(backbone)
+        backbone_cfg['policy'] = policy
+        backbone_cfg['w_bits'] = None
+        backbone_cfg['a_bits'] = None
+        backbone_cfg['signed'] = {
+            name: bool(m.signed)
+            for name, m in backbone.named_modules() if is_quantized_layer(m)
+        }
+    return model_cfg
+
+
+def _policy_of(model: nn.Module, input_shape=None) -> Optional[dict]:
+    has_quant = any(is_quantized_layer(m) for m in model.modules())
+    if not has_quant:
+        return None
+    backbone = getattr(model, 'backbone', model)
+    return policy_from_model(backbone, input_shape=input_shape)
+
+
+def export_checkpoint(config,
+                      checkpoint: str,
+                      out: str,
+                      cfg_options=None,
+                      verify: bool = True,
+                      input_shape: Optional[Sequence[int]] = None) -> dict:
+    """Write the artifact of a (finetuned) checkpoint.
+
+    Args:
+        config: Config file, ``Config`` or dict.
+        checkpoint: The checkpoint file.
+        out: The ``.safetensors`` artifact to write.
+        cfg_options: Overrides for the config.
+        verify: Rebuild the network from the artifact alone and compare its
+            logits with the checkpoint's on a random batch.
+        input_shape: ``(C, H, W)`` for the complexity report and the check;
+            default the config's test crop.
+
+    Returns:
+        dict: ``path``, ``bytes``, ``size_mb`` (file), ``model_size_mb``
+        (the complexity report's), ``size_ratio``, ``complexity`` summary,
+        ``max_abs_diff`` (with ``verify``) and ``input_shape``.
+    """
+    from gmpq_mm.utils.report import infer_input_shape, model_complexity
+
+    model, cfg = load_model(config, checkpoint, cfg_options)
+    shape = tuple(infer_input_shape(cfg, model, input_shape))
+    complexity = model_complexity(model, cfg, input_shape=shape)
+    model_cfg = deploy_model_config(cfg, model)
+    policy = _policy_of(model, input_shape=shape)
+    extra = dict(
+        source_config=getattr(cfg, 'filename', None),
+        source_checkpoint=osp.basename(checkpoint),
+        input_shape=list(shape),
+        dataset_meta=None)
+    if complexity is not None:
+        extra['complexity'] = {
+            k: complexity[k]
+            for k in ('bitops_quantized', 'bitops_total', 'size_mb',
+                      'fp_size_mb', 'compression', 'compression_quantized',
+                      'mean_w_bits', 'mean_a_bits')
+        }
+    summary = save_artifact(out, model, config=model_cfg, policy=policy,
+                            extra=extra)
+    summary['size_mb'] = summary['bytes'] / 1e6
+    summary['input_shape'] = list(shape)
+    if complexity is not None:
+        summary['complexity'] = extra['complexity']
+        summary['model_size_mb'] = complexity['size_mb']
+        summary['size_ratio'] = summary['size_mb'] / complexity['size_mb']
+    if verify:
+        deployed, _ = build_deployed_model(out)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((2, ) + shape, generator=gen)
+        with torch.no_grad():
+            ref = model(x, mode='tensor')
+            got = deployed(x, mode='tensor')
+        summary['max_abs_diff'] = float((ref - got).abs().max())
+    return summary
+
+
+def build_deployed_model(path: str,
+                         device: str = 'cpu') -> Tuple[nn.Module, dict]:
+    """Rebuild the runnable network of an artifact (eval mode).
+
+    The model config stored in the artifact is built (registered types of
+    mmpretrain and gmpq_mm) and the unpacked state loaded strictly; its
+    outputs equal the exported fake-quantized network's.
+
+    Returns:
+        tuple: the model and the artifact's metadata.
+
+    Raises:
+        ArtifactError: (``ValueError``) naming the file, for a truncated or
+            altered artifact, or one without a model config.
+    """
+    from gmpq_mm.quantization.export import ArtifactError
+
+    state, meta = load_artifact(path)
+    model_cfg = meta.get('config')
+    if not isinstance(model_cfg, dict):
+        raise ArtifactError(f'{path}: the artifact holds no model config to '
+                            f'rebuild the network from')
+    init_default_scope('mmpretrain')
+    model = MODELS.build(copy.deepcopy(model_cfg))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ArtifactError(f'{path}: tensors do not fit the stored model '
+                            f'config: {err}') from None
+    return model.to(device).eval(), meta
