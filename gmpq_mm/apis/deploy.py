@@ -10,8 +10,8 @@ rebuilds a runnable ``ImageClassifier`` from an artifact alone.
     export_checkpoint('configs/gmpq/finetune_r18_in1k.py', 'epoch_100.pth',
                       'r18_mixed.safetensors')
     model, meta = build_deployed_model('r18_mixed.safetensors')
-    logits = model(images, mode='tensor')   # images normalised as in
-                                            # meta['config']['data_preprocessor']
+    # images normalised as meta['config']['data_preprocessor'] says
+    logits = model(images, mode='tensor')
 """
 import copy
 import os
@@ -92,8 +92,12 @@ def load_model(config,
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     model = MODELS.build(_model_cfg(cfg))
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=True,
-                        logger='silent')
+        try:
+            load_checkpoint(model, checkpoint, map_location='cpu',
+                            strict=True, logger='silent')
+        except RuntimeError as err:
+            raise RuntimeError(f'{checkpoint}: does not fit the model of '
+                               f'the config: {err}') from None
     return model.to(device).eval(), cfg
 
 

@@ -40,8 +40,8 @@ Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 import contextlib
 import math
 from collections import OrderedDict
-from typing import (Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Sequence, Tuple)
+from typing import (Callable, Dict, Iterable, Iterator, Optional,
+                    Sequence)
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,8 @@ __all__ = [
     'DEFAULT_BINS', 'DEFAULT_ACT_CAP', 'DEFAULT_LOW_BITS', 'DEFAULT_METHOD',
     'METHODS',
     'magnitude_histogram', 'kl_threshold', 'mse_threshold',
-    'release_threshold', 'histogram_threshold', 'activation_range', 'weight_calibration',
+    'release_threshold', 'histogram_threshold', 'activation_range',
+    'weight_calibration',
     'quantization_mse', 'float_forward', 'quantized_layers',
     'collect_activation_stats', 'calibrate_model'
 ]
@@ -101,8 +102,9 @@ def magnitude_histogram(x: Tensor,
         hist[0] = mag.numel()
         return hist
     mag = mag.clamp_max(max_value)
-    return torch.histc(mag.cpu(), bins=bins, min=0.0,
-                       max=float(max_value)).double()
+    # On the activation's own device: only the counts travel.
+    return torch.histc(mag, bins=bins, min=0.0,
+                       max=float(max_value)).double().cpu()
 
 
 @contextlib.contextmanager

@@ -61,7 +61,9 @@ __all__ = [
 
 ARTIFACT_FORMAT = 'gmpq-artifact'
 ARTIFACT_VERSION = 1
-PACKED, THRESHOLD, SCALE = '.weight.packed', '.weight.threshold', '.weight.scale'
+PACKED = '.weight.packed'
+THRESHOLD = '.weight.threshold'
+SCALE = '.weight.scale'
 _JSON_KEYS = ('layers', 'config', 'policy', 'extra', 'tensors_sha256')
 PathLike = Union[str, os.PathLike]
 

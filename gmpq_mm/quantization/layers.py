@@ -68,7 +68,8 @@ def _linear_config(linear: nn.Linear) -> dict:
 def _can_fuse(conv: nn.Conv2d) -> bool:
     """Whether ``conv`` may use :func:`quantized_conv2d` (numeric zero
     padding; asked for by ``memory_efficient``)."""
-    return (conv.memory_efficient and conv.padding_mode == 'zeros'
+    return (getattr(conv, 'memory_efficient', True)
+            and conv.padding_mode == 'zeros'
             and not isinstance(conv.padding, str))
 
 

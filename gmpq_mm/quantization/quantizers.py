@@ -135,14 +135,14 @@ def weight_levels(bits: int) -> int:
 # Kernel backends
 # ---------------------------------------------------------------------------
 # Every elementwise pass over an activation costs a full trip through
-# memory (and, on a busy CPU, a thread hand-off), so the kernels below work
-# on all K candidates at once: a (K, N) view of the input, a clamp and a
-# round with per-candidate bounds, and a matrix-vector product for the
-# probability-weighted sum and the per-candidate reductions. The 'compile'
-# backend hands the same maths, written as plain functions, to
-# ``torch.compile``, which fuses each direction into one or two loops
-# without any (K, N) temporary; it is opt-in because compiling takes tens
-# of seconds per process.
+# memory (and, on a busy CPU, a thread hand-off). The eager kernels write
+# the integer codes of all K candidates into one (K, N) buffer and let
+# matrix-vector products do the probability-weighted sum and the
+# per-candidate reductions (the probability and range gradients), so few
+# passes and no per-candidate temporaries are needed. The 'compile' backend
+# hands the same maths, written as plain functions, to ``torch.compile``,
+# which fuses each direction into one or two loops without any (K, N)
+# buffer; it is opt-in because compiling takes tens of seconds per process.
 _KERNEL_BACKENDS = ('eager', 'compile')
 _kernel_backend = os.environ.get('GMPQ_QUANT_BACKEND', 'eager')
 if _kernel_backend not in _KERNEL_BACKENDS:
@@ -204,80 +204,125 @@ def _run_kernel(name: str, x: Tensor, *args):
         return eager_fn(x, *args)
 
 
+class _Table(NamedTuple):
+    """Per-candidate constants of one candidate list."""
+    n: Tensor  # positive levels n_k (1 for FP candidates)
+    is_fp: Tensor  # which candidates are FP (pass the input through)
+    levels: Tuple[float, ...]  # n_k as Python numbers
+    lo: Tuple[float, ...]  # bounds of the integer codes (+-inf for FP)
+    hi: Tuple[float, ...]
+    fp_rows: Tuple[int, ...]  # indices of the FP candidates
+
+
 @functools.lru_cache(maxsize=None)
 def _candidate_table(bits: Tuple[int, ...], signed: bool, for_weight: bool,
-                     device: torch.device, dtype: torch.dtype):
-    """Per-candidate constants ``(n, is_fp, lo, hi, fp_rows)``.
-
-    ``n`` is the number of positive levels (1 for FP candidates), ``lo`` and
-    ``hi`` bound the integer codes (``+-inf`` for FP candidates, which pass
-    the input through) and ``fp_rows`` lists the FP candidates' indices.
-    """
-    levels = []
+                     device: torch.device, dtype: torch.dtype) -> _Table:
+    """The :class:`_Table` of ``bits`` (cached: built once per config)."""
+    levels, lo, hi = [], [], []
     for b in bits:
         if b == FP_BITS:
-            levels.append(1)
-        elif for_weight:
-            levels.append(weight_levels(b))
-        else:
-            levels.append(activation_levels(b, signed))
-    n = torch.tensor(levels, dtype=dtype, device=device)
-    is_fp = torch.tensor([b == FP_BITS for b in bits], device=device)
-    inf = torch.full_like(n, float('inf'))
-    lo = -n if (signed or for_weight) else torch.zeros_like(n)
-    lo = torch.where(is_fp, -inf, lo)
-    hi = torch.where(is_fp, inf, n)
-    fp_rows = tuple(k for k, b in enumerate(bits) if b == FP_BITS)
-    return n, is_fp, lo, hi, fp_rows
+            levels.append(1.0)
+            lo.append(float('-inf'))
+            hi.append(float('inf'))
+            continue
+        n = float(
+            weight_levels(b) if for_weight else activation_levels(b, signed))
+        levels.append(n)
+        lo.append(-n if (signed or for_weight) else 0.0)
+        hi.append(n)
+    return _Table(
+        n=torch.tensor(levels, dtype=dtype, device=device),
+        is_fp=torch.tensor([b == FP_BITS for b in bits], device=device),
+        levels=tuple(levels),
+        lo=tuple(lo),
+        hi=tuple(hi),
+        fp_rows=tuple(k for k, b in enumerate(bits) if b == FP_BITS))
 
 
 def _act_params(ranges: Tensor, bits: Tuple[int, ...], signed: bool,
                 dtype: torch.dtype):
-    """Candidate tables plus the range-dependent ``inv``, ``scale``,
-    ``r_eff`` (the range used by the STE masks; ``inf`` for FP)."""
-    n, is_fp, lo, hi, fp_rows = _candidate_table(bits, signed, False,
-                                                 ranges.device, dtype)
+    """The candidate table plus the range-dependent ``inv`` (``n / r``),
+    ``scale`` (``r / n``) and ``r_eff`` (the range of the STE masks; ``inf``
+    for FP candidates)."""
+    table = _candidate_table(bits, signed, False, ranges.device, dtype)
     r = ranges.detach().to(dtype)
     # A range that reached 0 must not divide by zero.
     r_safe = r.clamp_min(torch.finfo(dtype).tiny)
     one = torch.ones_like(r)
-    inv = torch.where(is_fp, one, n / r_safe)
-    scale = torch.where(is_fp, one, r_safe / n)
-    r_eff = torch.where(is_fp, torch.full_like(r, float('inf')), r)
-    return inv, scale, lo, hi, is_fp, fp_rows, r_eff
+    inv = torch.where(table.is_fp, one, table.n / r_safe)
+    scale = torch.where(table.is_fp, one, r_safe / table.n)
+    r_eff = torch.where(table.is_fp, torch.full_like(r, float('inf')), r)
+    return table, inv, scale, r_eff
 
 
 # --- activation kernels, eager ---------------------------------------------
-def _act_codes_eager(x_flat: Tensor, inv: Tensor, lo: Tensor, hi: Tensor,
+def _act_codes_eager(x_flat: Tensor, inv: Tensor, lo, hi,
                      fp_rows: Tuple[int, ...]) -> Tensor:
     """``(K, N)`` codes ``round(clamp(x * inv_k, lo_k, hi_k))``; FP rows: x.
+
+    Row by row with scalar bounds: as much memory traffic as broadcasting
+    over the (K, N) block, but plain vectorised loops.
     """
-    codes = torch.mul(x_flat.unsqueeze(0), inv.unsqueeze(1))
-    codes.clamp_(lo.unsqueeze(1), hi.unsqueeze(1)).round_()
-    for k in fp_rows:
-        codes[k].copy_(x_flat)
+    codes = x_flat.new_empty((len(lo), x_flat.numel()))
+    for k in range(len(lo)):
+        if k in fp_rows:
+            codes[k].copy_(x_flat)
+        else:
+            torch.mul(x_flat, inv[k], out=codes[k])
+            codes[k].clamp_(lo[k], hi[k]).round_()
     return codes
+
+
+def _mix_rows(codes: Tensor, coef: Tensor) -> Tensor:
+    """``sum_k coef_k * codes_k`` (consumes ``codes`` when K == 1)."""
+    if codes.shape[0] == 1:
+        return codes[0].mul_(coef[0])
+    return torch.mv(codes.t(), coef)
 
 
 def _act_forward_eager(x, coef, inv, lo, hi, is_fp, fp_rows):
     """``sum_k coef_k * codes_k(x)`` with ``coef_k = p_k * s_k``."""
     codes = _act_codes_eager(x.reshape(-1), inv, lo, hi, fp_rows)
-    if codes.shape[0] == 1:
-        out = codes[0].mul_(coef[0])
-    else:
-        out = torch.mv(codes.t(), coef)
-    return out.view(x.shape)
+    return _mix_rows(codes, coef).view(x.shape)
 
 
-def _act_backward_eager(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
-                        signed, need_x, need_p, need_r):
-    """Gradients of ``sum_k p_k q_k(x)`` w.r.t. ``x``, ``p`` and ``r``."""
+def _act_backward_eager(x,
+                        g,
+                        p,
+                        scale,
+                        inv,
+                        lo,
+                        hi,
+                        is_fp,
+                        fp_rows,
+                        r_eff,
+                        signed,
+                        need_x,
+                        need_p,
+                        need_r,
+                        codes=None):
+    """Gradients of ``sum_k p_k q_k(x)`` w.r.t. ``x``, ``p`` and ``r``.
+
+    ``codes``: the (K, N) codes of ``x`` if the caller has them already;
+    they are overwritten.
+    """
     x_flat, g_flat = x.reshape(-1), g.reshape(-1)
     grad_x = grad_p = grad_r = None
-    buf = None
+    buf = codes
+    if len(lo) == 1 and not fp_rows and (need_x or need_r):
+        # One quantized candidate (a fixed-bit layer): plain masks.
+        if need_p:
+            grad_p = scale * torch.dot(
+                g_flat,
+                _act_codes_eager(x_flat, inv, lo, hi, fp_rows)[0]
+                if buf is None else buf[0])
+        grad_x, grad_r = _act_backward_single_eager(x_flat, g_flat, p, r_eff,
+                                                    signed)
+        return grad_x.view(x.shape), grad_p, grad_r
     if need_p:
         # sum(g * q_k) = s_k * <codes_k, g>
-        buf = _act_codes_eager(x_flat, inv, lo, hi, fp_rows)
+        if buf is None:
+            buf = _act_codes_eager(x_flat, inv, lo, hi, fp_rows)
         grad_p = torch.mv(buf, g_flat).mul_(scale)
     if need_x or need_r:
         if buf is None:
@@ -311,15 +356,34 @@ def _act_backward_eager(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
     return grad_x, grad_p, grad_r
 
 
+def _act_backward_single_eager(x_flat, g_flat, p, r_eff, signed):
+    """``grad_x = p g 1[lo <= x <= r]`` and ``grad_r = p sum(g dq/dr)`` of
+    one quantizer, in a few passes."""
+    above = torch.gt(x_flat, r_eff[0], out=torch.empty_like(g_flat))
+    grad_r = torch.dot(above, g_flat)
+    if signed:
+        below = torch.lt(x_flat, -r_eff[0], out=torch.empty_like(g_flat))
+        grad_r = grad_r - torch.dot(below, g_flat)
+        passed = below.add_(above).neg_().add_(1)  # 1 - above - below
+    else:
+        passed = torch.ge(x_flat, 0, out=torch.empty_like(g_flat))
+        passed.sub_(above)  # 1[x >= 0] - 1[x > r] = 1[0 <= x <= r]
+    del above
+    grad_x = passed.mul_(g_flat).mul_(p[0])
+    return grad_x, (grad_r * p).reshape(1)
+
+
 # --- activation kernels for torch.compile (same maths, functional) ---------
 # Written candidate by candidate: the loop unrolls at trace time into plain
 # elementwise maths that inductor fuses into one pass over ``x``, whereas a
 # reduction over a (K, N) view compiles into a much slower strided loop.
 def _act_forward_fused(x, coef, inv, lo, hi, is_fp, fp_rows):
     out = None
-    for k in range(coef.shape[0]):
-        q = x if k in fp_rows else torch.clamp(x *
-                                               inv[k], lo[k], hi[k]).round()
+    for k in range(len(lo)):
+        if k in fp_rows:
+            q = x
+        else:
+            q = torch.clamp(x * inv[k], lo[k], hi[k]).round()
         out = q * coef[k] if out is None else out + q * coef[k]
     return out
 
@@ -328,7 +392,7 @@ def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
                         signed, need_x, need_p, need_r):
     grad_p, grad_r = [], []
     weight = None
-    for k in range(p.shape[0]):
+    for k in range(len(lo)):
         if k in fp_rows:
             grad_p.append((g * x).sum())
             grad_r.append(torch.zeros_like(p[k]))
@@ -352,70 +416,68 @@ def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
 
 
 # --- weight kernels ---------------------------------------------------------
-def _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp):
-    """``(K, N)`` codes ``round(clamp(u * n_k, lo_k, hi_k))``, ``u = w / T``.
-    """
-    codes = torch.mul(u_flat.unsqueeze(0), n.unsqueeze(1))
-    if clamp:  # with T = max|w| the codes are already within +-n
-        codes.clamp_(lo.unsqueeze(1), hi.unsqueeze(1))
-    codes.round_()
-    for k in fp_rows:
-        codes[k].copy_(u_flat)
-    return codes
-
-
 def _safe_threshold(t: Tensor) -> Tensor:
     # T == 0 only for an all-zero weight (or channel): any divisor works.
     return torch.where(t > 0, t, torch.ones_like(t))
 
 
-def _weight_forward_eager(w, p, t, n, lo, hi, is_fp, fp_rows, clamp):
-    """``sum_k p_k * T * codes_k / n_k``."""
+def _weight_codes_eager(u_flat, levels, lo, hi, fp_rows, clamp):
+    """``(K, N)`` codes ``round(clamp(u * n_k, -n_k, n_k))``, ``u = w / T``.
+    """
+    codes = u_flat.new_empty((len(levels), u_flat.numel()))
+    for k in range(len(levels)):
+        if k in fp_rows:
+            codes[k].copy_(u_flat)
+            continue
+        torch.mul(u_flat, levels[k], out=codes[k])
+        if clamp:  # with T = max|w| the codes are already within +-n
+            codes[k].clamp_(lo[k], hi[k])
+        codes[k].round_()
+    return codes
+
+
+def _weight_forward_eager(w, p, t, n, levels, lo, hi, fp_rows, clamp):
+    """``T * sum_k (p_k / n_k) * codes_k``."""
     u_flat = (w / _safe_threshold(t)).reshape(-1)
-    codes = _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp)
-    coef = p / n
-    if codes.shape[0] == 1:
-        out = codes[0].mul_(coef[0])
-    else:
-        out = torch.mv(codes.t(), coef)
-    return out.view(w.shape).mul_(t)
+    codes = _weight_codes_eager(u_flat, levels, lo, hi, fp_rows, clamp)
+    return _mix_rows(codes, p / n).view(w.shape).mul_(t)
 
 
-def _weight_backward_eager(w, g, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+def _weight_backward_eager(w, g, p, t, n, levels, lo, hi, fp_rows, clamp):
     """``grad_w = g * sum(p)`` (identity STE), ``grad_p_k = sum(g q_k)``."""
     u_flat = (w / _safe_threshold(t)).reshape(-1)
-    codes = _weight_codes_eager(u_flat, n, lo, hi, fp_rows, clamp)
+    codes = _weight_codes_eager(u_flat, levels, lo, hi, fp_rows, clamp)
     grad_p = torch.mv(codes, (g * t).reshape(-1)).div_(n)
     return g * p.sum(), grad_p
 
 
-def _weight_forward_fused(w, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+def _weight_forward_fused(w, p, t, n, levels, lo, hi, fp_rows, clamp):
     u = w / _safe_threshold(t)
     out = None
-    for k in range(p.shape[0]):
+    for k in range(len(levels)):
         if k in fp_rows:
             term = u * p[k]
         else:
-            codes = u * n[k]
+            codes = u * levels[k]
             if clamp:
                 codes = torch.clamp(codes, lo[k], hi[k])
-            term = codes.round() * (p[k] / n[k])
+            term = codes.round() * (p[k] / levels[k])
         out = term if out is None else out + term
     return out * t
 
 
-def _weight_backward_fused(w, g, p, t, n, lo, hi, is_fp, fp_rows, clamp):
+def _weight_backward_fused(w, g, p, t, n, levels, lo, hi, fp_rows, clamp):
     u = w / _safe_threshold(t)
     g_t = g * t
     grad_p = []
-    for k in range(p.shape[0]):
+    for k in range(len(levels)):
         if k in fp_rows:
             grad_p.append((g_t * u).sum())
             continue
-        codes = u * n[k]
+        codes = u * levels[k]
         if clamp:
             codes = torch.clamp(codes, lo[k], hi[k])
-        grad_p.append((g_t * codes.round()).sum() / n[k])
+        grad_p.append((g_t * codes.round()).sum() / levels[k])
     return g * p.sum(), torch.stack(grad_p)
 
 
@@ -465,23 +527,55 @@ def weight_threshold(w: Tensor,
 # ---------------------------------------------------------------------------
 def _act_forward(x, probs, ranges, bits, signed) -> Tensor:
     """``sum_k p_k q_a(x; r_k, b_k)`` (no autograd)."""
-    inv, scale, lo, hi, is_fp, fp_rows, _ = _act_params(
-        ranges, bits, signed, x.dtype)
+    table, inv, scale, _ = _act_params(ranges, bits, signed, x.dtype)
     coef = probs.detach().to(x.dtype) * scale
-    return _run_kernel('act_forward', x, coef, inv, lo, hi, is_fp, fp_rows)
+    return _run_kernel('act_forward', x, coef, inv, table.lo, table.hi,
+                       table.is_fp, table.fp_rows)
 
 
-def _act_backward(x, grad_out, probs, ranges, bits, signed, need_x, need_p,
-                  need_r):
+def _act_recompute(x, probs, ranges, bits, signed, keep_codes: bool):
+    """:func:`_act_forward` for a backward pass: ``(x~, codes)``.
+
+    With ``keep_codes`` and the eager backend, ``codes`` are the (K, N)
+    integer codes behind ``x~``, for :func:`_act_backward` to reuse instead
+    of computing them again; otherwise ``None``.
+    """
+    if not (keep_codes and _kernel_backend == 'eager'):
+        return _act_forward(x, probs, ranges, bits, signed), None
+    table, inv, scale, _ = _act_params(ranges, bits, signed, x.dtype)
+    coef = probs.detach().to(x.dtype) * scale
+    with _autocast_off(x.device):
+        codes = _act_codes_eager(
+            x.reshape(-1), inv, table.lo, table.hi, table.fp_rows)
+        # _mix_rows scales a single row in place: give it a copy.
+        mixed = _mix_rows(codes.clone() if len(bits) == 1 else codes, coef)
+    return mixed.view(x.shape), codes
+
+
+def _act_backward(x,
+                  grad_out,
+                  probs,
+                  ranges,
+                  bits,
+                  signed,
+                  need_x,
+                  need_p,
+                  need_r,
+                  codes=None):
     """Gradients of :func:`_act_forward` w.r.t. ``x``, ``probs``,
-    ``ranges`` (``None`` where not needed)."""
-    inv, scale, lo, hi, is_fp, fp_rows, r_eff = _act_params(
-        ranges, bits, signed, x.dtype)
-    grad_x, grad_p, grad_r = _run_kernel('act_backward', x,
-                                         grad_out.contiguous(),
-                                         probs.detach().to(x.dtype), scale,
-                                         inv, lo, hi, is_fp, fp_rows, r_eff,
-                                         signed, need_x, need_p, need_r)
+    ``ranges`` (``None`` where not needed). ``codes``: what
+    :func:`_act_recompute` returned, if anything (overwritten).
+    """
+    table, inv, scale, r_eff = _act_params(ranges, bits, signed, x.dtype)
+    args = (x, grad_out.contiguous(), probs.detach().to(x.dtype), scale, inv,
+            table.lo, table.hi, table.is_fp, table.fp_rows, r_eff, signed,
+            need_x, need_p, need_r)
+    if codes is not None:
+        with _autocast_off(x.device):
+            grads = _act_backward_eager(*args, codes=codes)
+    else:
+        grads = _run_kernel('act_backward', *args)
+    grad_x, grad_p, grad_r = grads
     return (grad_x if need_x else None,
             grad_p.to(probs.dtype) if need_p else None,
             grad_r.to(ranges.dtype) if need_r else None)
@@ -489,24 +583,23 @@ def _act_backward(x, grad_out, probs, ranges, bits, signed, need_x, need_p,
 
 def _weight_forward(w, probs, t, bits, clamp) -> Tensor:
     """``sum_j p_j q_w(w; T, b_j)`` (no autograd)."""
-    n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True, w.device,
-                                                 w.dtype)
+    table = _candidate_table(bits, True, True, w.device, w.dtype)
     return _run_kernel('weight_forward', w,
-                       probs.detach().to(w.dtype), t, n, lo, hi, is_fp,
-                       fp_rows, clamp)
+                       probs.detach().to(w.dtype), t, table.n, table.levels,
+                       table.lo, table.hi, table.fp_rows, clamp)
 
 
 def _weight_backward(w, grad_out, probs, t, bits, clamp, need_w, need_p):
     """Gradients of :func:`_weight_forward` w.r.t. ``w`` and ``probs``."""
     if not need_p:
         # The identity STE needs no recomputation.
-        return grad_out * probs.detach().sum().to(w.dtype) if need_w \
-            else None, None
-    n, is_fp, lo, hi, fp_rows = _candidate_table(bits, True, True, w.device,
-                                                 w.dtype)
+        grad_w = grad_out * probs.detach().sum().to(w.dtype)
+        return grad_w if need_w else None, None
+    table = _candidate_table(bits, True, True, w.device, w.dtype)
     grad_w, grad_p = _run_kernel('weight_backward', w, grad_out.contiguous(),
-                                 probs.detach().to(w.dtype), t, n, lo, hi,
-                                 is_fp, fp_rows, clamp)
+                                 probs.detach().to(w.dtype), t, table.n,
+                                 table.levels, table.lo, table.hi,
+                                 table.fp_rows, clamp)
     return grad_w if need_w else None, grad_p.to(probs.dtype)
 
 
@@ -604,9 +697,19 @@ class _QuantConv2dFunction(Function):
         (need_x, need_w, need_b, need_pa, need_r, need_pw, _,
          _) = ctx.needs_input_grad
         quant_a = spec.a_bits != (FP_BITS, )
-        x_q = (
-            _act_forward(x, a_probs, a_ranges, spec.a_bits, spec.signed)
-            if quant_a else x)
+        codes = None
+        if quant_a:
+            # The eager backend reuses the recomputed codes for the
+            # probability gradients.
+            x_q, codes = _act_recompute(
+                x,
+                a_probs,
+                a_ranges,
+                spec.a_bits,
+                spec.signed,
+                keep_codes=need_pa)
+        else:
+            x_q = x
         dtype = ctx.conv_dtype
         grad_xq, grad_wq, grad_b = torch.ops.aten.convolution_backward(
             grad_out.to(dtype), x_q.to(dtype), w_q.to(dtype), ctx.bias_sizes,
@@ -624,8 +727,17 @@ class _QuantConv2dFunction(Function):
         if quant_a:
             if grad_xq is not None:
                 grad_x, grad_pa, grad_r = _act_backward(
-                    x, grad_xq, a_probs, a_ranges, spec.a_bits, spec.signed,
-                    need_x, need_pa, need_r)
+                    x,
+                    grad_xq,
+                    a_probs,
+                    a_ranges,
+                    spec.a_bits,
+                    spec.signed,
+                    need_x,
+                    need_pa,
+                    need_r,
+                    codes=codes)
+                del codes
         else:
             grad_x = grad_xq
         if spec.w_bits != (FP_BITS, ):

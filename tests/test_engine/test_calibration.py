@@ -117,13 +117,13 @@ def test_release_threshold_matches_the_released_code():
 
 def test_mse_threshold_is_the_best_clip():
     gen = torch.Generator().manual_seed(1)
-    x = torch.distributions.Laplace(0., 1.).sample((50000, )).clamp_min(0)
+    x = torch.distributions.Laplace(0., 1.).sample((20000, )).clamp_min(0)
     top = float(x.max())
-    hist = magnitude_histogram(x, top, 1024, signed=False)
-    for bits in (2, 3, 4):
+    hist = magnitude_histogram(x, top, 512, signed=False)
+    for bits in (2, 4):
         levels = activation_levels(bits)
         t = mse_threshold(hist, top, levels)
-        grid = np.linspace(0.05, top, 400)
+        grid = np.linspace(0.05, top, 150)
         best = min(quantization_mse(x, float(g), levels) for g in grid)
         assert quantization_mse(x, t, levels) <= best * 1.02
 
@@ -232,7 +232,8 @@ def test_calibrate_model_uses_fp_inputs_and_the_rule():
     assert model.training and model.conv.training  # flags restored
     hist = magnitude_histogram(x, top, 128, signed=False)
     expected = activation_range(hist, top, 2, method='release')
-    assert float(model.conv.act_range.detach()) == pytest.approx(expected, rel=1e-6)
+    assert float(model.conv.act_range.detach()) == pytest.approx(
+        expected, rel=1e-6)
     assert rows['conv']['act_max'] == pytest.approx(top)
     # 3-bit weights: a calibrated threshold; fc at 4 bits too.
     assert model.conv.w_threshold.numel() == 1

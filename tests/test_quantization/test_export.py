@@ -158,7 +158,8 @@ def test_truncated_artifact_is_rejected(artifact):
     data = artifact.read_bytes()
     for cut in (5, 100, len(data) - 10):
         artifact.write_bytes(data[:cut])
-        with pytest.raises(ArtifactError, match=r'art\.safetensors.*truncated'):
+        with pytest.raises(ArtifactError,
+                           match=r'art\.safetensors.*truncated'):
             load_artifact(artifact)
     artifact.write_bytes(data + b'\0')
     with pytest.raises(ArtifactError, match=r'art\.safetensors.*unexpected'):
@@ -170,7 +171,8 @@ def test_altered_tensor_is_rejected(artifact):
     data[-3] ^= 0x10  # a byte of the last tensor
     artifact.write_bytes(bytes(data))
     with pytest.raises(ArtifactError,
-                       match=r'art\.safetensors: checksum mismatch for tensor'):
+                       match=r'art\.safetensors: checksum mismatch for '
+                       r'tensor'):
         load_artifact(artifact)
 
 

@@ -13,7 +13,10 @@ from the same ResNet-18 (CIFAR stem):
 Memory: each variant runs in its own subprocess, so its peak resident
 memory (``ru_maxrss``) is its own; the script reports the peak minus the
 resident size the same process had after building the model (and one step
-on a tiny batch), i.e. the memory of the training step itself.
+on a tiny batch), i.e. the memory of the training step itself. The
+subprocess runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc maps
+and unmaps every large block: the resident size then follows the live
+tensors instead of whatever the heap kept from earlier steps.
 
 Time: one subprocess builds every variant and runs them in interleaved
 rounds (one step each, order rotated), so that a shared machine's load hits
@@ -24,6 +27,8 @@ each kernel backend asked for (``--backends eager compile``).
 Example::
 
     python tools/analysis/benchmark_quant.py --batch-size 64 --iters 5
+    # only the eager kernels, only time
+    python tools/analysis/benchmark_quant.py --backends eager --measure time
 """
 import argparse
 import json
@@ -71,6 +76,12 @@ def parse_args():
         help='use the script\'s own ResNet-18 even if mmpretrain imports')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', help='write the results as JSON here')
+    parser.add_argument(
+        '--measure',
+        nargs='+',
+        default=['memory', 'time'],
+        choices=['memory', 'time'],
+        help='what to measure')
     parser.add_argument(
         '--mem-steps',
         type=int,
@@ -172,9 +183,8 @@ def build_resnet18(prefer_mmpretrain=True):
         except Exception:  # noqa: BLE001 - any import failure -> fallback
             pass
         else:
-            backbone = ResNet_CIFAR(depth=18)
-            return build_classifier(backbone, 512,
-                                    10), 'mmpretrain.ResNet_CIFAR'
+            net = build_classifier(ResNet_CIFAR(depth=18), 512, 10)
+            return net, 'mmpretrain.ResNet_CIFAR'
     return build_local_resnet18()
 
 
@@ -208,7 +218,7 @@ def swap_convs(net, variant):
 
 
 # ---------------------------------------------------------------------------
-# Worker: one variant in this process
+# Workers (subprocesses)
 # ---------------------------------------------------------------------------
 def _maxrss_mib():
     # Linux reports ru_maxrss in KiB.
@@ -351,14 +361,12 @@ def main():
     # Memory: one process per variant. Large blocks are mmap-ed and given
     # back on free (glibc), so the resident peak follows the live tensors
     # instead of what the heap happened to keep.
-    for key in runs:
+    for key in runs if 'memory' in args.measure else []:
         variant, _, backend = key.partition(':')
-        res = _run_subprocess([
-            '--worker', 'memory', '--variant', variant, '--backend', backend
-            or 'eager'
-        ],
-                              args,
-                              env_extra=dict(MALLOC_MMAP_THRESHOLD_='131072'))
+        worker_args = ['--worker', 'memory', '--variant', variant]
+        worker_args += ['--backend', backend or 'eager']
+        res = _run_subprocess(
+            worker_args, args, env_extra=dict(MALLOC_MMAP_THRESHOLD_='131072'))
         results[key].update(res)
         print(f"memory {key:>17s}: model={res['model']} "
               f"swapped={res['swapped_convs']} step memory "
@@ -366,8 +374,10 @@ def main():
               f"{res['peak_rss_mib']:.1f} MiB)")
 
     # Time: all variants interleaved in one process.
-    timing = _run_subprocess(['--worker', 'time', '--runs'] + runs, args)
-    for key in runs:
+    timing = (
+        _run_subprocess(['--worker', 'time', '--runs'] + runs, args)
+        if 'time' in args.measure else dict(wall_s={}, cpu_s={}))
+    for key in timing['wall_s']:
         wall, cpu = timing['wall_s'][key], timing['cpu_s'][key]
         results[key].update(
             wall_s=wall,
@@ -379,31 +389,39 @@ def main():
               f"{', '.join(f'{t:.2f}' for t in wall)})")
 
     if 'fp' in results:
-        fp = results['fp']
-        print(f'ratios vs fp (batch {args.batch_size}, {args.threads} '
-              f'threads, {args.iters} interleaved rounds; time = median of '
-              'the per-round ratios):')
-        for key, res in results.items():
-            if key == 'fp':
-                continue
-            t_ratio = statistics.median(
-                a / b for a, b in zip(res['wall_s'], fp['wall_s']))
-            c_ratio = statistics.median(
-                a / b for a, b in zip(res['cpu_s'], fp['cpu_s']))
-            m_ratio = res['step_mem_mib'] / max(fp['step_mem_mib'], 1e-6)
-            res.update(
-                time_ratio=t_ratio, cpu_ratio=c_ratio, mem_ratio=m_ratio)
-            target = TARGETS.get(res['variant'], {})
-            t_note = (f" (target <= {target['time']})"
-                      if target.get('time') else '')
-            m_note = (f" (target <= {target['mem']})"
-                      if target.get('mem') else '')
-            print(f'{key:>17s}: time x{t_ratio:.2f}{t_note} '
-                  f'[cpu time x{c_ratio:.2f}], step memory '
-                  f'x{m_ratio:.2f}{m_note}')
+        _print_ratios(results, args)
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(results, f, indent=2)
+
+
+def _print_ratios(results, args):
+    """Print (and store in ``results``) each variant's ratios to ``fp``."""
+    fp = results['fp']
+    print(f'ratios vs fp (batch {args.batch_size}, {args.threads} threads; '
+          f'time = median of the per-round ratios over {args.iters} '
+          'interleaved rounds):')
+    for key, res in results.items():
+        if key == 'fp':
+            continue
+        target = TARGETS.get(res['variant'], {})
+        parts = []
+        if 'wall_s' in res:
+            res['time_ratio'] = statistics.median(
+                a / b for a, b in zip(res['wall_s'], fp['wall_s']))
+            res['cpu_ratio'] = statistics.median(
+                a / b for a, b in zip(res['cpu_s'], fp['cpu_s']))
+            note = (f" (target <= {target['time']})"
+                    if target.get('time') else '')
+            parts.append(f"time x{res['time_ratio']:.2f}{note} "
+                         f"[cpu time x{res['cpu_ratio']:.2f}]")
+        if 'step_mem_mib' in res:
+            res['mem_ratio'] = res['step_mem_mib'] / max(
+                fp['step_mem_mib'], 1e-6)
+            note = (f" (target <= {target['mem']})"
+                    if target.get('mem') else '')
+            parts.append(f"step memory x{res['mem_ratio']:.2f}{note}")
+        print(f"{key:>17s}: {', '.join(parts)}")
 
 
 if __name__ == '__main__':

@@ -212,7 +212,7 @@ class CalibrationHook(Hook):
             with torch.no_grad():
                 module.act_range.copy_(r.reshape(()).to(module.act_range))
             if t.numel():
-                module.w_threshold = t.to(module.weight.dtype).clone()
+                module.w_threshold = t.to(module.weight).clone()
         return flat
 
     def before_train(self, runner) -> None:
