@@ -76,12 +76,15 @@ def main(argv=None):
                   metrics=metrics)
     from gmpq_mm.utils.report import model_complexity
     complexity = model_complexity(runner.model, cfg)
+    accuracy = ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()
+                         if k.startswith('accuracy'))
     if complexity is not None:
         result['complexity'] = complexity
-        runner.logger.info(
-            'BitOPs (quantized layers) {bitops_quantized:.4g} G, whole net '
-            '{bitops_total:.4g} G, size {size_mb:.3f} MB, compression '
-            '{compression:.2f}x'.format(**complexity))
+        accuracy += (
+            ' | BitOPs {bitops_quantized:.4g} G (quantized layers), '
+            '{bitops_total:.4g} G (whole net), size {size_mb:.3f} MB, '
+            'compression {compression:.2f}x'.format(**complexity))
+    runner.logger.info(f'result: {accuracy}')
     if args.out and runner.rank == 0:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
         with open(args.out, 'w') as f:
