@@ -394,12 +394,14 @@ def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
     weight = None
     for k in range(len(lo)):
         if k in fp_rows:
-            grad_p.append((g * x).sum())
+            if need_p:
+                grad_p.append((g * x).sum())
             grad_r.append(torch.zeros_like(p[k]))
             passed = torch.ones_like(x, dtype=torch.bool)
         else:
-            codes = torch.clamp(x * inv[k], lo[k], hi[k]).round()
-            grad_p.append((g * codes).sum() * scale[k])
+            if need_p:
+                codes = torch.clamp(x * inv[k], lo[k], hi[k]).round()
+                grad_p.append((g * codes).sum() * scale[k])
             above = x > r_eff[k]
             g_r = torch.where(above, g, 0).sum()
             passed = ~above
@@ -412,7 +414,9 @@ def _act_backward_fused(x, g, p, scale, inv, lo, hi, is_fp, fp_rows, r_eff,
             grad_r.append(g_r * p[k])
         term = passed * p[k]
         weight = term if weight is None else weight + term
-    return g * weight, torch.stack(grad_p), torch.stack(grad_r)
+    return (g * weight if need_x else None,
+            torch.stack(grad_p) if need_p else None,
+            torch.stack(grad_r) if need_r else None)
 
 
 # --- weight kernels ---------------------------------------------------------

@@ -450,3 +450,18 @@ def test_autocast_matches_plain_autograd(cls, kwargs):
         results.append((out, ) + grads)
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.slow  # compiling the kernels takes about a minute on CPU
+def test_compile_backend_layers_match_reference():
+    from gmpq_mm.quantization.quantizers import (get_kernel_backend,
+                                                 set_kernel_backend)
+    previous = get_kernel_backend()
+    set_kernel_backend('compile')
+    try:
+        test_mixed_conv_equals_weighted_sum_formula(True)
+        test_quantized_conv_matches_reference(True)
+        test_quantized_conv_hand()
+        assert get_kernel_backend() == 'compile', 'fell back to eager'
+    finally:
+        set_kernel_backend(previous)
