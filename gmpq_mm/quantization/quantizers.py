@@ -239,18 +239,22 @@ def _candidate_table(bits: Tuple[int, ...], signed: bool, for_weight: bool,
         fp_rows=tuple(k for k, b in enumerate(bits) if b == FP_BITS))
 
 
+MIN_ACT_RANGE = 1e-4
+
+
 def _act_params(ranges: Tensor, bits: Tuple[int, ...], signed: bool,
                 dtype: torch.dtype):
     """The candidate table plus the range-dependent ``inv`` (``n / r``),
     ``scale`` (``r / n``) and ``r_eff`` (the range of the STE masks; ``inf``
     for FP candidates)."""
     table = _candidate_table(bits, signed, False, ranges.device, dtype)
-    r = ranges.detach().to(dtype)
-    # A range that reached 0 must not divide by zero.
-    r_safe = r.clamp_min(torch.finfo(dtype).tiny)
+    # SGD can push a learnable range to 0 or below; quantizing to
+    # [0, MIN_ACT_RANGE] then (masks included) keeps n / r finite (no NaN
+    # from 0 * inf) and lets dq/dr = 1[x > r] pull the range back up.
+    r = ranges.detach().to(dtype).clamp_min(MIN_ACT_RANGE)
     one = torch.ones_like(r)
-    inv = torch.where(table.is_fp, one, table.n / r_safe)
-    scale = torch.where(table.is_fp, one, r_safe / table.n)
+    inv = torch.where(table.is_fp, one, table.n / r)
+    scale = torch.where(table.is_fp, one, r / table.n)
     r_eff = torch.where(table.is_fp, torch.full_like(r, float('inf')), r)
     return table, inv, scale, r_eff
 

@@ -403,3 +403,18 @@ def test_weight_quantizer_module_and_calibration():
         quant.calibrate(-1.0)
     with pytest.raises(ValueError, match="bit width '8'"):
         WeightQuantizer('8')
+
+
+@pytest.mark.parametrize('r', [0.0, -0.46, -7.9])
+@pytest.mark.parametrize('signed', [False, True])
+def test_non_positive_range_gives_no_nan_and_pulls_range_up(r, signed):
+    # SGD can drive a PACT range to or below zero; the quantizer then clips
+    # to a tiny range instead of producing 0 * inf = NaN.
+    x = torch.tensor([0.0, 0.5, 1.0, -1.0], requires_grad=True)
+    rng = torch.tensor(r, requires_grad=True)
+    y = quantize_activation(x, rng, 4, signed=signed)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and y.abs().max() <= 1e-4 + 1e-9
+    assert torch.isfinite(x.grad).all()
+    # dq/dr = 1[x > r] (+1 for 0.5 and 1.0); signed also -1 for x < -r.
+    assert rng.grad.item() == (1.0 if signed else 2.0)
