@@ -8,7 +8,9 @@ Trust assumption: checkpoints given to gmpq_mm (``load_from``, ``resume``,
 OpenMMLab's published URLs. torch>=2.6 loads with ``weights_only=True`` by
 default, which rejects mmengine checkpoints (they pickle a ``MessageHub`` with
 ``HistoryBuffer`` objects, numpy scalars, ...). We first try the safe loader
-with the few mmengine/numpy types allow-listed, and fall back to full
+with the few mmengine/numpy types allow-listed (and ``getattr`` only on
+``HistoryBuffer``'s statistics), which loads mmengine's own checkpoints, and
+fall back to full
 unpickling -- which can run code from the file -- with a warning naming the
 file. Set ``GMPQ_MM_STRICT_LOAD=1`` to refuse that fallback.
 """
@@ -27,10 +29,24 @@ from mmengine.runner.checkpoint import CheckpointLoader
 STRICT_LOAD_ENV = 'GMPQ_MM_STRICT_LOAD'
 
 
+# mmengine's MessageHub pickles HistoryBuffer's statistic methods as
+# ``getattr(HistoryBuffer, 'min')``; only those look-ups are allowed.
+_HISTORY_BUFFER_METHODS = ('min', 'max', 'mean', 'current')
+
+
+def _history_buffer_getattr(obj, name):
+    """Stands in for ``builtins.getattr`` inside the safe unpickler."""
+    if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'getattr({obj!r}, {name!r}) is not allowed in a checkpoint')
+
+
 def _safe_globals():
     """Types mmengine writes into checkpoints besides tensors."""
     allowed = [HistoryBuffer, np.dtype, np.ndarray, np.core.multiarray.scalar,
-               np.core.multiarray._reconstruct]
+               np.core.multiarray._reconstruct,
+               (_history_buffer_getattr, 'builtins.getattr')]
     allowed += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64',
                                             'int32', 'bool')]
     return allowed

@@ -243,14 +243,6 @@ def test_strict_load_accepts_tensor_only_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(ckpt['state_dict']['w'], torch.arange(3.))
 
 
-@pytest.mark.xfail(
-    reason='gmpq_mm.compat._safe_globals lacks builtins.getattr, which '
-    'mmengine checkpoints need (the message_hub pickles HistoryBuffer '
-    'bound methods as getattr(HistoryBuffer, "min") ...): every load of a '
-    "Runner checkpoint falls back to full unpickling, and "
-    'GMPQ_MM_STRICT_LOAD=1 refuses our own checkpoints',
-    raises=pickle.UnpicklingError,
-    strict=False)
 def test_strict_load_accepts_mmengine_checkpoint(trained_cifar_r18,
                                                  monkeypatch):
     from gmpq_mm import compat
@@ -258,6 +250,26 @@ def test_strict_load_accepts_mmengine_checkpoint(trained_cifar_r18,
     ckpt = compat.load_trusted_checkpoint(
         str(trained_cifar_r18 / 'epoch_2.pth'), map_location='cpu')
     assert ckpt['meta']['epoch'] == 2
+    assert 'message_hub' in ckpt
+
+
+class _Payload:
+    """Pickles as ``getattr(HistoryBuffer, 'register_statistics')``: a
+    look-up outside the allowed statistics, which must be refused."""
+
+    def __reduce__(self):
+        from mmengine.logging import HistoryBuffer
+        return getattr, (HistoryBuffer, 'register_statistics')
+
+
+def test_strict_load_refuses_other_getattr(tmp_path, monkeypatch):
+    import torch
+    from gmpq_mm import compat
+    path = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'x': _Payload()}, path)
+    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')
+    with pytest.raises(pickle.UnpicklingError, match='evil.pth'):
+        compat.load_trusted_checkpoint(str(path))
 
 
 # ------------------------------------------------------- dist_train.sh --
