@@ -132,3 +132,23 @@ def init_cpu_distributed(launcher):
             "'pytorch' (tools/dist_train.sh) which runs gloo")
     torch_dist.init_process_group(backend='gloo')
     return True
+
+
+def prepare_cpu_distributed(cfg):
+    """For a CPU-only distributed run: start gloo and pick a DDP wrapper that
+    accepts CPU modules. A no-op with CUDA or without a launcher.
+
+    Args:
+        cfg (Config): The full config; ``cfg.launcher`` must be set.
+    """
+    if not init_cpu_distributed(cfg.launcher):
+        return
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
+    cfg.env_cfg.dist_cfg['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg') or {}
+    if wrapper.get('type', 'MMDistributedDataParallel') == \
+            'MMDistributedDataParallel':
+        # Scope-qualified: the Runner looks the type up in mmengine's root
+        # MODEL_WRAPPERS, which does not search mmpretrain's child registry.
+        wrapper['type'] = 'mmpretrain.AnyDeviceDistributedDataParallel'
+    cfg.model_wrapper_cfg = wrapper

@@ -14,7 +14,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from gmpq_mm.compat import init_cpu_distributed  # noqa: E402
+from gmpq_mm.compat import prepare_cpu_distributed  # noqa: E402
 from gmpq_mm.utils import check_paths  # noqa: E402
 
 
@@ -64,12 +64,7 @@ def main(argv=None):
         check_paths(cfg, phases=('test', ), config_file=args.config)
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
-    if init_cpu_distributed(cfg.launcher):
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
-        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
-        # Scope-qualified: see tools/train.py.
-        cfg.model_wrapper_cfg = dict(
-            type='mmpretrain.AnyDeviceDistributedDataParallel')
+    prepare_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
     result = dict(config=args.config, checkpoint=args.checkpoint,

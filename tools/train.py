@@ -14,7 +14,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from gmpq_mm.compat import init_cpu_distributed  # noqa: E402
+from gmpq_mm.compat import prepare_cpu_distributed  # noqa: E402
 from gmpq_mm.utils import check_paths  # noqa: E402
 
 
@@ -111,20 +111,6 @@ def merge_args(cfg, args):
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     return cfg
-
-
-def prepare_cpu_distributed(cfg):
-    """gloo instead of NCCL, and a DDP wrapper that accepts CPU modules."""
-    if init_cpu_distributed(cfg.launcher):
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})
-        cfg.env_cfg.dist_cfg['backend'] = 'gloo'
-        wrapper = cfg.get('model_wrapper_cfg') or {}
-        if wrapper.get('type', 'MMDistributedDataParallel') == \
-                'MMDistributedDataParallel':
-            # Scope-qualified: the Runner looks the type up in mmengine's
-            # root MODEL_WRAPPERS, which does not search mmpretrain's child.
-            wrapper['type'] = 'mmpretrain.AnyDeviceDistributedDataParallel'
-        cfg.model_wrapper_cfg = wrapper
 
 
 def main(argv=None):

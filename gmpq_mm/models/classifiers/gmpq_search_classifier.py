@@ -95,7 +95,6 @@ class GMPQSearchClassifier(ImageClassifier):
         self.attribution_loss = MODELS.build(attribution_loss)
         self.complexity_loss = MODELS.build(complexity_loss)
         self.teacher = self._build_teacher(teacher, teacher_checkpoint)
-        self.teacher_checkpoint = teacher_checkpoint
         first = self.mixed_layers[0][1]
         self.w_candidates = tuple(first.w_candidates)
         self.a_candidates = tuple(first.a_candidates)
