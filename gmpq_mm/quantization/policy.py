@@ -48,7 +48,7 @@ POLICY_VERSION = 1
 # Order of the top-level keys in a written file (unknown keys go last).
 _KEY_ORDER = ('format', 'version', 'source', 'w_candidates', 'a_candidates',
               'input_shape', 'bitops', 'budget', 'mean_w_bits', 'mean_a_bits',
-              'layers')
+              'layers', 'layer_macs', 'layer_params', 'probabilities')
 
 PathLike = Union[str, os.PathLike]
 Bits = Tuple[int, int]
@@ -231,7 +231,67 @@ def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
                                or isinstance(bitops, bool) or bitops < 0):
         raise ValueError(f'{where}: "bitops" must be a non-negative number '
                          f'or null, got {bitops!r}')
+    for key in ('layer_macs', 'layer_params'):
+        if raw.get(key) is not None:
+            policy[key] = _check_layer_counts(raw[key], table, key, where)
+    probs = raw.get('probabilities')
+    if probs is not None:
+        policy['probabilities'] = _check_probabilities(probs, table, cands,
+                                                       where)
     return policy
+
+
+def _check_layer_counts(counts, layers: Mapping, key: str,
+                        where: str) -> dict:
+    """``layer_macs`` / ``layer_params``: one non-negative int a layer."""
+    if not isinstance(counts, Mapping):
+        raise ValueError(f'{where}: "{key}" must be an object name -> int')
+    missing = [name for name in layers if name not in counts]
+    extra = [name for name in counts if name not in layers]
+    if missing or extra:
+        raise ValueError(f'{where}: "{key}" must name the same layers as '
+                         f'"layers" (missing {missing}, unknown {extra})')
+    out = {}
+    for name in layers:
+        value = counts[name]
+        if (not isinstance(value, numbers.Integral)
+                or isinstance(value, bool) or value < 0):
+            raise ValueError(f'{where}: {key}[{name}] must be a '
+                             f'non-negative int, got {value!r}')
+        out[name] = int(value)
+    return out
+
+
+def _check_probabilities(probs, layers: Mapping, cands: Mapping,
+                         where: str) -> dict:
+    """``probabilities``: ``name -> {'w': [p...], 'a': [p...]}``, one
+    probability per candidate bit width."""
+    if not isinstance(probs, Mapping):
+        raise ValueError(f'{where}: "probabilities" must be an object '
+                         f'name -> {{"w": [...], "a": [...]}}')
+    extra = [name for name in probs if name not in layers]
+    if extra:
+        raise ValueError(f'{where}: "probabilities" names layers that are '
+                         f'not in "layers": {extra}')
+    out = {}
+    for name, entry in probs.items():
+        if not isinstance(entry, Mapping) or set(entry) != {'w', 'a'}:
+            raise ValueError(f'{where}: probabilities[{name}] must hold '
+                             f'exactly "w" and "a" lists')
+        for kind in ('w', 'a'):
+            values = entry[kind]
+            count = len(cands.get(f'{kind}_candidates', values))
+            if (not isinstance(values, Sequence) or isinstance(values, str)
+                    or len(values) != count or not all(
+                        isinstance(v, numbers.Real) and not isinstance(
+                            v, bool) and 0 <= v <= 1 for v in values)):
+                raise ValueError(
+                    f'{where}: probabilities[{name}][{kind!r}] must be '
+                    f'{count} numbers in [0, 1], one per {kind}_candidate, '
+                    f'got {values!r}')
+        out[name] = {kind: [float(v) for v in entry[kind]]
+                     for kind in ('w', 'a')}
+    return out
 
 
 def policy_layers(

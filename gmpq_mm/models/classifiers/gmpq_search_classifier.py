@@ -195,6 +195,17 @@ class GMPQSearchClassifier(ImageClassifier):
                 log_probs_from_model(self.backbone), self.layer_macs,
                 self.w_candidates, self.a_candidates, self.target_bitops)
         bitops = policy_cost(self.layer_macs, layers)
+        # Per-layer MACs, weight counts and candidate probabilities travel
+        # with the policy so that it can be plotted without the network.
+        modules = dict(self.mixed_layers)
+        probabilities = {}
+        with torch.no_grad():
+            for name, module in self.mixed_layers:
+                p_w, p_a = module.probs()
+                probabilities[name] = {
+                    'w': [round(float(p), 6) for p in p_w],
+                    'a': [round(float(p), 6) for p in p_a]
+                }
         return make_policy(
             layers,
             w_candidates=list(self.w_candidates),
@@ -202,6 +213,11 @@ class GMPQSearchClassifier(ImageClassifier):
             input_shape=list(self.input_shape),
             bitops=int(bitops),
             budget=self.target_bitops,
+            layer_macs={name: int(self.layer_macs[name])
+                        for name in layers},
+            layer_params={name: int(modules[name].weight.numel())
+                          for name in layers},
+            probabilities=probabilities,
             **meta)
 
     # ------------------------------------------------------------------
