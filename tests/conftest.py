@@ -507,3 +507,24 @@ def trained_cifar_r18(tmp_path_factory, cifar10_root):
                       tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=2))
     (work_dir / 'train_output.txt').write_text(result.output)
     return work_dir
+
+
+def assert_png(path, size):
+    """``path`` is a PNG that opens, is ``size`` = (width, height) pixels
+    and is not blank (its pixels are not all one colour)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == 'PNG', path
+        assert image.size == tuple(size), (path, image.size, size)
+        pixels = np.asarray(image.convert('RGB'), dtype=np.float32)
+    assert pixels.std() > 1.0, f'{path} is blank'
+    # More than a frame: a real drawing uses several distinct colours.
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 8, path
+
+
+@pytest.fixture
+def png_check():
+    """The :func:`assert_png` check, for tests of the picture tools."""
+    return assert_png
