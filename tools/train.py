@@ -70,6 +70,20 @@ def _set_loader_flag(cfg, key, value):
         loader[key] = value
 
 
+def enable_amp(optim_wrapper) -> None:
+    """Turn an optim_wrapper config into mmengine's AmpOptimWrapper(s).
+
+    A search config holds one wrapper per optimizer (``weights`` / ``arch``,
+    built by SearchOptimWrapperConstructor or an OptimWrapperDict): each of
+    them becomes an AmpOptimWrapper; a plain config changes its own type.
+    """
+    subs = [sub for sub in optim_wrapper.values()
+            if isinstance(sub, dict) and 'optimizer' in sub]
+    for sub in subs or [optim_wrapper]:
+        sub['type'] = 'AmpOptimWrapper'
+        sub.setdefault('loss_scale', 'dynamic')
+
+
 def merge_args(cfg, args):
     """Fold command-line arguments into the config (mmpretrain's rules)."""
     cfg.launcher = args.launcher
@@ -83,15 +97,7 @@ def merge_args(cfg, args):
         if not torch.cuda.is_available():
             raise SystemExit('--amp needs CUDA (mmengine AmpOptimWrapper); '
                              'this machine has none')
-        optim_wrapper = cfg.optim_wrapper
-        if optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapperDict':
-            for sub in optim_wrapper.values():
-                if isinstance(sub, dict) and 'optimizer' in sub:
-                    sub['type'] = 'AmpOptimWrapper'
-                    sub.setdefault('loss_scale', 'dynamic')
-        else:
-            optim_wrapper['type'] = 'AmpOptimWrapper'
-            optim_wrapper.setdefault('loss_scale', 'dynamic')
+        enable_amp(cfg.optim_wrapper)
     if args.no_validate:
         cfg.val_cfg = None
         cfg.val_dataloader = None

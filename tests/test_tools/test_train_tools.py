@@ -468,3 +468,24 @@ def test_bad_paths_cli_exit_status(tmp_path, run_tool, tiny_cifar_cfg):
     assert 'Traceback' not in result.output, result.tail()
     assert 'System environment' not in result.output
     assert not work_dir.exists()
+
+
+@pytest.mark.parametrize('config, subs', [
+    ('configs/gmpq/search_r18_cifar10.py', ('weights', 'arch')),
+    (CONFIG, ()),
+])
+def test_amp_turns_every_optimizer_wrapper_amp(train_tool, config, subs):
+    """``--amp`` on a search config makes both the weights and the arch
+    wrappers AmpOptimWrapper (the constructor still gets exactly those two
+    keys); a plain config changes its one wrapper."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(osp.join(REPO_ROOT, config))
+    train_tool.enable_amp(cfg.optim_wrapper)
+    if subs:
+        assert cfg.optim_wrapper.constructor == 'SearchOptimWrapperConstructor'
+        assert 'type' not in cfg.optim_wrapper
+        for key in subs:
+            assert cfg.optim_wrapper[key].type == 'AmpOptimWrapper'
+            assert cfg.optim_wrapper[key].loss_scale == 'dynamic'
+    else:
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
