@@ -2,7 +2,8 @@
 
 Prints the metrics mmengine computes (top-1/top-5) and, for quantized or
 mixed-precision models, their BitOPs, size and compression; ``--out`` writes
-all of it as JSON.
+all of it as JSON, with the policy file or uniform bits the model was built
+with (key ``quantization``, see ``gmpq_mm.utils.quantization_summary``).
 """
 import argparse
 import json
@@ -67,8 +68,13 @@ def main(argv=None):
     prepare_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()
-    result = dict(config=args.config, checkpoint=args.checkpoint,
-                  metrics=metrics)
+    # Which policy / uniform bits were tested, for tools/analysis/pareto.py.
+    from gmpq_mm.utils.quantization_summary import quantization_summary
+    result = dict(
+        config=args.config,
+        checkpoint=args.checkpoint,
+        metrics=metrics,
+        quantization=quantization_summary(cfg.model))
     from gmpq_mm.utils.report import model_complexity
     complexity = model_complexity(runner.model, cfg)
     accuracy = ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()
