@@ -30,6 +30,10 @@ def save_figure(fig, path: str, dpi: int = 100) -> str:
     try:
         # No bbox_inches='tight': it would change the pixel size.
         fig.savefig(tmp, dpi=dpi, format='png')
+        # mkstemp made the file owner-only; give it the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):

@@ -3,6 +3,13 @@ _base_ = ['mmpretrain::_base_/default_runtime.py']
 # Registers gmpq_mm's types into mmpretrain's registries.
 custom_imports = dict(imports=['gmpq_mm'], allow_failed_imports=False)
 
+# Scalars (losses, lr, a search's expected_gbitops / mean_w_bits /
+# mean_a_bits) go to the log and to WORK_DIR/<timestamp>/vis_data/
+# scalars.json every `interval` iterations (mmpretrain's LocalVisBackend).
+# TensorBoard as well (pip install tensorboard; tensorboard --logdir
+# WORK_DIR): uncomment here or put it in your config.
+# visualizer = dict(vis_backends=[
+#     dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
     checkpoint=dict(
