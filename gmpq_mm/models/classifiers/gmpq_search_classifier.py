@@ -4,7 +4,6 @@ import os.path as osp
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from mmengine.config import Config
 from mmpretrain.models import ImageClassifier
 
@@ -15,7 +14,8 @@ from gmpq_mm.quantization.complexity import count_macs, expected_bitops
 from gmpq_mm.quantization.layers import is_mixed_layer
 from gmpq_mm.quantization.policy import make_policy
 from gmpq_mm.registry import MODELS
-from ..utils.attribution import attribution_map
+from ..utils.attribution import (classifier_attribution_maps, match_map_size,
+                                 stage_attribution_maps)
 
 
 def _teacher_model_cfg(teacher):
@@ -222,40 +222,30 @@ class GMPQSearchClassifier(ImageClassifier):
 
     # ------------------------------------------------------------------
     # loss
-    def _maps(self, feats, neck, head, logits, create_graph):
-        stages = self.attribution_stages or [len(feats) - 1]
-        maps = []
-        for stage in stages:
-            if stage in (-1, len(feats) - 1):
-                maps.append(attribution_map(feats[-1], neck, head,
-                                            logits=logits,
-                                            create_graph=create_graph))
-                continue
-            # Earlier stages: the gradient runs through the later stages.
-            feat = feats[stage]
-            cls = logits.detach().argmax(dim=1)
-            picked = logits.gather(1, cls[:, None]).sum()
-            grad, = torch.autograd.grad(
-                picked, feat, create_graph=create_graph, retain_graph=True)
-            weights = grad.sum(dim=(2, 3), keepdim=True)
-            maps.append(F.relu((weights * feat).sum(dim=1)))
+    def _teacher_maps(self, inputs):
+        maps, _ = classifier_attribution_maps(self.teacher, inputs,
+                                              self.attribution_stages)
         return maps
 
-    def _teacher_maps(self, inputs):
-        teacher = self.teacher
-        # Maps at earlier stages differentiate through the later stages, so
-        # the (frozen) teacher needs an activation graph for them.
-        need_grad = self.attribution_stages is not None and any(
-            s != -1 for s in self.attribution_stages)
-        with torch.set_grad_enabled(need_grad):
-            if need_grad:
-                inputs = inputs.detach().requires_grad_()
-            feats = teacher.backbone(inputs)
-            neck = teacher.neck if teacher.with_neck else None
-            logits = teacher.head(neck(feats) if neck is not None else feats)
-            maps = self._maps(feats, neck, teacher.head, logits,
-                              create_graph=False)
-        return [m.detach() for m in maps]
+    def attribution_maps(self, inputs: torch.Tensor) -> dict:
+        """The student's and the teacher's maps as the loss compares them.
+
+        For inspection (no graph is kept; call ``eval()`` first for the
+        running BatchNorm statistics). ``inputs`` are preprocessed images.
+
+        Returns:
+            dict: ``student`` and ``teacher``: lists of ``(N, H, W)`` maps,
+            one per attribution stage, each teacher map resized to its
+            student map; ``student_logits`` and ``teacher_logits``:
+            ``(N, K)``.
+        """
+        student, s_logits = classifier_attribution_maps(
+            self, inputs, self.attribution_stages)
+        teacher, t_logits = classifier_attribution_maps(
+            self.teacher, inputs, self.attribution_stages)
+        teacher = [match_map_size(t, s) for s, t in zip(student, teacher)]
+        return dict(student=student, teacher=teacher,
+                    student_logits=s_logits, teacher_logits=t_logits)
 
     def loss(self, inputs: torch.Tensor, data_samples) -> dict:
         feats = self.backbone(inputs)
@@ -265,18 +255,15 @@ class GMPQSearchClassifier(ImageClassifier):
         ce = self.head._get_loss(logits, data_samples)
         losses['loss_cls'] = ce.pop('loss')
         losses.update(ce)
-        student = self._maps(feats, self.neck if self.with_neck else None,
-                             self.head, logits, create_graph=True)
+        student = stage_attribution_maps(
+            feats, self.neck if self.with_neck else None, self.head, logits,
+            self.attribution_stages, create_graph=True)
         teacher = self._teacher_maps(inputs)
         capacity = self.capacity()
         attr = 0.
         for s_map, t_map in zip(student, teacher):
-            if t_map.shape[-2:] != s_map.shape[-2:]:
-                t_map = F.interpolate(t_map[:, None], size=s_map.shape[-2:],
-                                      mode='bilinear',
-                                      align_corners=False)[:, 0]
-            attr = attr + self.attribution_loss(s_map, t_map,
-                                                capacity=capacity)
+            attr = attr + self.attribution_loss(
+                s_map, match_map_size(t_map, s_map), capacity=capacity)
         losses['loss_attr'] = attr / len(student)
         exp_bitops = self.expected_bitops()
         losses['loss_complexity'] = self.complexity_loss(

@@ -13,7 +13,7 @@ Gradients are taken with :func:`torch.autograd.grad` with respect to the
 feature only, so no parameter ``.grad`` is ever written (safe under DDP and
 inside an mmengine optimizer step).
 """
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -197,3 +197,95 @@ def attribution_map(feat: Union[Tensor, Sequence[Tensor]],
     cam, _ = gradient_attribution_map(
         feat, logits_fn, class_idx=class_idx, create_graph=create_graph)
     return cam
+
+
+def stage_attribution_maps(feats: Sequence[Tensor],
+                           neck: Optional[nn.Module],
+                           head: nn.Module,
+                           logits: Tensor,
+                           stages: Optional[Sequence[int]] = None,
+                           create_graph: bool = True) -> List[Tensor]:
+    """Attribution maps at chosen backbone stages, as the GMPQ loss uses.
+
+    The last stage goes through :func:`attribution_map` (closed form where
+    the head allows it). An earlier stage is differentiated through the
+    later stages, so ``feats[stage]`` must be part of a graph to ``logits``.
+
+    Args:
+        feats (Sequence[Tensor]): The backbone's outputs, ``(N, C, H, W)``
+            each.
+        neck (nn.Module, optional): The classifier's neck, or None.
+        head (nn.Module): The classifier's head.
+        logits (Tensor): Logits the forward produced from ``feats``; their
+            argmax selects the class.
+        stages (Sequence[int], optional): Indices into ``feats``. Defaults to
+            None, the last one only.
+        create_graph (bool): Keep the graph of the maps (the student's, to
+            train through them). Defaults to True.
+
+    Returns:
+        list[Tensor]: One ``(N, H_s, W_s)`` map per stage, in ``stages``
+        order.
+    """
+    stages = stages or [len(feats) - 1]
+    maps = []
+    for stage in stages:
+        if stage in (-1, len(feats) - 1):
+            maps.append(attribution_map(feats[-1], neck, head,
+                                        logits=logits,
+                                        create_graph=create_graph))
+            continue
+        # Earlier stages: the gradient runs through the later stages.
+        feat = feats[stage]
+        cls = logits.detach().argmax(dim=1)
+        picked = logits.gather(1, cls[:, None]).sum()
+        grad, = torch.autograd.grad(
+            picked, feat, create_graph=create_graph, retain_graph=True)
+        weights = grad.sum(dim=(2, 3), keepdim=True)
+        maps.append(F.relu((weights * feat).sum(dim=1)))
+    return maps
+
+
+def classifier_attribution_maps(
+        classifier: nn.Module,
+        inputs: Tensor,
+        stages: Optional[Sequence[int]] = None) -> Tuple[List[Tensor], Tensor]:
+    """Maps and logits of a classifier that is not trained through them.
+
+    How the search computes its frozen teacher's maps, and how a tool
+    inspects any mmpretrain ``ImageClassifier``-like network (``backbone``,
+    ``neck``/``with_neck``, ``head``). ``inputs`` are already preprocessed.
+
+    Args:
+        classifier (nn.Module): The network (put it in eval mode first
+            unless batch statistics are wanted).
+        inputs (Tensor): Preprocessed images, ``(N, C, H, W)``.
+        stages (Sequence[int], optional): As in
+            :func:`stage_attribution_maps`.
+
+    Returns:
+        tuple[list[Tensor], Tensor]: The detached maps (one per stage) and
+        the detached logits ``(N, K)``.
+    """
+    # Maps at earlier stages differentiate through the later stages, so the
+    # network needs an activation graph for them.
+    need_grad = stages is not None and any(s != -1 for s in stages)
+    with torch.set_grad_enabled(need_grad):
+        if need_grad:
+            inputs = inputs.detach().requires_grad_()
+        feats = classifier.backbone(inputs)
+        neck = classifier.neck if classifier.with_neck else None
+        logits = classifier.head(neck(feats) if neck is not None else feats)
+        maps = stage_attribution_maps(
+            feats, neck, classifier.head, logits, stages, create_graph=False)
+    return [m.detach() for m in maps], logits.detach()
+
+
+def match_map_size(amap: Tensor, like: Tensor) -> Tensor:
+    """``amap`` ``(N, H, W)`` resized bilinearly to ``like``'s ``(H, W)``
+    (how the loss compares a teacher map with a student map of another
+    stage size)."""
+    if amap.shape[-2:] == like.shape[-2:]:
+        return amap
+    return F.interpolate(amap[:, None], size=like.shape[-2:],
+                         mode='bilinear', align_corners=False)[:, 0]
