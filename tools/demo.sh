@@ -4,7 +4,10 @@
 #   1. pretrain the FP teacher and print its test accuracy,
 #   2. search a bit policy against it and print the policy table,
 #   3. finetune the mixed-precision network with that policy, test it
-#      (accuracy with BitOPs) and export it as a packed low-bit artifact.
+#      (accuracy with BitOPs) and export it as a packed low-bit artifact,
+#   4. finetune uniform W2A2 / W4A4 baselines the same way, then draw the
+#      pictures: accuracy vs BitOPs (with a markdown table), the policy,
+#      the search curves, and teacher vs mixed attribution maps.
 # Usage: bash tools/demo.sh [WORK_DIR]   (default work_dirs/demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,7 @@ mkdir -p "$WORK"
 start=$(date +%s)
 say() { printf '\n==== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
 
-say "1/3 pretrain the FP teacher"
+say "1/4 pretrain the FP teacher"
 python tools/train.py $CFG/pretrain_r18_fashion_mnist.py \
     --work-dir "$WORK/pretrain" --no-validate > "$WORK/pretrain.log" 2>&1 \
     || { tail -40 "$WORK/pretrain.log"; exit 1; }
@@ -31,7 +34,7 @@ print(f"teacher top-1 on the 1,000 test images: "
       f"{r['metrics']['accuracy/top1']:.2f}%")
 PY
 
-say "2/3 GMPQ search (bilevel, w2346a2346)"
+say "2/4 GMPQ search (bilevel, w2346a2346)"
 python tools/train.py $CFG/search_r18_fashion_mnist.py \
     --work-dir "$WORK/search" --no-validate \
     --cfg-options model.teacher_checkpoint="$TEACHER" \
@@ -39,7 +42,7 @@ python tools/train.py $CFG/search_r18_fashion_mnist.py \
 python tools/analysis/complexity.py $CFG/pretrain_r18_fashion_mnist.py \
     --policy "$WORK/search/policy.json"
 
-say "3/3 finetune with the policy, test, export"
+say "3/4 finetune with the policy, test, export"
 python tools/train.py $CFG/finetune_r18_fashion_mnist.py \
     --work-dir "$WORK/finetune" --no-validate \
     --cfg-options model.backbone.policy="$WORK/search/policy.json" \
@@ -67,4 +70,39 @@ size = os.path.getsize(os.path.join(work, 'mixed.safetensors')) / 1e6
 print(f"artifact {work}/mixed.safetensors: {size:.3f} MB")
 PY
 
-say "done; policy: $WORK/search/policy.json, logs: $WORK/*.log"
+say "4/4 uniform baselines (W2A2, W4A4) and the pictures"
+FT=$CFG/finetune_r18_fashion_mnist.py
+for bits in 2 4; do
+    python tools/train.py $FT --work-dir "$WORK/finetune_w${bits}a${bits}" \
+        --no-validate --cfg-options model.backbone.policy=None \
+        model.backbone.w_bits=$bits model.backbone.a_bits=$bits \
+        load_from="$TEACHER" > "$WORK/finetune_w${bits}a${bits}.log" 2>&1 \
+        || { tail -40 "$WORK/finetune_w${bits}a${bits}.log"; exit 1; }
+    python tools/test.py $FT "$WORK/finetune_w${bits}a${bits}/epoch_2.pth" \
+        --work-dir "$WORK/finetune_w${bits}a${bits}_test" \
+        --out "$WORK/w${bits}a${bits}_result.json" --cfg-options \
+        model.backbone.policy=None model.backbone.w_bits=$bits \
+        model.backbone.a_bits=$bits > "$WORK/w${bits}a${bits}_test.log" 2>&1 \
+        || { tail -40 "$WORK/w${bits}a${bits}_test.log"; exit 1; }
+done
+PICS="$WORK/pictures"
+mkdir -p "$PICS"
+python tools/analysis/pareto.py "$WORK/teacher_result.json" \
+    "$WORK/mixed_result.json" "$WORK/w2a2_result.json" \
+    "$WORK/w4a4_result.json" --names FP32-teacher GMPQ-mixed W2A2 W4A4 \
+    --out-md "$PICS/pareto.md" --out-png "$PICS/pareto.png"
+python tools/visualization/plot_policy.py "$WORK/search/policy.json" \
+    --out "$PICS/policy.png"
+python tools/visualization/plot_search_curves.py "$WORK/search" \
+    --out "$PICS/search_curves.png"
+python tools/dataset_converters/idx_to_png.py \
+    data_demo/fashion_mnist_subset/t10k-images-idx3-ubyte \
+    data_demo/fashion_mnist_subset/t10k-labels-idx1-ubyte \
+    --out "$WORK/images" --num 4 > /dev/null
+python tools/visualization/vis_attribution.py $FT "$MIXED" \
+    --images "$WORK"/images/*.png \
+    --teacher-config $CFG/pretrain_r18_fashion_mnist.py \
+    --teacher-checkpoint "$TEACHER" --out "$PICS/attribution.png" \
+    --cfg-options model.backbone.policy="$WORK/search/policy.json"
+
+say "done; policy: $WORK/search/policy.json, pictures: $PICS, logs: $WORK/*.log"

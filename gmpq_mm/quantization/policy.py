@@ -29,12 +29,12 @@ import json
 import numbers
 import os
 import os.path as osp
-import tempfile
 from collections import OrderedDict
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from .atomic_file import write_text_atomic
 from .quantizers import check_bits, check_candidates
 
 __all__ = [
@@ -134,20 +134,7 @@ def save_policy(policy: Mapping, path: PathLike) -> str:
     path = os.fspath(path)
     policy = _ordered(load_policy(policy))  # never write an invalid file
     text = json.dumps(policy, indent=2) + '\n'
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_text_atomic(path, text)
     return path
 
 

@@ -222,3 +222,18 @@ def test_policy_layer_stats_and_probabilities_checked():
                     probabilities={'a': {'w': [1.0], 'a': [0.5, 0.5]}})
     with pytest.raises(ValueError, match='not in "layers"'):
         make_policy(layers, probabilities={'c': {'w': [1.0], 'a': [1.0]}})
+
+
+def test_saved_policy_is_readable_by_others(tmp_path):
+    """The atomic writer's temporary file is owner-only; the policy it
+    leaves must have the mode a plain open() gives (umask applied)."""
+    import os
+    import stat
+    path = tmp_path / 'p.json'
+    old = os.umask(0o022)
+    try:
+        save_policy(make_policy({'a': (4, 4)}), path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ['p.json']

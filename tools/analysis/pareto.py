@@ -21,10 +21,8 @@ Examples::
         --policy - - work_dirs/search/policy.json --bitops total
 """
 import argparse
-import os
 import os.path as osp
 import sys
-import tempfile
 
 sys.path.insert(0,
                 osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
@@ -111,22 +109,6 @@ def result_bits(result, result_path, policy_path):
     return [(summary['w_bits'], summary['a_bits'])], None
 
 
-def write_text(path, text):
-    """Write ``text`` atomically (temporary sibling, then ``os.replace``)."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _fail(message):
     print(f'error: {message}', file=sys.stderr)
     return 1
@@ -134,6 +116,7 @@ def _fail(message):
 
 def main(argv=None):
     args = parse_args(argv)
+    from gmpq_mm.quantization.atomic_file import write_text_atomic
     from gmpq_mm.visualization.figure_io import save_figure
     from gmpq_mm.visualization.pareto_plot import pareto_figure
     from gmpq_mm.visualization.pareto_table import (load_result,
@@ -170,7 +153,7 @@ def main(argv=None):
         save_figure(figure, args.out_png)
         print(f'written: {args.out_png}')
     if args.out_md:
-        write_text(args.out_md, table)
+        write_text_atomic(args.out_md, table)
         print(f'written: {args.out_md}')
     return 0
 
