@@ -20,10 +20,15 @@ check() { local rc=$1; shift; echo "---- $* -> rc $rc"; [ "$rc" = 0 ] || status=
 
 say "environment"
 nvidia-smi -L
-python -c "import torch, mmengine, mmpretrain, numpy; print('torch', \
-torch.__version__, 'cuda', torch.version.cuda, '| mmengine', \
-mmengine.__version__, '| mmpretrain', mmpretrain.__version__, '| numpy', \
-numpy.__version__)"
+# Each import on its own, under a timeout: one session's run hung here
+# with no output, so say which import stalls before anything else runs.
+for mod in numpy torch cv2 mmengine mmcv mmpretrain gmpq_mm; do
+    timeout 120 python -c "import time; t = time.time(); import $mod as m; \
+print('import $mod', getattr(m, '__version__', ''), \
+f'{time.time() - t:.1f} s')" || { echo "import $mod failed or hung"; exit 1; }
+done
+python -c "import torch; print('cuda', torch.version.cuda, \
+torch.cuda.get_device_name())"
 
 say "1. offline demo on the GPU (pretrain, search, finetune, test, export)"
 timeout 240 bash tools/demo.sh "$WORK/demo"

@@ -119,7 +119,7 @@ def main(argv=None):
         rows_of(results, models.student_name),
         title=f'Attribution maps: FP teacher vs {models.student_name} '
         f'({osp.basename(args.checkpoint)})')
-    print(save_figure(fig, out))
+    print(f'written: {save_figure(fig, out)}')
 
 
 if __name__ == '__main__':
