@@ -528,3 +528,42 @@ def assert_png(path, size):
 def png_check():
     """The :func:`assert_png` check, for tests of the picture tools."""
     return assert_png
+
+
+def write_search_configs(tmp_path, repo_root, data_root, teacher_ckpt,
+                         base='configs/gmpq/search_r18_cifar10.py',
+                         extra_text='', **extra):
+    """A tiny teacher config and a tiny search config inheriting ``base``:
+    8..64-channel ResNet-18, batch 4, a log (and scalars) line every
+    iteration, 2 epochs. ``extra`` adds ``key = value`` lines, and
+    ``extra_text`` verbatim config text, at the end."""
+    import textwrap
+    teacher = Path(tmp_path) / 'teacher.py'
+    teacher.write_text(textwrap.dedent(f'''
+        _base_ = ['{repo_root}/configs/gmpq/pretrain_r18_cifar10.py']
+        model = dict(backbone=dict(stem_channels=8, base_channels=8),
+                     head=dict(in_channels=64))
+    '''))
+    loader = (f"dict(batch_size=4, num_workers=0, persistent_workers=False, "
+              f"dataset=dict(data_root='{data_root}', "
+              f"pipeline=[dict(type='PackInputs')]))")
+    body = textwrap.dedent(f'''
+        _base_ = ['{repo_root}/{base}']
+        model = dict(
+            backbone=dict(backbone=dict(stem_channels=8, base_channels=8)),
+            head=dict(in_channels=64),
+            teacher='{teacher}',
+            teacher_checkpoint='{teacher_ckpt}')
+        train_dataloader = {loader}
+        val_dataloader = {loader}
+        test_dataloader = val_dataloader
+        train_cfg = dict(max_epochs=2, val_interval=2)
+        default_hooks = dict(logger=dict(interval=1))
+        randomness = dict(seed=0)
+    ''')
+    for key, value in extra.items():
+        body += f'{key} = {value}\n'
+    body += extra_text + '\n'
+    search = Path(tmp_path) / 'search.py'
+    search.write_text(body)
+    return search

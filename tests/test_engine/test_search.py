@@ -2,12 +2,11 @@
 CIFAR-format data, against a tiny teacher trained by tools/train.py."""
 import json
 import shutil
-import textwrap
 
 import pytest
+from conftest import write_search_configs  # one conftest.py
 import torch
 
-REPO_CONFIG = 'configs/gmpq/search_r18_cifar10.py'
 # Network order: block 0 of stages 2-4 ends with its 1x1 downsample conv.
 R18_LAYERS = []
 for s in range(1, 5):
@@ -36,38 +35,6 @@ class DumpAlphasHook(Hook):
 '''
 
 
-def write_configs(tmp_path, repo_root, data_root, teacher_ckpt, **extra):
-    """A tiny teacher config and a tiny search config inheriting ours."""
-    teacher = tmp_path / 'teacher.py'
-    teacher.write_text(textwrap.dedent(f'''
-        _base_ = ['{repo_root}/configs/gmpq/pretrain_r18_cifar10.py']
-        model = dict(backbone=dict(stem_channels=8, base_channels=8),
-                     head=dict(in_channels=64))
-    '''))
-    loader = (f"dict(batch_size=4, num_workers=0, dataset=dict("
-              f"data_root='{data_root}', pipeline=[dict(type='PackInputs')]))")
-    body = f'''
-        _base_ = ['{repo_root}/{extra.pop("base", REPO_CONFIG)}']
-        model = dict(
-            backbone=dict(backbone=dict(stem_channels=8, base_channels=8)),
-            head=dict(in_channels=64),
-            teacher='{teacher}',
-            teacher_checkpoint='{teacher_ckpt}')
-        train_dataloader = {loader}
-        val_dataloader = {loader}
-        test_dataloader = val_dataloader
-        train_cfg = dict(max_epochs=2, val_interval=2)
-        default_hooks = dict(logger=dict(interval=1))
-        randomness = dict(seed=0)
-    '''
-    body = textwrap.dedent(body)
-    for key, value in extra.items():
-        body += f'{key} = {value}\n'
-    search = tmp_path / 'search.py'
-    search.write_text(body)
-    return search
-
-
 @pytest.fixture(scope='module')
 def teacher_ckpt(trained_cifar_r18):
     return trained_cifar_r18 / 'epoch_2.pth'
@@ -75,17 +42,20 @@ def teacher_ckpt(trained_cifar_r18):
 
 def alphas(ckpt):
     state = torch.load(ckpt, map_location='cpu', weights_only=False)
-    return {k: v for k, v in state['state_dict'].items()
-            if k.endswith(('alpha_w', 'alpha_a'))}
+    return {
+        k: v
+        for k, v in state['state_dict'].items()
+        if k.endswith(('alpha_w', 'alpha_a'))
+    }
 
 
 def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
                                       teacher_ckpt, run_tool):
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
     work = tmp_path / 'work'
     out = run_tool(['tools/train.py', cfg, '--work-dir', work]).output
-    for key in ('loss_cls', 'loss_attr', 'loss_complexity',
-                'expected_gbitops', 'mean_w_bits', 'arch_loss'):
+    for key in ('loss_cls', 'loss_attr', 'loss_complexity', 'expected_gbitops',
+                'mean_w_bits', 'arch_loss'):
         assert key in out, key
     policy = json.loads((work / 'policy.json').read_text())
     assert list(policy['layers']) == R18_LAYERS
@@ -95,9 +65,10 @@ def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
     assert policy['bitops'] > 0
     assert (work / 'policy_epoch_1.json').is_file()
     # The complexity tool reads the exported policy.
-    report = run_tool(['tools/analysis/complexity.py',
-                       'configs/gmpq/pretrain_r18_cifar10.py', '--policy',
-                       work / 'policy.json']).output
+    report = run_tool([
+        'tools/analysis/complexity.py', 'configs/gmpq/pretrain_r18_cifar10.py',
+        '--policy', work / 'policy.json'
+    ]).output
     assert 'layer4.1.conv2' in report
     # Teacher stayed frozen: identical to its checkpoint.
     state = torch.load(work / 'epoch_2.pth', weights_only=False)['state_dict']
@@ -108,11 +79,17 @@ def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
 
 def test_single_level_search(tmp_path, repo_root, cifar10_root, teacher_ckpt,
                              run_tool):
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt,
-                        base='configs/gmpq/search_r18_cifar10_single.py')
+    cfg = write_search_configs(
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
+        base='configs/gmpq/search_r18_cifar10_single.py')
     work = tmp_path / 'work'
-    out = run_tool(['tools/train.py', cfg, '--work-dir', work,
-                    '--cfg-options', 'train_cfg.max_epochs=1']).output
+    out = run_tool([
+        'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
+        'train_cfg.max_epochs=1'
+    ]).output
     assert 'arch_loss' not in out and 'loss_attr' in out
     start = alphas(work / 'epoch_1.pth')
     assert any((v - 0.01).abs().max() > 0 for v in start.values())
@@ -120,14 +97,16 @@ def test_single_level_search(tmp_path, repo_root, cifar10_root, teacher_ckpt,
 
 def test_resume_gives_identical_alphas(tmp_path, repo_root, cifar10_root,
                                        teacher_ckpt, run_tool):
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
     straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
     run_tool(['tools/train.py', cfg, '--work-dir', straight])
     # An interruption after epoch 1: only epoch_1.pth survives.
     resumed.mkdir()
     shutil.copy(straight / 'epoch_1.pth', resumed / 'epoch_1.pth')
-    out = run_tool(['tools/train.py', cfg, '--work-dir', resumed,
-                    '--resume', resumed / 'epoch_1.pth']).output
+    out = run_tool([
+        'tools/train.py', cfg, '--work-dir', resumed, '--resume',
+        resumed / 'epoch_1.pth'
+    ]).output
     assert 'resumed epoch: 1' in out
     a, b = alphas(straight / 'epoch_2.pth'), alphas(resumed / 'epoch_2.pth')
     assert a.keys() == b.keys() and len(a) == 2 * 19
@@ -143,15 +122,23 @@ def test_two_gloo_processes_keep_alphas_identical(tmp_path, repo_root,
                                                   cifar10_root, teacher_ckpt,
                                                   run_tool, free_tcp_port):
     (tmp_path / 'alpha_dump_hook.py').write_text(ALPHA_DUMP_HOOK)
-    cfg = write_configs(
-        tmp_path, repo_root, cifar10_root, teacher_ckpt,
+    cfg = write_search_configs(
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
         custom_imports="dict(imports=['gmpq_mm', 'alpha_dump_hook'])",
         custom_hooks="[dict(type='PolicyExportHook'), "
         "dict(type='DumpAlphasHook')]")
     work = tmp_path / 'work'
-    run_tool(['tools/dist_train.sh', cfg, '2', '--work-dir', work,
-              '--cfg-options', 'train_cfg.max_epochs=1'],
-             env={'PORT': free_tcp_port, 'PYTHONPATH': tmp_path})
+    run_tool([
+        'tools/dist_train.sh', cfg, '2', '--work-dir', work, '--cfg-options',
+        'train_cfg.max_epochs=1'
+    ],
+             env={
+                 'PORT': free_tcp_port,
+                 'PYTHONPATH': tmp_path
+             })
     rank0 = torch.load(work / 'alphas_rank0.pt')
     rank1 = torch.load(work / 'alphas_rank1.pt')
     assert len(rank0) == 2 * 19
@@ -168,7 +155,7 @@ def test_teacher_with_wrong_classes_fails_before_training(
     sd['head.fc.bias'] = sd['head.fc.bias'][:5]
     bad = tmp_path / 'teacher_5cls.pth'
     torch.save(state, bad)
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, bad)
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, bad)
     result = run_tool(['tools/train.py', cfg, '--work-dir', tmp_path / 'w'],
                       check=False)
     assert result.returncode != 0
@@ -176,21 +163,28 @@ def test_teacher_with_wrong_classes_fails_before_training(
     assert 'Epoch(train)' not in result.output
 
 
-def test_missing_teacher_checkpoint_is_named(tmp_path, repo_root,
-                                             cifar10_root, run_tool):
+def test_missing_teacher_checkpoint_is_named(tmp_path, repo_root, cifar10_root,
+                                             run_tool):
     missing = tmp_path / 'nowhere.pth'
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, missing)
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, missing)
     result = run_tool(['tools/train.py', cfg, '--work-dir', tmp_path / 'w'],
                       check=False)
     assert result.returncode != 0 and str(missing) in result.output
 
 
-def test_unreachable_budget_states_smallest_bitops(
-        tmp_path, repo_root, cifar10_root, teacher_ckpt, run_tool):
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt,
-                        base='configs/gmpq/search_r18_cifar10_budget.py')
-    result = run_tool(['tools/train.py', cfg, '--work-dir', tmp_path / 'w',
-                       '--cfg-options', 'model.target_bitops=1000'],
+def test_unreachable_budget_states_smallest_bitops(tmp_path, repo_root,
+                                                   cifar10_root, teacher_ckpt,
+                                                   run_tool):
+    cfg = write_search_configs(
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
+        base='configs/gmpq/search_r18_cifar10_budget.py')
+    result = run_tool([
+        'tools/train.py', cfg, '--work-dir', tmp_path / 'w', '--cfg-options',
+        'model.target_bitops=1000'
+    ],
                       check=False)
     assert result.returncode != 0
     assert 'smallest reachable' in result.output
@@ -200,11 +194,17 @@ def test_budget_policy_respects_budget(tmp_path, repo_root, cifar10_root,
                                        teacher_ckpt, run_tool):
     # All-2-bit over the tiny net's 19 convs at 32x32 is 4 x its MACs;
     # ask for a budget between that and the argmax policy's cost.
-    cfg = write_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt,
-                        base='configs/gmpq/search_r18_cifar10_budget.py')
+    cfg = write_search_configs(
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
+        base='configs/gmpq/search_r18_cifar10_budget.py')
     work = tmp_path / 'w'
-    run_tool(['tools/train.py', cfg, '--work-dir', work, '--cfg-options',
-              'train_cfg.max_epochs=1', 'model.target_bitops=1.5e8'])
+    run_tool([
+        'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
+        'train_cfg.max_epochs=1', 'model.target_bitops=1.5e8'
+    ])
     policy = json.loads((work / 'policy.json').read_text())
     assert policy['bitops'] <= 1.5e8
     assert policy['budget'] == 1.5e8

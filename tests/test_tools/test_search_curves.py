@@ -10,11 +10,11 @@ and the readers on synthetic files, and every bad input.
 import importlib.util
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_search_configs  # one conftest.py
 
 from gmpq_mm.quantization.policy import make_policy, save_policy
 from gmpq_mm.visualization.figure_io import save_figure
@@ -44,40 +44,10 @@ def _tool():
     return module
 
 
-def write_search_config(tmp_path,
-                        data_root,
-                        teacher_ckpt,
-                        base=SEARCH_CONFIG,
-                        extra=''):
-    """A tiny search inheriting ``base``: 8..64-channel ResNet-18, batch 4,
-    a log line (and scalars line) every iteration, 2 epochs."""
-    teacher = tmp_path / 'teacher.py'
-    teacher.write_text(
-        textwrap.dedent(f'''
-        _base_ = ['{ROOT}/configs/gmpq/pretrain_r18_cifar10.py']
-        model = dict(backbone=dict(stem_channels=8, base_channels=8),
-                     head=dict(in_channels=64))
-    '''))
-    loader = (f"dict(batch_size=4, num_workers=0, persistent_workers=False, "
-              f"dataset=dict(data_root='{data_root}', "
-              f"pipeline=[dict(type='PackInputs')]))")
-    search = tmp_path / 'search.py'
-    search.write_text(
-        textwrap.dedent(f'''
-        _base_ = ['{ROOT}/{base}']
-        model = dict(
-            backbone=dict(backbone=dict(stem_channels=8, base_channels=8)),
-            head=dict(in_channels=64),
-            teacher='{teacher}',
-            teacher_checkpoint='{teacher_ckpt}')
-        train_dataloader = {loader}
-        val_dataloader = {loader}
-        test_dataloader = val_dataloader
-        train_cfg = dict(max_epochs=2, val_interval=2)
-        default_hooks = dict(logger=dict(interval=1))
-        randomness = dict(seed=0)
-    ''') + extra + '\n')
-    return search
+def write_search_config(tmp_path, data_root, teacher_ckpt,
+                        base=SEARCH_CONFIG, extra=''):
+    return write_search_configs(tmp_path, ROOT, data_root, teacher_ckpt,
+                                base=base, extra_text=extra)
 
 
 def documented_tensorboard_block(repo_root):
