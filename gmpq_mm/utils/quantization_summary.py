@@ -9,13 +9,26 @@ import json
 import os
 from typing import Mapping, Optional
 
-__all__ = ['WRAPPER_TYPES', 'quantization_summary']
+__all__ = [
+    'WRAPPER_TYPES', 'config_type', 'inner_backbone', 'quantization_summary'
+]
 
 WRAPPER_TYPES = ('MixedPrecisionBackbone', 'QuantizedBackbone')
 
 
-def _type_name(cfg) -> str:
+def config_type(cfg) -> str:
+    """The bare class name of a config's ``type`` (scope dropped), or ''
+    for anything that is not a mapping."""
+    if not isinstance(cfg, Mapping):
+        return ''
     return str(cfg.get('type', '')).rpartition('.')[2]
+
+
+def inner_backbone(backbone_cfg):
+    """The FP backbone config inside (nested) gmpq wrapper configs."""
+    while config_type(backbone_cfg) in WRAPPER_TYPES:
+        backbone_cfg = backbone_cfg['backbone']
+    return backbone_cfg
 
 
 def _plain(value):
@@ -38,7 +51,7 @@ def quantization_summary(model_cfg: Mapping) -> Optional[dict]:
                                                        Mapping) else None
     if not isinstance(backbone, Mapping):
         return None
-    kind = _type_name(backbone)
+    kind = config_type(backbone)
     if kind not in WRAPPER_TYPES:
         return None
     policy = backbone.get('policy')

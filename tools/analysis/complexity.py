@@ -36,7 +36,9 @@ from mmengine.config import Config, DictAction
 sys.path.insert(
     0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-WRAPPER_TYPES = ('MixedPrecisionBackbone', 'QuantizedBackbone')
+from gmpq_mm.utils.quantization_summary import (  # noqa: E402
+    WRAPPER_TYPES, config_type, inner_backbone)
+
 # Wrapper arguments that say WHICH layers are quantized and how; carried
 # over to the QuantizedBackbone that applies --policy.
 CARRIED_KEYS = ('include', 'exclude', 'signed', 'init_range', 'per_channel')
@@ -71,24 +73,12 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _type_name(cfg):
-    return str(cfg.get('type', '')).rpartition('.')[2] if isinstance(
-        cfg, dict) else ''
-
-
-def inner_backbone(backbone_cfg):
-    """The FP backbone config inside a (nested) gmpq wrapper config."""
-    while _type_name(backbone_cfg) in WRAPPER_TYPES:
-        backbone_cfg = backbone_cfg['backbone']
-    return backbone_cfg
-
-
 def model_cfg_with_policy(model_cfg, policy):
     """``model_cfg`` with its backbone quantized by ``policy`` (a path)."""
     model_cfg = copy.deepcopy(model_cfg)
     backbone = model_cfg['backbone']
     carried = {}
-    if _type_name(backbone) in WRAPPER_TYPES:
+    if config_type(backbone) in WRAPPER_TYPES:
         carried = {k: backbone[k] for k in CARRIED_KEYS if k in backbone}
     model_cfg['backbone'] = dict(
         type='QuantizedBackbone',
@@ -114,7 +104,7 @@ def countable_model_cfg(model_cfg):
     complexity does not depend on and may need files to build (the
     teacher's checkpoint); the deployed network is backbone + neck + head.
     """
-    if _type_name(model_cfg) == 'ImageClassifier' or not isinstance(
+    if config_type(model_cfg) == 'ImageClassifier' or not isinstance(
             model_cfg.get('backbone'), dict):
         return model_cfg, None
     slim = dict(type='ImageClassifier', backbone=model_cfg['backbone'])

@@ -45,11 +45,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _type_name(cfg):
-    return str(cfg.get('type', '')).rpartition('.')[2] if isinstance(
-        cfg, dict) else ''
-
-
 def counts_from_config(config, policy, policy_path):
     """``(layer_macs, layer_params)`` of the policy's layers, counted on the
     backbone ``config`` builds; a ValueError naming the policy file if its
@@ -62,7 +57,8 @@ def counts_from_config(config, policy, policy_path):
     from gmpq_mm.quantization.convert import select_layers
     from gmpq_mm.quantization.policy import validate_policy
     from gmpq_mm.registry import MODELS
-    from gmpq_mm.utils.quantization_summary import WRAPPER_TYPES
+    from gmpq_mm.utils.quantization_summary import (
+        WRAPPER_TYPES, config_type, inner_backbone)
     from gmpq_mm.utils.report import infer_input_shape
 
     cfg = Config.fromfile(config)
@@ -75,10 +71,9 @@ def counts_from_config(config, policy, policy_path):
         backbone_cfg, 'to_dict') else dict(backbone_cfg)
     # The outermost gmpq wrapper says which layers are quantized.
     selection = dict(include=None, exclude=None)
-    if _type_name(backbone_cfg) in WRAPPER_TYPES:
+    if config_type(backbone_cfg) in WRAPPER_TYPES:
         selection.update({k: backbone_cfg.get(k) for k in selection})
-    while _type_name(backbone_cfg) in WRAPPER_TYPES:
-        backbone_cfg = backbone_cfg['backbone']
+    backbone_cfg = inner_backbone(backbone_cfg)
     # The plain FP backbone: same layer names and MACs, no policy needed.
     backbone = MODELS.build(backbone_cfg)
     names = select_layers(backbone, **selection)
