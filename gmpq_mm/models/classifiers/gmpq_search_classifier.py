@@ -1,6 +1,7 @@
 """The GMPQ search model: a mixed-precision supernet and its frozen teacher."""
 import copy
 import os.path as osp
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -11,6 +12,7 @@ from gmpq_mm.compat import load_trusted_checkpoint
 from gmpq_mm.quantization.budget import (best_policy_under_budget,
                                          log_probs_from_model, policy_cost)
 from gmpq_mm.quantization.complexity import count_macs, expected_bitops
+from gmpq_mm.quantization.convert import eval_mode
 from gmpq_mm.quantization.layers import is_mixed_layer
 from gmpq_mm.quantization.policy import make_policy
 from gmpq_mm.registry import MODELS
@@ -92,6 +94,7 @@ class GMPQSearchClassifier(ImageClassifier):
                            for name, _ in self.mixed_layers}
         self.reference_macs = self.layer_macs[self.mixed_layers[0][0]]
         self.attribution_stages = attribution_stages
+        self._warn_if_one_pixel_maps()
         self.attribution_loss = MODELS.build(attribution_loss)
         self.complexity_loss = MODELS.build(complexity_loss)
         self.teacher = self._build_teacher(teacher, teacher_checkpoint)
@@ -184,6 +187,22 @@ class GMPQSearchClassifier(ImageClassifier):
                      for w, a in (m.expected_bits()
                                   for _, m in self.mixed_layers)]
             return torch.stack(terms).mean()
+
+    def _warn_if_one_pixel_maps(self) -> None:
+        """A 1x1 feature map gives a one-pixel attribution map, whose rank
+        carries nothing for AttributionRankLoss; say so at build time."""
+        with torch.no_grad(), eval_mode(self.backbone):
+            feats = self.backbone(torch.zeros(1, *self.input_shape))
+        feats = (feats, ) if torch.is_tensor(feats) else feats
+        stages = self.attribution_stages or [len(feats) - 1]
+        flat = [stage for stage in stages if feats[stage].shape[-2:] == (1, 1)]
+        if flat:
+            warnings.warn(
+                f'GMPQSearchClassifier: at input_shape {self.input_shape} '
+                f'the backbone output(s) {flat} used for attribution are 1x1 '
+                'feature maps, so the attribution loss carries no signal; '
+                'search at a larger input (e.g. MobileNetV2 downsamples 32x: '
+                'use 128 px).')
 
     def current_policy(self, **meta) -> dict:
         """The policy the search has found so far (argmax, or the most

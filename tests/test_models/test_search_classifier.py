@@ -1,0 +1,47 @@
+"""GMPQSearchClassifier's build-time check of the attribution maps' size."""
+import warnings
+
+import pytest
+import torch
+
+import gmpq_mm  # noqa: F401
+from gmpq_mm.registry import MODELS
+
+BACKBONE = dict(type='ResNet_CIFAR', depth=18, stem_channels=8,
+                base_channels=8, out_indices=(3, ))
+HEAD = dict(type='LinearClsHead', num_classes=10, in_channels=64,
+            loss=dict(type='CrossEntropyLoss'))
+TEACHER = dict(type='ImageClassifier', backbone=BACKBONE,
+               neck=dict(type='GlobalAveragePooling'), head=HEAD)
+
+
+@pytest.fixture(scope='module')
+def teacher_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.save({'state_dict': MODELS.build(TEACHER).state_dict()}, path)
+    return str(path)
+
+
+def build(teacher_ckpt, size):
+    return MODELS.build(dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
+                      w_bits=[2, 4], a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'), head=HEAD,
+        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, size, size)))
+
+
+def test_one_pixel_attribution_maps_are_warned_about(teacher_ckpt):
+    # ResNet_CIFAR downsamples 8x: 8 px -> a 1x1 last stage.
+    with pytest.warns(UserWarning,
+                      match=r'input_shape \(3, 8, 8\).*output\(s\) \[0\] '
+                      r'used for attribution are 1x1 feature maps'):
+        build(teacher_ckpt, 8)
+
+
+def test_multi_pixel_maps_build_quietly(teacher_ckpt):
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*1x1 feature maps')
+        model = build(teacher_ckpt, 32)
+    assert model.backbone.training  # the probe restored the mode
