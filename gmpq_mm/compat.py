@@ -152,3 +152,16 @@ def prepare_cpu_distributed(cfg):
         # MODEL_WRAPPERS, which does not search mmpretrain's child registry.
         wrapper['type'] = 'mmpretrain.AnyDeviceDistributedDataParallel'
     cfg.model_wrapper_cfg = wrapper
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then tear the process group down.
+
+    Left to interpreter exit, gloo's threads can be destroyed mid-flight
+    ("terminate called without an active exception", SIGABRT) after a run
+    that itself succeeded. A no-op without a process group.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

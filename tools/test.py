@@ -15,7 +15,8 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from gmpq_mm.compat import prepare_cpu_distributed  # noqa: E402
+from gmpq_mm.compat import (finish_distributed,  # noqa: E402
+                            prepare_cpu_distributed)
 from gmpq_mm.utils import check_paths  # noqa: E402
 
 
@@ -87,10 +88,10 @@ def main(argv=None):
             'compression {compression:.2f}x'.format(**complexity))
     runner.logger.info(f'result: {accuracy}')
     if args.out and runner.rank == 0:
-        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f:
-            json.dump(result, f, indent=2)
+        from gmpq_mm.quantization.atomic_file import write_text_atomic
+        write_text_atomic(args.out, json.dumps(result, indent=2) + '\n')
         runner.logger.info(f'results written to {args.out}')
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -14,7 +14,8 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from gmpq_mm.compat import prepare_cpu_distributed  # noqa: E402
+from gmpq_mm.compat import (finish_distributed,  # noqa: E402
+                            prepare_cpu_distributed)
 from gmpq_mm.utils import check_paths  # noqa: E402
 
 
@@ -131,6 +132,7 @@ def main(argv=None):
     prepare_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
+    finish_distributed()
 
 
 if __name__ == '__main__':
