@@ -15,7 +15,6 @@ The model's input is the normalised image batch ``(N, C, H, W)`` (float32;
 the mean / std are in the model's metadata), its output the logits
 ``(N, num_classes)``.
 """
-import json
 import os
 import os.path as osp
 import tempfile
@@ -238,7 +237,3 @@ def export_onnx_checkpoint(config,
         quantized_layers=len(layers))
     return summary
 
-
-def summary_json(summary: dict) -> str:
-    """``summary`` as JSON (the numpy / tensor-free view)."""
-    return json.dumps(summary, indent=2, default=str)

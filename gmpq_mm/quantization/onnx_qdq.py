@@ -3,9 +3,9 @@
 Every quantized layer of a finetuned network (``QuantizedConv2d`` /
 ``QuantizedLinear``) becomes, in the ONNX graph::
 
-    x -> Clip(lo, r) -> QuantizeLinear(s_a) -> DequantizeLinear(s_a) --+
-                                                                      Conv / Gemm
-    int8 codes (initializer) -> DequantizeLinear(s_w, axis 0) --------+
+    x -> Clip(lo, r) -> QuantizeLinear(s_a) -> DequantizeLinear(s_a) -+
+                                                                   Conv/Gemm
+    int8 codes (initializer) -> DequantizeLinear(s_w, axis 0) -------+
 
 which is the "QDQ" form onnxruntime and TensorRT consume. The b-bit grids
 are kept exactly:
@@ -27,7 +27,7 @@ quantized layer (stem, BatchNorm, pooling, classifier unless quantized).
 
 How the graph is made: :func:`qdq_module` copies the network and replaces
 each quantized layer by a :class:`QDQConv2d` / :class:`QDQLinear`, which
-computes the same function with plain differentiable-free torch ops
+computes the same function with plain torch ops
 (``clamp``, ``fake_quantize_per_tensor_affine``,
 ``fake_quantize_per_channel_affine``, ``conv2d`` / ``linear``) that the
 TorchScript ONNX exporter maps to Clip / QuantizeLinear / DequantizeLinear /
@@ -408,8 +408,12 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
                    if scale.size > 1 else values.reshape(1, -1))
             most = max(len(np.unique(r)) for r in per)
             n = weight_levels(info['w_bits'])
-            if most > 2**info['w_bits'] or np.abs(codes).max(
-                    initial=0) > n:
+            top = int(np.abs(codes.astype(np.int64)).max(initial=0))
+            if top > n:
+                raise RuntimeError(
+                    f'{lname}: weight code {top} outside the [-{n}, {n}] of '
+                    f'its {info["w_bits"]}-bit grid')
+            if most > 2**info['w_bits']:
                 raise RuntimeError(
                     f'{lname}: {most} distinct weight values per scale, '
                     f'more than the 2^{info["w_bits"]} of its grid')
