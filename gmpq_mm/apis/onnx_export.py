@@ -37,18 +37,18 @@ __all__ = [
 ]
 
 # What the check after export allows between onnxruntime and the PyTorch
-# checkpoint on the verification batch. A sample "matches" when its logits
-# are within atol + rtol * max|logit of the batch|. QuantizeLinear divides by
-# r / n where the training layer multiplies by n / r, and the two runtimes
-# sum the convolutions in different orders: where an activation sits within
-# a float rounding of a level boundary, it can land one level apart, which
-# at 2-3 bits moves that sample's logits visibly (measured on the demo
-# network: 5 of 1000 test images, one with a different top-1). A few such
-# samples are tolerated; a wrong scale, grid or layer moves them all.
+# checkpoint on the verification batch. QuantizeLinear divides by r / n
+# where the training layer multiplies by n / r, and the two runtimes sum the
+# convolutions in different orders: where an activation sits within a float
+# rounding of a level boundary it can land one level apart, which at 2-3
+# bits moves that sample's logits visibly. Measured: on the demo network, 5
+# of the 1000 Fashion-MNIST test images (one top-1 changed, max logit
+# difference 5% of the largest logit); on ResNet-18 at 224 px, 28% of 32
+# random inputs, by up to 1% of the largest logit, top-1 unchanged. So the
+# logits are compared as a whole (relative L2 error over the batch) and the
+# predictions per sample; a wrong scale, grid or layer breaks both.
 ONNX_TOLERANCES = dict(
-    rtol=1e-4,
-    atol=1e-5,
-    min_matching=0.95,  # fraction of samples whose logits must match
+    max_rel_l2=1e-2,  # ||onnx - torch|| / ||torch|| over the batch's logits
     min_top1_agreement=0.95)  # fraction whose top-1 class must agree
 
 class _Logits(nn.Module):
@@ -93,18 +93,20 @@ def check_finetuned_checkpoint(checkpoint: str) -> None:
 
 
 def _compare(ref: np.ndarray, got: np.ndarray, tol: dict) -> dict:
-    """Per-sample comparison of two logit batches against ``tol``."""
+    """Compare two logit batches against ``tol``; also reports how many
+    samples agree to float precision (``exact``: within 1e-4 of the
+    largest logit)."""
     per_sample = np.abs(ref - got).reshape(len(ref), -1).max(1)
-    bound = tol['atol'] + tol['rtol'] * float(np.abs(ref).max())
-    matching = float(np.mean(per_sample <= bound))
+    rel_l2 = float(
+        np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))
     agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    exact = float(np.mean(per_sample <= 1e-4 * np.abs(ref).max()))
     return dict(
+        rel_l2=rel_l2,
         max_abs_diff=float(per_sample.max()),
-        median_abs_diff=float(np.median(per_sample)),
-        bound=bound,
-        matching=matching,
+        exact=exact,
         top1_agreement=agree,
-        ok=matching >= tol['min_matching']
+        ok=rel_l2 <= tol['max_rel_l2']
         and agree >= tol['min_top1_agreement'])
 
 
@@ -151,9 +153,8 @@ def export_onnx_checkpoint(config,
         dict: ``path``, ``bytes``, ``size_mb``, ``input_shape``, ``opset``,
         ``quantize_linear``, ``dequantize_linear``, ``quantized_layers``,
         ``layers`` (per layer bits and distinct weight values), and with
-        ``verify`` the dict ``verify`` (``max_abs_diff``,
-        ``median_abs_diff``, ``bound``, ``matching``, ``top1_agreement``,
-        ``batch_size``, ``tolerances``).
+        ``verify`` the dict ``verify`` (``rel_l2``, ``max_abs_diff``,
+        ``exact``, ``top1_agreement``, ``batch_size``, ``tolerances``).
 
     Raises:
         ValueError: naming the checkpoint for a search / FP checkpoint;
@@ -219,11 +220,12 @@ def export_onnx_checkpoint(config,
             if not cmp['ok']:
                 raise RuntimeError(
                     f'{out}: onnxruntime does not reproduce the checkpoint '
-                    f'{checkpoint} on {batch_size} random inputs: '
-                    f'{cmp["matching"]:.0%} of the samples within '
-                    f'{cmp["bound"]:.3g} of its logits (max diff '
-                    f'{cmp["max_abs_diff"]:.3g}), top-1 agreement '
-                    f'{cmp["top1_agreement"]:.0%}; nothing written')
+                    f'{checkpoint} on {batch_size} random inputs: relative '
+                    f'L2 error of the logits {cmp["rel_l2"]:.3g} (allowed '
+                    f'{ONNX_TOLERANCES["max_rel_l2"]:g}), top-1 agreement '
+                    f'{cmp["top1_agreement"]:.0%} (required '
+                    f'{ONNX_TOLERANCES["min_top1_agreement"]:.0%}); nothing '
+                    'written')
         os.replace(tmp, out)
     except BaseException:
         if osp.exists(tmp):

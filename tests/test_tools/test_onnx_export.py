@@ -249,3 +249,30 @@ def test_policy_disagreeing_with_checkpoint(demo, tmp_path):
     assert 'layer1.0.conv1' in msg
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith('.')]
+
+
+def test_wrong_graph_is_refused(demo, tmp_path, monkeypatch):
+    """A graph that computes something else (one weight scale 1.5x) fails
+    the onnxruntime check: error, nothing written."""
+    import gmpq_mm.apis.onnx_export as api
+
+    finalize = api.finalize_qdq_model
+
+    def broken(proto, layers):
+        proto = finalize(proto, layers)
+        consts = {n.output[0]: n for n in proto.graph.node
+                  if n.op_type == 'Constant'}
+        dq = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
+              and n.input[0].endswith('layer1.0.conv1.weight_quantized')][0]
+        scale = consts[dq.input[1]].attribute[0].t
+        value = numpy_helper.to_array(scale) * 1.5
+        scale.CopyFrom(numpy_helper.from_array(value, scale.name))
+        return proto
+
+    monkeypatch.setattr(api, 'finalize_qdq_model', broken)
+    out = tmp_path / 'wrong.onnx'
+    msg = _run([CONFIG, str(demo['ckpt']), '--out', str(out)] +
+               _options(demo['policy']))
+    assert isinstance(msg, str) and 'does not reproduce' in msg, msg
+    assert str(demo['ckpt']) in msg
+    assert os.listdir(tmp_path) == []

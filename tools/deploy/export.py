@@ -156,12 +156,12 @@ def export_onnx(cfg, args):
         tol = v['tolerances']
         lines.append(
             f'onnxruntime (CPU) on {v["batch_size"]} random inputs: '
-            f'{v["matching"]:.0%} of the samples within {v["bound"]:.3g} '
-            f'of the checkpoint\'s logits (max diff {v["max_abs_diff"]:.3g}'
-            f', median {v["median_abs_diff"]:.3g}), top-1 agreement '
-            f'{v["top1_agreement"]:.0%} (required: {tol["min_matching"]:.0%}'
-            f' within atol {tol["atol"]:g} + rtol {tol["rtol"]:g} x '
-            f'max|logit|, {tol["min_top1_agreement"]:.0%} top-1)')
+            f'relative L2 error of the logits {v["rel_l2"]:.3g} (max abs '
+            f'diff {v["max_abs_diff"]:.3g}; {v["exact"]:.0%} of the samples '
+            f'equal to float precision), top-1 agreement '
+            f'{v["top1_agreement"]:.0%}; required: error <= '
+            f'{tol["max_rel_l2"]:g}, agreement >= '
+            f'{tol["min_top1_agreement"]:.0%}')
     lines.append(f'done in {summary["seconds"]:.2f} s')
     print('\n'.join(lines))
     if args.json:
