@@ -243,7 +243,9 @@ def qdq_layer_info(module: nn.Module,
                 per_channel=m.w_per_channel,
                 weight=f'{prefix}{name}.weight',
                 codes=None if m.codes is None else m.codes,
-                w_scale=None if m.w_scale is None else m.w_scale)
+                w_scale=None if m.w_scale is None else m.w_scale,
+                act_range=m.act_range,
+                act_scale=m.act_scale)
     return info
 
 
@@ -358,12 +360,15 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
     """Check a finalized QDQ model; returns its summary.
 
     Checked: the ONNX checker passes; every node is in the standard domain;
-    each quantized weight is an ``int8`` initializer read by a
-    DequantizeLinear whose values (codes times scale) take at most
-    ``2^w_bits`` distinct values per scale (per output channel, or over the
-    tensor); there is one activation QuantizeLinear per quantized input and
-    its codes are confined to the ``2^a_bits`` levels by a Clip; the batch
-    dimension of the input is symbolic.
+    each quantized weight is an ``int8`` initializer of codes in ``[-n, n]``
+    read by a DequantizeLinear, whose values (codes times scale) take at
+    most ``2^w_bits`` distinct values per scale (per output channel, or over
+    the tensor), and which feeds one Conv / Gemm; that op's input is
+    Clip -> QuantizeLinear -> DequantizeLinear with the layer's range and
+    scale (zero point 0) exactly when the layer quantizes its input, so the
+    codes stay on the ``2^a_bits`` levels; as many Conv / Gemm nodes read a
+    quantized input as there are quantized inputs; the batch dimension of
+    the input is symbolic.
 
     Returns:
         dict: ``nodes`` (op type -> count), ``quantize_linear``,
@@ -420,17 +425,50 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
             row.update(distinct_weights=int(len(np.unique(values))),
                        max_distinct_per_scale=int(most))
         summary[lname] = row
-    n_act = sum(1 for v in layers.values() if v['a_bits'] != FP_BITS)
-    q_nodes = [n for n in graph.node if n.op_type == 'QuantizeLinear']
-    if len(q_nodes) != n_act:
-        raise RuntimeError(f'{len(q_nodes)} activation QuantizeLinear nodes '
-                           f'for {n_act} quantized layer inputs')
+    # The exporter may merge identical Clip -> Q -> DQ chains (two layers
+    # reading the same tensor with the same range): count the layers they
+    # feed, not the chains.
     producer = {o: n for n in graph.node for o in n.output}
-    for q in q_nodes:
-        clip = producer.get(q.input[0])
-        if clip is None or clip.op_type != 'Clip':
-            raise RuntimeError(f'QuantizeLinear {q.name!r} is not fed by a '
-                               'Clip: its codes could leave the b-bit grid')
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    ops = [n for n in graph.node if n.op_type in ('Conv', 'Gemm')]
+    chains = {n.output[0]: _act_chain(n, producer, inits) for n in ops}
+    n_act = sum(1 for v in layers.values() if v['a_bits'] != FP_BITS)
+    n_fed = sum(1 for c in chains.values() if c is not None)
+    if n_fed != n_act:
+        raise RuntimeError(f'{n_fed} Conv / Gemm nodes read a quantized '
+                           f'input, for {n_act} quantized layer inputs')
+    for lname, info in layers.items():
+        if info['codes'] is None:
+            continue
+        dq = dq_of[info['weight'] + '_quantized']
+        op = [n for n in consumers.get(dq.output[0], [])
+              if n.op_type in ('Conv', 'Gemm')]
+        if len(op) != 1:
+            raise RuntimeError(f'{lname}: its dequantized weight feeds '
+                               f'{len(op)} Conv / Gemm nodes, not 1')
+        chain = chains[op[0].output[0]]
+        if info['a_bits'] == FP_BITS:
+            if chain is not None:
+                raise RuntimeError(f'{lname}: a full-precision input got a '
+                                   'QuantizeLinear')
+            continue
+        if chain is None:
+            raise RuntimeError(f'{lname}: its input is not Clip -> '
+                               'QuantizeLinear -> DequantizeLinear')
+        clip, q, _ = chain
+        lo = -info['act_range'] if info['signed'] else 0.0
+        bounds = (float(consts[clip.input[1]]), float(consts[clip.input[2]]))
+        scale = float(consts[q.input[1]])
+        if bounds != (np.float32(lo), np.float32(info['act_range'])) or \
+                scale != np.float32(info['act_scale']) or \
+                np.any(consts[q.input[2]] != 0):
+            raise RuntimeError(
+                f'{lname}: input Clip {bounds} / scale {scale:g} differ from '
+                f'the layer\'s range {info["act_range"]:g} and scale '
+                f'{info["act_scale"]:g}')
     dims = graph.input[0].type.tensor_type.shape.dim
     if not dims or not dims[0].dim_param:
         raise RuntimeError('the input has a fixed batch size')
@@ -441,6 +479,22 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
         opset=max(o.version for o in model_proto.opset_import
                   if o.domain in _STANDARD_DOMAINS),
         layers=summary)
+
+
+def _act_chain(op, producer, inits):
+    """``(Clip, QuantizeLinear, DequantizeLinear)`` that feed input 0 of
+    ``op``, or None when its input is not a quantized activation."""
+    dq = producer.get(op.input[0])
+    if dq is None or dq.op_type != 'DequantizeLinear' or dq.input[0] in inits:
+        return None
+    q = producer.get(dq.input[0])
+    if q is None or q.op_type != 'QuantizeLinear':
+        return None
+    clip = producer.get(q.input[0])
+    if clip is None or clip.op_type != 'Clip':
+        raise RuntimeError(f'QuantizeLinear {q.name!r} is not fed by a '
+                           'Clip: its codes could leave the b-bit grid')
+    return clip, q, dq
 
 
 def run_onnxruntime(path: str,

@@ -116,6 +116,7 @@ class _Net(nn.Module):
         self.b = nn.Conv2d(8, 6, 3, stride=2, padding=1, groups=2)
         self.c = nn.Conv2d(6, 5, 1)
         self.d = nn.Conv2d(5, 7, 3, padding=1)
+        self.g = nn.Conv2d(5, 7, 1)
         self.e = nn.Conv2d(7, 7, 3, padding=1)
         self.fc = nn.Linear(7, 4)
 
@@ -124,13 +125,15 @@ class _Net(nn.Module):
         x = torch.relu(self.a(x))
         x = self.b(x)  # signed input for c
         x = torch.relu(self.c(x))
-        x = torch.relu(self.d(x))
+        # d and g read the same tensor with the same range: the exporter
+        # shares one Clip -> Q -> DQ between them
+        x = torch.relu(self.d(x)) + self.g(x)
         x = torch.relu(self.e(x))
         return self.fc(x.mean((2, 3)))
 
 
 POLICY = {'a': (2, 3), 'b': (3, 4), 'c': (6, 2), 'd': (32, 8),
-          'e': (4, 32), 'fc': (8, 6)}
+          'g': (4, 8), 'e': (4, 32), 'fc': (8, 6)}
 
 
 def _quantized_net():
@@ -157,9 +160,10 @@ def test_mixed_network_matches_pytorch(tmp_path):
     path = tmp_path / 'net.onnx'
     proto, layers = _export(net, (3, 12, 12), path)
     summary = check_qdq_model(proto, layers)
-    # every quantized input has Clip -> Q -> DQ, every quantized weight DQ
-    assert summary['quantize_linear'] == 5  # all but e (a_bits 32)
-    assert summary['dequantize_linear'] == 5 + 5  # all weights but d
+    # every quantized input has Clip -> Q -> DQ (d and g share one; e has
+    # a_bits 32), every quantized weight a DQ (all but d)
+    assert summary['quantize_linear'] == 5
+    assert summary['dequantize_linear'] == 5 + 6
     assert summary['opset'] == ONNX_OPSET
     assert all(n.domain in ('', 'ai.onnx') for n in proto.graph.node)
     for name, (w_bits, _) in POLICY.items():
@@ -210,6 +214,16 @@ def test_check_refuses_custom_domains_and_wide_grids(tmp_path):
     with pytest.raises(RuntimeError,
                        match=r'a: weight code 2 outside the \[-1, 1\]'):
         check_qdq_model(wide, layers)
+    # an activation range that is not the layer's
+    moved = onnx.ModelProto()
+    moved.CopyFrom(proto)
+    clip = [n for n in moved.graph.node if n.op_type == 'Clip'][0]
+    for node in moved.graph.node:
+        if node.output[0] == clip.input[2]:
+            node.attribute[0].t.CopyFrom(
+                numpy_helper.from_array(np.array(2.5, np.float32)))
+    with pytest.raises(RuntimeError, match="differ from the layer's range"):
+        check_qdq_model(moved, layers)
 
 
 def test_refuses_search_and_fp_networks():
