@@ -41,14 +41,14 @@ __all__ = [
 # where the training layer multiplies by n / r, and the two runtimes sum the
 # convolutions in different orders: where an activation sits within a float
 # rounding of a level boundary it can land one level apart, which at 2-3
-# bits moves that sample's logits visibly. Measured: on the demo network, 5
-# of the 1000 Fashion-MNIST test images (one top-1 changed, max logit
-# difference 5% of the largest logit); on ResNet-18 at 224 px, 28% of 32
-# random inputs, by up to 1% of the largest logit, top-1 unchanged. So the
+# bits moves that sample's logits visibly. Measured (random inputs, see
+# docs/user_guides/export.md): relative L2 error 7.5e-7 on the 28-px demo
+# network, 5.8e-3 on ResNet-18 and 5.3e-3 on ResNet-50 W2A2 at 224 px, top-1
+# unchanged; one weight scale off by 5% gives 3.6e-2 and 91% top-1. So the
 # logits are compared as a whole (relative L2 error over the batch) and the
-# predictions per sample; a wrong scale, grid or layer breaks both.
+# predictions per sample.
 ONNX_TOLERANCES = dict(
-    max_rel_l2=1e-2,  # ||onnx - torch|| / ||torch|| over the batch's logits
+    max_rel_l2=2e-2,  # ||onnx - torch|| / ||torch|| over the batch's logits
     min_top1_agreement=0.95)  # fraction whose top-1 class must agree
 
 class _Logits(nn.Module):

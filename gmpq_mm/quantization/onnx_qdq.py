@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 # Per-axis QuantizeLinear / DequantizeLinear need opset 13; 17 is what
-# onnxruntime, TensorRT 8.6+ and the TorchScript exporter all support.
+# onnxruntime, recent TensorRT and the TorchScript exporter all support.
 ONNX_OPSET = 17
 _STANDARD_DOMAINS = ('', 'ai.onnx')
 
