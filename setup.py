@@ -72,5 +72,8 @@ if __name__ == '__main__':
             'mim': read_requirements('mminstall'),
             'tests': read_requirements('tests'),
             'optional': read_requirements('optional'),
+            # ONNX export (tools/deploy/export.py --out x.onnx) and its
+            # onnxruntime check.
+            'deploy': read_requirements('deploy'),
         },
         zip_safe=False)

@@ -165,3 +165,26 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def export_onnx(module, args, path, **kwargs):
+    """``torch.onnx.export`` with the TorchScript-based exporter pinned.
+
+    torch < 2.9 uses the TorchScript exporter by default, torch >= 2.9 the
+    ``torch.export``-based one (``dynamo=True``), which needs the extra
+    ``onnxscript`` package and names and folds the graph differently. The
+    gmpq QDQ export (:mod:`gmpq_mm.quantization.onnx_qdq`) is written for the
+    TorchScript exporter's output (Clip, QuantizeLinear, DequantizeLinear,
+    Conv / Gemm, parameters as named initializers), so it is asked for
+    explicitly; its DeprecationWarning in torch >= 2.9 is silenced here.
+    """
+    import inspect
+    import warnings
+    if 'dynamo' in inspect.signature(torch.onnx.export).parameters:
+        kwargs['dynamo'] = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            'ignore', category=DeprecationWarning, module=r'torch\.onnx')
+        warnings.filterwarnings(
+            'ignore', message='.*legacy TorchScript-based ONNX export.*')
+        torch.onnx.export(module, args, path, **kwargs)

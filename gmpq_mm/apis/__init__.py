@@ -1,8 +1,9 @@
 """High-level entry points built on the registered gmpq_mm types."""
 from .deploy import (build_deployed_model, deploy_model_config,
                      export_checkpoint, load_model)
+from .onnx_export import export_onnx_checkpoint
 
 __all__ = [
     'build_deployed_model', 'deploy_model_config', 'export_checkpoint',
-    'load_model'
+    'export_onnx_checkpoint', 'load_model'
 ]

@@ -1,6 +1,8 @@
-"""Export a finetuned checkpoint as a packed low-bit safetensors artifact.
+"""Export a finetuned checkpoint as a packed low-bit safetensors artifact,
+or as a QDQ ONNX model (the format is chosen by the suffix of ``--out``).
 
     python tools/deploy/export.py CONFIG CHECKPOINT --out model.safetensors
+    python tools/deploy/export.py CONFIG CHECKPOINT --out model.onnx
 
 Weights of the quantized layers are stored as integers packed at their bit
 widths with their thresholds / scales, activation ranges and signedness;
@@ -12,6 +14,15 @@ Prints the file size next to the complexity report's model size; ``--json``
 writes that summary.
 
 Load it again with ``gmpq_mm.apis.build_deployed_model(PATH)``.
+
+``.onnx``: a standard ONNX model (opset 17, dynamic batch, no custom ops)
+in which every quantized layer is QuantizeLinear / DequantizeLinear around
+a float Conv / Gemm, its weights int8 codes on their b-bit grid (see
+``gmpq_mm/quantization/onnx_qdq.py``). Needs ``onnx`` and ``onnxruntime``
+(``pip install "gmpq_mm[deploy]"``). Unless ``--no-verify``, onnxruntime
+(CPU) runs it beside the PyTorch checkpoint before it is written; a search
+or full-precision checkpoint, or any failed check, stops with an error and
+leaves nothing at ``--out``.
 """
 import argparse
 import json
@@ -31,12 +42,15 @@ def parse_args(argv=None):
     parser.add_argument('config', help='config file of the checkpoint')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
-        '--out', required=True, help='the .safetensors artifact to write')
+        '--out',
+        required=True,
+        help='the file to write: .onnx for a QDQ ONNX model, otherwise a '
+        '.safetensors artifact')
     parser.add_argument(
         '--no-verify',
         action='store_true',
-        help='do not rebuild the network from the artifact and compare '
-        'its logits with the checkpoint\'s')
+        help='do not rebuild the network from the artifact (.onnx: run '
+        'it in onnxruntime) and compare its logits with the checkpoint\'s')
     parser.add_argument(
         '--input-shape',
         type=int,
@@ -70,6 +84,8 @@ def main(argv=None):
         check_paths(cfg, phases=(), config_file=args.config)
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
+    if is_onnx(args.out):
+        return export_onnx(cfg, args)
     start = time.time()
     summary = export_checkpoint(
         cfg,
@@ -95,6 +111,57 @@ def main(argv=None):
     if 'max_abs_diff' in summary:
         lines.append('rebuilt from the artifact: max |logits - '
                      f'checkpoint logits| = {summary["max_abs_diff"]:.3g}')
+    lines.append(f'done in {summary["seconds"]:.2f} s')
+    print('\n'.join(lines))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def is_onnx(path) -> bool:
+    """Whether ``--out`` asks for an ONNX model."""
+    return str(path).lower().endswith('.onnx')
+
+
+def export_onnx(cfg, args):
+    """The ``.onnx`` branch: export, print the summary, ``--json`` it."""
+    from gmpq_mm.apis import export_onnx_checkpoint
+
+    start = time.time()
+    try:
+        summary = export_onnx_checkpoint(
+            cfg,
+            args.checkpoint,
+            args.out,
+            verify=not args.no_verify,
+            input_shape=args.input_shape)
+    except (ValueError, RuntimeError, ImportError) as err:
+        raise SystemExit(f'error: {err}')
+    summary['seconds'] = time.time() - start
+    bits = sorted({(v['w_bits'], v['a_bits'])
+                   for v in summary['layers'].values()})
+    lines = [
+        f'ONNX model written to {summary["path"]}: {summary["bytes"]} bytes '
+        f'({summary["size_mb"]:.3f} MB), opset {summary["opset"]}, input '
+        f'(N, {", ".join(map(str, summary["input_shape"]))}) with a dynamic '
+        f'batch',
+        f'{summary["quantized_layers"]} quantized layers as QDQ: '
+        f'{summary["quantize_linear"]} QuantizeLinear, '
+        f'{summary["dequantize_linear"]} DequantizeLinear; (w, a) bits '
+        f'used: {bits}'
+    ]
+    if 'verify' in summary:
+        v = summary['verify']
+        tol = v['tolerances']
+        lines.append(
+            f'onnxruntime (CPU) on {v["batch_size"]} random inputs: '
+            f'relative L2 error of the logits {v["rel_l2"]:.3g} (max abs '
+            f'diff {v["max_abs_diff"]:.3g}; {v["exact"]:.0%} of the samples '
+            f'equal to float precision), top-1 agreement '
+            f'{v["top1_agreement"]:.0%}; required: error <= '
+            f'{tol["max_rel_l2"]:g}, agreement >= '
+            f'{tol["min_top1_agreement"]:.0%}')
     lines.append(f'done in {summary["seconds"]:.2f} s')
     print('\n'.join(lines))
     if args.json:

@@ -1,0 +1,278 @@
+"""tools/deploy/export.py --out x.onnx on the demo network: onnxruntime on
+the shipped Fashion-MNIST test images against PyTorch, the QDQ graph, and
+bad input.
+
+The network is the slim ResNet-18 of configs/gmpq/demo with a mixed policy
+(2, 3, 4 and 6 bits for weights and activations, one FP-weight layer, one
+FP-input layer): randomly initialised (seed 0), ranges calibrated on 64
+training images, and only the classifier fitted (ridge regression on the
+quantized features of 1000 training images), so that its top-1 is far from
+chance in a few seconds of CPU.
+"""
+import importlib.util
+import json
+import os
+import os.path as osp
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip(
+    'onnx', reason='ONNX export needs the [deploy] extra: pip install onnx')
+pytest.importorskip(
+    'onnxruntime',
+    reason='the ONNX check needs the [deploy] extra: pip install onnxruntime')
+
+from onnx import numpy_helper  # noqa: E402
+
+from gmpq_mm.quantization.onnx_qdq import run_onnxruntime  # noqa: E402
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CONFIG = osp.join(REPO, 'configs/gmpq/demo/finetune_r18_fashion_mnist.py')
+DATA = osp.join(REPO, 'data_demo/fashion_mnist_subset')
+MEAN, STD = 72.94, 90.0  # configs/gmpq/_base_/datasets/fashion_mnist_demo.py
+
+
+def _idx(name):
+    """An IDX file of the shipped subset as a numpy array."""
+    with open(osp.join(DATA, name), 'rb') as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big')
+            for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _images(split):
+    x = _idx(f'{split}-images-idx3-ubyte').astype(np.float32)[:, None]
+    y = _idx(f'{split}-labels-idx1-ubyte').astype(np.int64)
+    return ((x - MEAN) / STD).astype(np.float32), y
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location(
+        'export_tool', osp.join(REPO, 'tools/deploy/export.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mixed_policy():
+    names = ['layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1',
+             'layer1.1.conv2', 'layer2.0.conv1', 'layer2.0.conv2',
+             'layer2.0.downsample.0', 'layer2.1.conv1', 'layer2.1.conv2',
+             'layer3.0.conv1', 'layer3.0.conv2', 'layer3.0.downsample.0',
+             'layer3.1.conv1', 'layer3.1.conv2', 'layer4.0.conv1',
+             'layer4.0.conv2', 'layer4.0.downsample.0', 'layer4.1.conv1',
+             'layer4.1.conv2']
+    cycle = (2, 3, 4, 6)
+    layers = {n: {'w_bits': cycle[i % 4], 'a_bits': cycle[(i + 1) % 4]}
+              for i, n in enumerate(names)}
+    layers['layer4.1.conv1'] = {'w_bits': 32, 'a_bits': 6}
+    layers['layer4.1.conv2'] = {'w_bits': 6, 'a_bits': 32}
+    return {'format': 'gmpq-policy', 'version': 1, 'layers': layers}
+
+
+def _options(policy_file):
+    return ['--cfg-options', f'model.backbone.policy={policy_file}',
+            'load_from=None']
+
+
+def _run(argv):
+    """The tool in-process; its error message if it stops."""
+    try:
+        return _tool().main(argv)
+    except SystemExit as err:
+        return str(err)
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    from gmpq_mm.apis import load_model
+    from gmpq_mm.quantization.calibration import calibrate_model
+    from mmengine.config import Config
+
+    root = tmp_path_factory.mktemp('onnx_demo')
+    policy_file = root / 'policy.json'
+    policy_file.write_text(json.dumps(_mixed_policy()))
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict({'model.backbone.policy': str(policy_file),
+                         'load_from': None})
+    torch.manual_seed(0)
+    model, _ = load_model(cfg)
+    x_train, y_train = _images('train')
+    with torch.no_grad():
+        calibrate_model(model.backbone, [torch.from_numpy(x_train[:64])],
+                        forward=lambda m, b: m(b), method='max')
+        feats = model.backbone(torch.from_numpy(x_train[:1000]))[-1]
+        feats = torch.cat([model.neck(feats) if model.with_neck else
+                           feats.mean((2, 3)), torch.ones(1000, 1)], 1)
+        target = torch.nn.functional.one_hot(
+            torch.from_numpy(y_train[:1000]), 10).float()
+        sol = torch.linalg.solve(
+            feats.T @ feats + 1e-2 * torch.eye(feats.shape[1]),
+            feats.T @ target)
+        model.head.fc.weight.copy_(sol[:-1].T)
+        model.head.fc.bias.copy_(sol[-1])
+    ckpt = root / 'mixed.pth'
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
+    return dict(root=root, policy=policy_file, ckpt=ckpt, model=model,
+                cfg=cfg)
+
+
+def test_onnx_matches_pytorch_on_test_images(demo):
+    root, out = demo['root'], demo['root'] / 'mixed.onnx'
+    summary = _run([CONFIG, str(demo['ckpt']), '--out', str(out), '--json',
+                    str(root / 'summary.json')] + _options(demo['policy']))
+    assert isinstance(summary, dict), summary
+    assert out.is_file() and summary['bytes'] == out.stat().st_size
+    assert summary['verify']['top1_agreement'] >= 0.95
+    assert json.loads((root / 'summary.json').read_text())['path'] == str(out)
+    # no temporary file left next to it
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith('.')) \
+        == []
+
+    x_test, y_test = _images('t10k')
+    with torch.no_grad():
+        ref = torch.cat([
+            demo['model'](torch.from_numpy(x_test[i:i + 250]), mode='tensor')
+            for i in range(0, len(x_test), 250)
+        ]).numpy()
+    got = run_onnxruntime(str(out), x_test)  # batch 1000: dynamic batch
+    acc_torch = float((ref.argmax(1) == y_test).mean())
+    acc_onnx = float((got.argmax(1) == y_test).mean())
+    print(f'top-1 PyTorch {acc_torch:.4f}, onnxruntime {acc_onnx:.4f}, '
+          f'{int((ref.argmax(1) != got.argmax(1)).sum())} of {len(y_test)} '
+          f'predictions differ')
+    assert acc_torch > 0.4  # far from chance (0.1): a meaningful check
+    assert abs(acc_onnx - acc_torch) <= 0.001 + 1e-9  # within 0.1 points
+
+
+def test_onnx_graph_is_standard_qdq(demo):
+    out = demo['root'] / 'mixed.onnx'
+    if not out.is_file():
+        _run([CONFIG, str(demo['ckpt']), '--out', str(out)] +
+             _options(demo['policy']))
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    graph = proto.graph
+    assert {n.domain for n in graph.node} <= {'', 'ai.onnx'}
+    assert {o.domain for o in proto.opset_import} <= {'', 'ai.onnx'}
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    ops = [n.op_type for n in graph.node]
+    layers = _mixed_policy()['layers']
+    n_act = sum(v['a_bits'] != 32 for v in layers.values())
+    n_w = sum(v['w_bits'] != 32 for v in layers.values())
+    assert ops.count('QuantizeLinear') == n_act
+    assert ops.count('DequantizeLinear') == n_act + n_w
+    assert ops.count('Clip') >= n_act
+    meta = {p.key: p.value for p in proto.metadata_props}
+    stored = json.loads(meta['policy'])['layers']
+    assert {k: (v['w_bits'], v['a_bits']) for k, v in stored.items()} == \
+        {k: (v['w_bits'], v['a_bits']) for k, v in layers.items()}
+
+    # every int8 weight, dequantized as onnxruntime does, is on its grid
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts = dict(inits)
+    for node in graph.node:
+        if node.op_type == 'Constant':
+            consts[node.output[0]] = numpy_helper.to_array(
+                node.attribute[0].t)
+    seen = set()
+    for node in graph.node:
+        if node.op_type != 'DequantizeLinear' or node.input[0] not in inits:
+            continue
+        name = node.input[0]
+        layer = name[len('model.backbone.'):-len('.weight_quantized')]
+        bits = layers[layer]['w_bits']
+        codes, scale = inits[name], consts[node.input[1]]
+        assert codes.dtype == np.int8
+        values = codes.astype(np.float32) * scale.reshape(
+            (-1, ) + (1, ) * (codes.ndim - 1) if scale.size > 1 else ())
+        assert len(np.unique(values)) <= 2**bits, layer
+        assert np.abs(codes.astype(int)).max() <= 2**(bits - 1) - 1, layer
+        seen.add(layer)
+    assert seen == {k for k, v in layers.items() if v['w_bits'] != 32}
+    # a 32-bit weight stays a float initializer
+    floats = [n for n, v in inits.items() if v.dtype == np.float32
+              and v.ndim == 4]
+    assert floats  # the stem and the FP-weight layer
+
+
+def _fp_and_search_checkpoints(root):
+    from gmpq_mm.apis import load_model
+    from gmpq_mm.quantization.convert import to_mixed_precision
+    pretrain = osp.join(REPO,
+                        'configs/gmpq/demo/pretrain_r18_fashion_mnist.py')
+    torch.manual_seed(0)
+    fp, _ = load_model(pretrain)
+    fp_ckpt = root / 'fp.pth'
+    torch.save({'state_dict': fp.state_dict(), 'meta': {}}, fp_ckpt)
+    to_mixed_precision(fp.backbone, (2, 3, 4, 6), (2, 3, 4, 6),
+                       input_shape=(1, 28, 28))
+    search_ckpt = root / 'search.pth'
+    torch.save({'state_dict': fp.state_dict(), 'meta': {}}, search_ckpt)
+    return fp_ckpt, search_ckpt
+
+
+def test_bad_checkpoints_stop_and_write_nothing(demo, tmp_path):
+    fp_ckpt, search_ckpt = _fp_and_search_checkpoints(tmp_path)
+    out = tmp_path / 'bad.onnx'
+    for ckpt, what in ((search_ckpt, 'search (supernet) checkpoint'),
+                       (fp_ckpt, 'full-precision checkpoint')):
+        msg = _run([CONFIG, str(ckpt), '--out', str(out)] +
+                   _options(demo['policy']))
+        assert isinstance(msg, str) and msg.startswith('error: '), msg
+        assert str(ckpt) in msg and what in msg, msg
+        assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir()
+                if p.suffix not in ('.pth', )] == []
+
+
+def test_policy_disagreeing_with_checkpoint(demo, tmp_path):
+    record = pytest.importorskip(
+        'gmpq_mm.utils.bit_record',
+        reason='needs the per-layer bit record in checkpoints (issue 12)')
+    ckpt = torch.load(demo['ckpt'], weights_only=False)
+    record.record_bit_widths(ckpt, demo['model'])
+    saved = tmp_path / 'recorded.pth'
+    torch.save(ckpt, saved)
+    other = _mixed_policy()
+    other['layers']['layer1.0.conv1'] = {'w_bits': 4, 'a_bits': 4}
+    other_file = tmp_path / 'other_policy.json'
+    other_file.write_text(json.dumps(other))
+    out = tmp_path / 'disagree.onnx'
+    msg = _run([CONFIG, str(saved), '--out', str(out)] +
+               _options(other_file))
+    assert isinstance(msg, str) and str(saved) in msg, msg
+    assert 'layer1.0.conv1' in msg
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith('.')]
+
+
+def test_wrong_graph_is_refused(demo, tmp_path, monkeypatch):
+    """A graph that computes something else (one weight scale 1.5x) fails
+    the onnxruntime check: error, nothing written."""
+    import gmpq_mm.apis.onnx_export as api
+
+    finalize = api.finalize_qdq_model
+
+    def broken(proto, layers):
+        proto = finalize(proto, layers)
+        consts = {n.output[0]: n for n in proto.graph.node
+                  if n.op_type == 'Constant'}
+        dq = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
+              and n.input[0].endswith('layer1.0.conv1.weight_quantized')][0]
+        scale = consts[dq.input[1]].attribute[0].t
+        value = numpy_helper.to_array(scale) * 1.5
+        scale.CopyFrom(numpy_helper.from_array(value, scale.name))
+        return proto
+
+    monkeypatch.setattr(api, 'finalize_qdq_model', broken)
+    out = tmp_path / 'wrong.onnx'
+    msg = _run([CONFIG, str(demo['ckpt']), '--out', str(out)] +
+               _options(demo['policy']))
+    assert isinstance(msg, str) and 'does not reproduce' in msg, msg
+    assert str(demo['ckpt']) in msg
+    assert os.listdir(tmp_path) == []
