@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .complexity import LayerMacs, human_units
+from .layers import is_mixed_layer
 from .quantizers import check_candidates
 
 __all__ = ['best_policy_under_budget', 'log_probs_from_model', 'policy_cost']
@@ -64,8 +65,6 @@ def policy_cost(macs: Mapping, layers: Mapping) -> int:
 
 def log_probs_from_model(model: nn.Module) -> 'OrderedDict[str, tuple]':
     """``name -> (log p_w, log p_a)`` of every mixed layer of a supernet."""
-    from .layers import is_mixed_layer
-
     out = OrderedDict()
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -99,6 +98,8 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             disagree.
         RuntimeError: If the solver fails to prove an optimum.
     """
+    # scipy is imported here, not at the top: it costs seconds, and only
+    # the budget solver needs it.
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 

@@ -40,15 +40,14 @@ Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 import contextlib
 import math
 from collections import OrderedDict
-from typing import (Callable, Dict, Iterable, Iterator, Optional,
-                    Sequence)
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import eval_mode
 from .layers import is_quantized_layer
+from .probe import eval_mode
 from .quantizers import FP_BITS, activation_levels, weight_levels
 from .quantizers import weight_threshold as current_weight_threshold
 

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .convert import _probe_input, eval_mode
+from .layers import is_mixed_layer, is_quantized_layer
+from .policy import policy_layers as policy_layers_of
+from .probe import eval_mode, probe_input
 
 __all__ = [
     'LayerMacs', 'count_macs', 'bitops', 'expected_bitops',
@@ -104,7 +106,7 @@ def count_macs(
         handles.append(module.register_forward_hook(make_hook(name)))
     try:
         with eval_mode(model):
-            model(_probe_input(model, input_shape, batch_size=1))
+            model(probe_input(model, input_shape, batch_size=1))
     finally:
         for handle in handles:
             handle.remove()
@@ -159,8 +161,6 @@ def expected_bitops(model: nn.Module,
     Returns:
         Tensor: A 0-d tensor.
     """
-    from .layers import is_mixed_layer
-
     total, first = None, None
     for name, module in model.named_modules():
         if not is_mixed_layer(module):
@@ -179,8 +179,6 @@ def expected_bitops(model: nn.Module,
 def _layer_bits(name: str, module: nn.Module,
                 policy: Optional[Mapping]) -> Tuple[float, float, bool]:
     """Bits of one layer and whether it counts as quantized."""
-    from .layers import is_mixed_layer, is_quantized_layer
-
     if policy is not None and name in policy:
         bits = policy[name]
         if isinstance(bits, Mapping):
@@ -225,8 +223,7 @@ def complexity_report(model: nn.Module,
         raise TypeError(f'policy_layers must be a dict name -> (w_bits, '
                         f'a_bits) or a policy, got {policy_layers!r}')
     if policy_layers is not None and 'format' in policy_layers:
-        from .policy import policy_layers as layers_of
-        policy_layers = layers_of(policy_layers)
+        policy_layers = policy_layers_of(policy_layers)
     macs = count_macs(model, input_shape)
     modules = dict(model.named_modules())
     if policy_layers is not None:

@@ -47,6 +47,8 @@ from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .layers import is_quantized_layer
@@ -280,8 +282,6 @@ def save_artifact(path: PathLike,
         dict: ``path``, ``bytes`` (file size), ``num_tensors``,
         ``packed_layers``.
     """
-    from safetensors.torch import save_file
-
     path = os.fspath(path)
     tensors, metadata = export_quantized(model)
     metadata['config'] = json.dumps(config if config is not None else None)
@@ -426,8 +426,6 @@ def load_artifact(path: PathLike) -> Tuple['OrderedDict[str, Tensor]', dict]:
             file, a malformed header, altered metadata, a tensor whose
             checksum does not match, a missing or unexpected tensor.
     """
-    from safetensors.torch import load as st_load
-
     path = os.fspath(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'artifact not found: {path}')

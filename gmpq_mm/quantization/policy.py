@@ -32,14 +32,12 @@ import os.path as osp
 from collections import OrderedDict
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
-from torch import nn
-
 from .atomic_file import write_text_atomic
 from .quantizers import check_bits, check_candidates
 
 __all__ = [
     'POLICY_FORMAT', 'POLICY_VERSION', 'make_policy', 'save_policy',
-    'load_policy', 'validate_policy', 'policy_layers', 'policy_from_model'
+    'load_policy', 'validate_policy', 'policy_layers'
 ]
 
 POLICY_FORMAT = 'gmpq-policy'
@@ -346,54 +344,3 @@ def validate_policy(policy: Union[PathLike, Mapping],
         raise ValueError(f'{source}: policy does not fit the model: ' +
                          '; '.join(problems))
     return {name: table[name] for name in layer_names}
-
-
-def policy_from_model(model: nn.Module,
-                      input_shape: Optional[Sequence[int]] = None,
-                      **meta) -> dict:
-    """The policy of a supernet (argmax of the alphas) or a quantized net.
-
-    Every mixed-precision layer contributes its ``choice()``, every fixed
-    bit layer its ``bits``, keyed by module name in network order.
-
-    Args:
-        model: A network holding mixed-precision or quantized layers.
-        input_shape: ``(C, H, W)``; if given, ``bitops`` of the policy (over
-            its layers, i.e. the searched layers) is measured at this shape.
-        **meta: Extra policy fields (``source``, ``budget``, ...).
-
-    Returns:
-        dict: The policy.
-    """
-    from .layers import is_mixed_layer, is_quantized_layer
-
-    table = OrderedDict()
-    w_cands, a_cands = [], []
-    for name, module in model.named_modules():
-        if is_mixed_layer(module):
-            table[name] = tuple(int(b) for b in module.choice())
-            w_cands.append(tuple(module.w_candidates))
-            a_cands.append(tuple(module.a_candidates))
-        elif is_quantized_layer(module):
-            table[name] = tuple(int(b) for b in module.bits)
-    if not table:
-        raise ValueError(f'{type(model).__name__} holds no mixed-precision '
-                         f'or quantized layer: no policy to export')
-
-    def common(cands):
-        # One list when all searched layers share it (the usual case),
-        # otherwise the sorted union.
-        if not cands:
-            return None
-        if all(c == cands[0] for c in cands):
-            return list(cands[0])
-        return sorted({b for c in cands for b in c})
-
-    meta.setdefault('w_candidates', common(w_cands))
-    meta.setdefault('a_candidates', common(a_cands))
-    if input_shape is not None:
-        from .complexity import bitops, count_macs
-        macs = count_macs(model, input_shape)
-        meta.setdefault('bitops', bitops(macs, table))
-        meta['input_shape'] = list(input_shape)
-    return make_policy(table, **meta)
