@@ -28,7 +28,8 @@ def modules_of(package):
 
 def imported_after(code):
     """``sys.modules`` keys of a fresh interpreter after running ``code``."""
-    script = code + '\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))'
+    script = (code + '\nimport json, sys\n'
+              'print(json.dumps(sorted(sys.modules)))')
     out = subprocess.run([sys.executable, '-c', script], cwd=str(ROOT),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

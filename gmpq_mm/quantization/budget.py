@@ -97,6 +97,20 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             message states the smallest reachable BitOPs), or inputs
             disagree.
         RuntimeError: If the solver fails to prove an optimum.
+
+    Example:
+        >>> import math
+        >>> log_probs = {'a': ([math.log(.1), math.log(.9)],   # w: 2, 4
+        ...                    [math.log(.5), math.log(.5)]),  # a: 2, 4
+        ...              'b': ([math.log(.4), math.log(.6)],
+        ...                    [math.log(.9), math.log(.1)])}
+        >>> macs = {'a': 100, 'b': 1000}
+        >>> dict(best_policy_under_budget(log_probs, macs, (2, 4), (2, 4),
+        ...                               budget=1e6))  # the argmax
+        {'a': (4, 2), 'b': (4, 2)}
+        >>> dict(best_policy_under_budget(log_probs, macs, (2, 4), (2, 4),
+        ...                               budget=5000))  # 100*8 + 1000*4
+        {'a': (4, 2), 'b': (2, 2)}
     """
     # scipy is imported here, not at the top: it costs seconds, and only
     # the budget solver needs it.

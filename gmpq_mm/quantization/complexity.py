@@ -88,6 +88,15 @@ def count_macs(
         OrderedDict[str, LayerMacs]: By module name, in ``named_modules()``
         order, for the layers the forward calls. A module called more than
         once has its MACs summed.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> macs = count_macs(net, (3, 8, 8))
+        >>> macs['2']  # 8 in x 3x3 kernel x 8 out x 4x4 output
+        LayerMacs(macs=9216, params=584, kind='conv')
     """
     found: Dict[str, int] = {}
     handles = []
@@ -135,6 +144,10 @@ def bitops(macs: Mapping, layers: Mapping) -> Union[int, float]:
 
     Returns:
         int: BitOPs (a float if some bits are, e.g. expected bits).
+
+    Example:
+        >>> bitops({'a': 100, 'b': 10}, {'a': (4, 3), 'b': (2, 2)})
+        1240
     """
     if not isinstance(layers, Mapping):
         raise TypeError(f'layers must be a dict name -> (w_bits, a_bits), '
@@ -218,6 +231,18 @@ def complexity_report(model: nn.Module,
         (quantized layers only), ``size_mb``, ``fp_size_mb``,
         ``mean_w_bits`` / ``mean_a_bits`` (plain mean over quantized layers);
         plus ``input_shape`` and ``size_unit``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> bits = {'2': (4, 3), '4': (2, 2)}
+        >>> report = complexity_report(net, (3, 8, 8), policy_layers=bits)
+        >>> report['totals']['bitops_quantized']  # 9216*4*3 + 512*2*2
+        112640
+        >>> report['totals']['num_quantized'], report['layers'][0]['w_bits']
+        (2, 32)
     """
     if policy_layers is not None and not isinstance(policy_layers, Mapping):
         raise TypeError(f'policy_layers must be a dict name -> (w_bits, '

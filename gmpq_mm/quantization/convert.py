@@ -73,6 +73,16 @@ def select_layers(model: nn.Module,
     Raises:
         ValueError: If a pattern matches no module of ``types`` (a typo must
             not silently select nothing), or if nothing is selected at all.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> select_layers(net)  # every conv but the stem ('0')
+        ['2', '4']
+        >>> select_layers(net, exclude='4')
+        ['2']
     """
     include = _as_patterns(include, 'include')
     exclude = _as_patterns(exclude, 'exclude')
@@ -277,6 +287,18 @@ def to_mixed_precision(model: nn.Module,
 
     Returns:
         nn.Module: ``model`` itself.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> net = to_mixed_precision(net, w_candidates=(2, 4),
+        ...                          a_candidates=(2, 4))
+        >>> type(net[2]).__name__, net[2].w_candidates, type(net[0]).__name__
+        ('MixedPrecisionConv2d', (2, 4), 'Conv2d')
+        >>> tuple(net(torch.randn(1, 3, 8, 8)).shape)
+        (1, 4, 4, 4)
     """
     names = select_layers(model) if names is None else list(names)
     _check_convertible(model, names)
@@ -358,6 +380,19 @@ def to_quantized(model: nn.Module,
 
     Returns:
         nn.Module: ``model`` itself.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> net = to_quantized(net, {'2': (4, 3), '4': (2, 2)})
+        >>> net[2].bits, net[4].bits
+        ((4, 3), (2, 2))
+        >>> uniform = to_quantized(nn.Sequential(nn.Conv2d(3, 8, 3),
+        ...                                      nn.Conv2d(8, 8, 3)), (4, 4))
+        >>> uniform[1].bits
+        (4, 4)
     """
     bits_of = _policy_bits(policy_layers, names, model)
     names = list(bits_of)
@@ -396,6 +431,16 @@ def policy_from_model(model: nn.Module,
 
     Returns:
         dict: The policy.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> net = to_quantized(net, {'2': (4, 3), '4': (2, 2)})
+        >>> policy = policy_from_model(net, input_shape=(3, 8, 8))
+        >>> policy['layers']['2'], policy['bitops']  # 9216*4*3 + 512*2*2
+        ({'w_bits': 4, 'a_bits': 3}, 112640)
     """
     table = OrderedDict()
     w_cands, a_cands = [], []

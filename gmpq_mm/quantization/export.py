@@ -281,6 +281,19 @@ def save_artifact(path: PathLike,
     Returns:
         dict: ``path``, ``bytes`` (file size), ``num_tensors``,
         ``packed_layers``.
+
+    Example:
+        >>> import os, tempfile
+        >>> from gmpq_mm.quantization.convert import to_quantized
+        >>> net = to_quantized(nn.Sequential(nn.Conv2d(3, 8, 3),
+        ...                                  nn.Conv2d(8, 8, 3)), (2, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), 'net.safetensors')
+        >>> info = save_artifact(path, net)
+        >>> info['packed_layers']
+        1
+        >>> state, meta = load_artifact(path)
+        >>> meta['layers']['1']['w_bits'], tuple(state['1.weight'].shape)
+        (2, (8, 8, 3, 3))
     """
     path = os.fspath(path)
     tensors, metadata = export_quantized(model)

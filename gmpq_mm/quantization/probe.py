@@ -22,8 +22,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-        >>> net[1].eval()  # frozen on purpose
-        BatchNorm1d(2, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)
+        >>> _ = net[1].eval()  # frozen on purpose
         >>> with eval_mode(net):
         ...     _ = net(torch.zeros(1, 2))
         >>> net.training, net[0].training, net[1].training
@@ -56,8 +55,9 @@ def probe_input(model: nn.Module,
     Example:
         >>> probe_input(nn.Conv2d(3, 8, 3).double(), (3, 4, 4)).dtype
         torch.float64
-        >>> tuple(probe_input(nn.Conv2d(3, 8, 3), (3, 4, 4), batch_size=2).shape)
-        (2, 3, 4, 4)
+        >>> batch = probe_input(nn.Conv2d(3, 8, 3), (3, 4, 4), batch_size=2)
+        >>> tuple(batch.shape), float(batch.abs().sum())
+        ((2, 3, 4, 4), 0.0)
     """
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device('cpu')
