@@ -27,8 +27,7 @@ from .layers import (MixedPrecisionConv2d, MixedPrecisionLinear,
 from .policy import (Policy, load_policy, make_policy, policy_layers,
                      save_policy, validate_policy)
 from .probe import eval_mode
-from .quantizers import (SUPPORTED_BITS, quantize_activation,
-                         quantize_weight)
+from .quantizers import SUPPORTED_BITS, quantize_activation, quantize_weight
 
 __all__ = [
     # Convert a model: a searchable supernet, or fixed bits from a policy.
