@@ -367,10 +367,11 @@ def to_quantized(model: nn.Module,
 
     Args:
         model: Edited in place.
-        policy_layers: ``name -> (w_bits, a_bits)`` (or ``name -> {'w_bits':
-            .., 'a_bits': ..}``, or a whole policy dict as made by
-            :func:`gmpq_mm.quantization.policy.make_policy`), or one
-            ``(w_bits, a_bits)`` pair applied to every layer of ``names``.
+        policy_layers: A :class:`~gmpq_mm.quantization.policy.Policy` (or
+            a policy dict, as :func:`~gmpq_mm.quantization.policy.make_policy`
+            makes), ``name -> (w_bits, a_bits)`` (or ``name -> {'w_bits':
+            .., 'a_bits': ..}``), or one ``(w_bits, a_bits)`` pair applied to
+            every layer of ``names``.
         names: Layers to convert. Default: the policy's layers, or
             :func:`select_layers` for a uniform pair. With a dict policy the
             names must be exactly the policy's layers.
