@@ -119,7 +119,8 @@ def test_configs_keep_the_shared_settings():
     pretrain = Config.fromfile(ROOT / PRETRAIN)
     finetune = Config.fromfile(ROOT / FINETUNE)
     assert search.model.input_shape == (3, 128, 128)
-    assert search.model.teacher == PRETRAIN
+    # Named relative to the config file ({{ fileDirname }}), so absolute.
+    assert Path(search.model.teacher).samefile(ROOT / PRETRAIN)
     assert search.train_cfg.mode == 'bilevel'
     # The teacher sees what the supernet sees.
     assert search.data_preprocessor == pretrain.data_preprocessor
