@@ -7,6 +7,7 @@ start-up of a bare interpreter measured in the same run (robust to a loaded
 machine).
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLS = sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / 'tools').rglob('*.py'))
 HEAVY = ('torch', 'mmengine', 'mmpretrain', 'mmcv', 'matplotlib', 'scipy')
+# This checkout's gmpq_mm, as an install of it would provide (a script's
+# own folder, not the working directory, starts sys.path).
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
 
 # Run a tool as ``python tools/x.py ARGS`` would (its folder first on
 # sys.path), then report the heavy packages loaded by the time it exits.
@@ -38,8 +43,8 @@ print('RESULT ' + json.dumps(dict(code=code, heavy=heavy)))
 
 def run_harness(tool, *args):
     out = subprocess.run([sys.executable, '-c', HARNESS, tool, *args],
-                         cwd=str(ROOT), capture_output=True, text=True,
-                         timeout=120)
+                         cwd=str(ROOT), env=ENV, capture_output=True,
+                         text=True, timeout=120)
     lines = [x for x in out.stdout.splitlines() if x.startswith('RESULT ')]
     assert lines, f'{tool}: {out.stdout[-2000:]}\n{out.stderr[-2000:]}'
     return json.loads(lines[-1][len('RESULT '):]), out
@@ -68,7 +73,8 @@ def test_argument_error_imports_nothing_heavy(tool):
 
 def _seconds(cmd):
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=str(ROOT), capture_output=True, timeout=120)
+    subprocess.run(cmd, cwd=str(ROOT), env=ENV, capture_output=True,
+                   timeout=120)
     return time.perf_counter() - start
 
 
