@@ -1,13 +1,13 @@
 """gmpq_mm: GMPQ mixed-precision search as an OpenMMLab plugin.
 
-``custom_imports=dict(imports=['gmpq_mm'])`` in a config registers every
-gmpq_mm type into mmpretrain's registries (see :mod:`gmpq_mm.registry`).
+Importing ``gmpq_mm`` (or :mod:`gmpq_mm.quantization`, the pure-PyTorch
+numerics) imports neither mmengine nor mmpretrain and changes nothing.
+To use the OpenMMLab side -- the registered types and the checkpoint loading
+of :mod:`gmpq_mm.compat` -- call :func:`gmpq_mm.utils.register_all_modules`
+once; configs do that with
+``custom_imports=dict(imports=['gmpq_mm.register_all'])`` and the tools call
+it themselves.
 """
-from .compat import patch_checkpoint_loading
 from .version import __version__
-
-patch_checkpoint_loading()
-
-from . import datasets, engine, models  # noqa: E402,F401  (register types)
 
 __all__ = ['__version__']

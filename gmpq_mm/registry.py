@@ -10,7 +10,8 @@ name. Registering into the parents gives exactly that; the price is one
 namespace, so every gmpq_mm name is chosen not to clash (registration fails
 loudly on a clash, ``force`` is never used).
 
-Import gmpq_mm (``custom_imports=dict(imports=['gmpq_mm'])``) to fill them.
+Call :func:`gmpq_mm.utils.register_all_modules` (what
+``custom_imports=dict(imports=['gmpq_mm.register_all'])`` does) to fill them.
 """
 from mmpretrain.registry import (DATASETS, HOOKS, LOOPS, MODEL_WRAPPERS,
                                  MODELS, OPTIM_WRAPPER_CONSTRUCTORS,

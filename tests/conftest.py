@@ -8,8 +8,9 @@ subprocesses exactly as a user would run them.
 Fixtures (use them by name in a test's arguments):
 
 ``repo_root``
-    :class:`pathlib.Path` of the repository root (also put on ``sys.path``
-    here, so ``import gmpq_mm`` works without installing the package).
+    :class:`pathlib.Path` of the repository root (``pythonpath = .`` in
+    setup.cfg puts it first on ``sys.path``, so the tests import this
+    checkout's ``gmpq_mm`` even where another copy is installed).
 ``cifar10_root``
     session-scoped directory holding ``cifar-10-batches-py/`` (data_batch_1..5,
     test_batch, batches.meta) pickled the way the official python-version
@@ -57,8 +58,6 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 CIFAR10_CONFIG = 'configs/gmpq/pretrain_r18_cifar10.py'
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',

@@ -9,15 +9,11 @@ import argparse
 import json
 import os
 import os.path as osp
-import sys
 
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from gmpq_mm.compat import (finish_distributed,  # noqa: E402
-                            prepare_cpu_distributed)
-from gmpq_mm.utils import check_paths  # noqa: E402
+# Light imports only: --help and argument errors must not wait for torch /
+# OpenMMLab, which main() imports once the arguments are parsed.
+from gmpq_mm.utils import check_paths, register_all_modules
+from gmpq_mm.utils.cli import DictAction
 
 
 def parse_args(argv=None):
@@ -46,7 +42,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
     cfg = Config.fromfile(args.config)
+    register_all_modules()
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

@@ -8,15 +8,11 @@ works on a CPU-only machine).
 import argparse
 import os
 import os.path as osp
-import sys
 
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from gmpq_mm.compat import (finish_distributed,  # noqa: E402
-                            prepare_cpu_distributed)
-from gmpq_mm.utils import check_paths  # noqa: E402
+# Light imports only: --help and argument errors must not wait for torch /
+# OpenMMLab, which main() imports once the arguments are parsed.
+from gmpq_mm.utils import check_paths, register_all_modules
+from gmpq_mm.utils.cli import DictAction
 
 
 def parse_args(argv=None):
@@ -122,7 +118,12 @@ def merge_args(cfg, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
     cfg = Config.fromfile(args.config)
+    register_all_modules()
     cfg = merge_args(cfg, args)
     phases = ('train', ) if cfg.get('val_cfg') is None else ('train', 'val')
     try:

@@ -1,3 +1,4 @@
+# Scale: 8 GPUs x 32 images, 100 epochs.
 # Stage 3 for MobileNetV2: finetune on ImageNet-1k with the bit policy
 # searched on CIFAR-10 (configs/gmpq/search_mbv2_cifar10.py writes
 # work_dirs/search_mbv2_cifar10/policy.json), from mmpretrain's FP ImageNet

@@ -1,3 +1,4 @@
+# Scale: 8 GPUs x 32 images, 100 epochs.
 # Stage 3: finetune ResNet-18 on ImageNet-1k with the bit policy searched on
 # CIFAR-10 (configs/gmpq/search_r18_cifar10.py writes
 # work_dirs/search_r18_cifar10/policy.json), starting from mmpretrain's FP

@@ -1,3 +1,4 @@
+# Scale: 8 GPUs x 32 images, 100 epochs.
 # Uniform-precision baseline: every quantized conv of ResNet-18 at
 # W4A4 (stem and classifier FP), same finetune as the mixed policy.
 _base_ = ['./finetune_r18_in1k.py']

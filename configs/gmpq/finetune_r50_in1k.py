@@ -1,3 +1,4 @@
+# Scale: 8 GPUs x 32 images, 100 epochs.
 # Stage 3 for ResNet-50 (52 quantized convs): the policy of
 # configs/gmpq/search_r50_cifar10.py, mmpretrain's FP ImageNet ResNet-50.
 _base_ = ['./finetune_r18_in1k.py']

@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 64 images, 50 epochs.
 # Stage 1 for MobileNetV2: the full-precision attribution teacher of
 # search_mbv2_cifar10.py, fine-tuned from ImageNet FP weights on CIFAR-10
 # upsampled to 128 pixels (why 128: _base_/datasets/cifar10_128px.py), with

@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 64 images, 50 epochs.
 # Stage 1: full-precision ResNet-18 teacher for the cars search, fine-tuned
 # from ImageNet FP weights at 224 pixels.
 _base_ = [

@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 128 images, 200 epochs.
 # Stage 1: the full-precision ResNet-18 (CIFAR stem: 3x3 conv, no max-pool)
 # that the CIFAR-10 search uses as its attribution teacher.
 _base_ = [

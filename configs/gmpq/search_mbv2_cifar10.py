@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 256 images, 25 epochs.
 # Stage 2 for MobileNetV2: GMPQ search on CIFAR-10 at 128 pixels with the
 # ResNet-18 search's settings (w2346a2346, bilevel, 25 epochs, lr 0.1 /
 # lra 0.01, LR x0.1 every 10, aw 40, total batch 256). Needs the teacher

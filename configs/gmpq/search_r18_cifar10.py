@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 256 images, 25 epochs.
 # Stage 2: GMPQ search of ResNet-18 (CIFAR stem) on CIFAR-10, the paper's
 # settings: w2346a2346, 25 epochs, lr 0.1 / lra 0.01, LR x0.1 every 10,
 # aw 40, cd 3e-4, total batch 256. Bilevel (first-order DARTS) loop; see

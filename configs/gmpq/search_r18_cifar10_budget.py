@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 256 images, 25 epochs.
 # A BitOPs budget instead of tuning cd by trial: the exported policy is the
 # most likely one (summed log-softmax of the alphas) whose BitOPs over the
 # 19 searched convs at 32x32 stay within target_bitops -- here 8.9 GBitOPs,

@@ -1,3 +1,4 @@
+# Scale: 1 GPU x 64 images, 25 epochs.
 # Stage 2: GMPQ search of ResNet-18 (ImageNet stem) on pets at 224 pixels
 # (the released code crashes here: its pooling assumed 32x32). Teacher:
 # pretrain_r18_pets.py.
@@ -11,7 +12,7 @@ _base_ = [
 model = dict(
     backbone=dict(backbone=dict(type='ResNet')),
     head=dict(num_classes={{_base_.num_classes}}),
-    teacher='configs/gmpq/pretrain_r18_pets.py',
+    teacher='{{ fileDirname }}/pretrain_r18_pets.py',
     teacher_checkpoint='work_dirs/pretrain_r18_pets/epoch_50.pth',
     input_shape=(3, 224, 224))
 randomness = dict(seed=0)

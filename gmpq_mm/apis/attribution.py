@@ -42,7 +42,8 @@ from gmpq_mm.models.backbones.mixed_precision_backbone import \
 from gmpq_mm.models.utils import (classifier_attribution_maps, match_map_size)
 from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.registry import MODELS, TRANSFORMS
-from .deploy import _as_config, _model_cfg
+from gmpq_mm.utils import register_all_modules
+from .deploy import as_config, model_config
 
 __all__ = [
     'AttributionModels', 'ExplainedImage', 'load_attribution_models',
@@ -123,8 +124,9 @@ def _load_strict(model: nn.Module,
 
 
 def _build(cfg: Config) -> nn.Module:
+    register_all_modules()
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    return MODELS.build(_model_cfg(cfg))
+    return MODELS.build(model_config(cfg))
 
 
 def _search_model(cfg: Config, config: str, checkpoint: str, state: dict,
@@ -200,7 +202,7 @@ def load_attribution_models(config,
     for path in (checkpoint, teacher_checkpoint):
         if path is not None and not osp.isfile(path):
             raise FileNotFoundError(f'checkpoint not found: {path}')
-    cfg = _as_config(config, cfg_options)
+    cfg = as_config(config, cfg_options)
     config_name = getattr(cfg, 'filename', None) or str(config)
     model_type = str(cfg.model.get('type', 'ImageClassifier'))
     state, meta = _state_and_meta(checkpoint)
@@ -216,7 +218,7 @@ def load_attribution_models(config,
                 '--teacher-config and --teacher-checkpoint')
         student = _build(cfg)
         _load_strict(student, state, checkpoint, config_name)
-        teacher = _build(_as_config(teacher_config))
+        teacher = _build(as_config(teacher_config))
         t_state, _ = _state_and_meta(teacher_checkpoint)
         _load_strict(teacher, t_state, teacher_checkpoint, teacher_config)
         s_classes = getattr(student.head, 'num_classes', None)
@@ -288,6 +290,7 @@ def load_images(cfg: Config,
     """
     steps = _test_pipeline(cfg)
     from_file = any(_loads_files(step) for step in steps)
+    register_all_modules()
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     pipeline = Compose([TRANSFORMS.build(step) for step in steps])
     samples = []

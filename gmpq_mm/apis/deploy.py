@@ -24,10 +24,11 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 from torch import nn
 
+from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.export import load_artifact, save_artifact
 from gmpq_mm.quantization.layers import is_quantized_layer
-from gmpq_mm.quantization.policy import policy_from_model
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils import register_all_modules
 
 __all__ = [
     'load_model', 'deploy_model_config', 'export_checkpoint',
@@ -57,7 +58,9 @@ def _strip_init(obj):
     return obj
 
 
-def _as_config(config, cfg_options=None) -> Config:
+def as_config(config, cfg_options=None) -> Config:
+    """A :class:`Config` from a file path, a Config (copied) or a dict, with
+    ``cfg_options`` merged in."""
     if isinstance(config, (str, os.PathLike)):
         cfg = Config.fromfile(os.fspath(config))
     elif isinstance(config, Config):
@@ -69,7 +72,9 @@ def _as_config(config, cfg_options=None) -> Config:
     return cfg
 
 
-def _model_cfg(cfg: Config) -> dict:
+def model_config(cfg: Config) -> dict:
+    """The ``model`` of ``cfg`` as a plain dict, with the config's top-level
+    ``data_preprocessor`` folded in (what building it alone needs)."""
     model_cfg = _plain(cfg.model)
     if cfg.get('data_preprocessor') is not None:
         model_cfg.setdefault('data_preprocessor',
@@ -88,9 +93,10 @@ def load_model(config,
     Returns:
         tuple: the model in eval mode and the (merged) config.
     """
-    cfg = _as_config(config, cfg_options)
+    cfg = as_config(config, cfg_options)
+    register_all_modules()
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    model = MODELS.build(_model_cfg(cfg))
+    model = MODELS.build(model_config(cfg))
     if checkpoint is not None:
         try:
             load_checkpoint(model, checkpoint, map_location='cpu',
@@ -109,7 +115,7 @@ def deploy_model_config(cfg: Config, model: nn.Module) -> dict:
     ``signed`` flags spelled out per layer (no probe forward at rebuild);
     every ``init_cfg`` is dropped.
     """
-    model_cfg = _strip_init(_model_cfg(cfg))
+    model_cfg = _strip_init(model_config(cfg))
     backbone_cfg = model_cfg.get('backbone')
     backbone = getattr(model, 'backbone', None)
     if isinstance(backbone_cfg, dict) and isinstance(backbone, nn.Module) \
@@ -217,6 +223,7 @@ def build_deployed_model(path: str,
     if not isinstance(model_cfg, dict):
         raise ArtifactError(f'{path}: the artifact holds no model config to '
                             f'rebuild the network from')
+    register_all_modules()
     init_default_scope('mmpretrain')
     model = MODELS.build(copy.deepcopy(model_cfg))
     try:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .complexity import LayerMacs, human_units
+from .layers import is_mixed_layer
 from .quantizers import check_candidates
 
 __all__ = ['best_policy_under_budget', 'log_probs_from_model', 'policy_cost']
@@ -64,8 +65,6 @@ def policy_cost(macs: Mapping, layers: Mapping) -> int:
 
 def log_probs_from_model(model: nn.Module) -> 'OrderedDict[str, tuple]':
     """``name -> (log p_w, log p_a)`` of every mixed layer of a supernet."""
-    from .layers import is_mixed_layer
-
     out = OrderedDict()
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -98,7 +97,23 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             message states the smallest reachable BitOPs), or inputs
             disagree.
         RuntimeError: If the solver fails to prove an optimum.
+
+    Example:
+        >>> import math
+        >>> log_probs = {'a': ([math.log(.1), math.log(.9)],   # w: 2, 4
+        ...                    [math.log(.5), math.log(.5)]),  # a: 2, 4
+        ...              'b': ([math.log(.4), math.log(.6)],
+        ...                    [math.log(.9), math.log(.1)])}
+        >>> macs = {'a': 100, 'b': 1000}
+        >>> dict(best_policy_under_budget(log_probs, macs, (2, 4), (2, 4),
+        ...                               budget=1e6))  # the argmax
+        {'a': (4, 2), 'b': (4, 2)}
+        >>> dict(best_policy_under_budget(log_probs, macs, (2, 4), (2, 4),
+        ...                               budget=5000))  # 100*8 + 1000*4
+        {'a': (4, 2), 'b': (2, 2)}
     """
+    # scipy is imported here, not at the top: it costs seconds, and only
+    # the budget solver needs it.
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 

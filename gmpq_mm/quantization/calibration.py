@@ -40,15 +40,14 @@ Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 import contextlib
 import math
 from collections import OrderedDict
-from typing import (Callable, Dict, Iterable, Iterator, Optional,
-                    Sequence)
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .convert import eval_mode
 from .layers import is_quantized_layer
+from .probe import eval_mode
 from .quantizers import FP_BITS, activation_levels, weight_levels
 from .quantizers import weight_threshold as current_weight_threshold
 
@@ -572,6 +571,17 @@ def calibrate_model(model: nn.Module,
         dict: ``name -> {'w_bits', 'a_bits', 'signed', 'act_max',
         'act_range', 'w_max', 'w_threshold'}`` (``w_threshold`` None: the
         layer keeps ``max|W|``; ``act_range`` None: not calibrated).
+
+    Example:
+        >>> from torch import nn
+        >>> from gmpq_mm.quantization.convert import to_quantized
+        >>> net = to_quantized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                                  nn.Conv2d(8, 8, 3)), (4, 4))
+        >>> batches = [torch.rand(2, 3, 8, 8) for _ in range(2)]
+        >>> stats = calibrate_model(net, batches, method='max')
+        >>> act_range = float(net[2].act_range.detach())
+        >>> list(stats), act_range == stats['2']['act_range']
+        (['2'], True)
     """
     _check_method(method)
     weight_method = _check_method(weight_method or method)

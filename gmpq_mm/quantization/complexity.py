@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
-from .convert import _probe_input, eval_mode
+from .layers import is_mixed_layer, is_quantized_layer
+from .policy import policy_layers as policy_layers_of
+from .probe import eval_mode, probe_input
 
 __all__ = [
     'LayerMacs', 'count_macs', 'bitops', 'expected_bitops',
@@ -86,6 +88,15 @@ def count_macs(
         OrderedDict[str, LayerMacs]: By module name, in ``named_modules()``
         order, for the layers the forward calls. A module called more than
         once has its MACs summed.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> macs = count_macs(net, (3, 8, 8))
+        >>> macs['2']  # 8 in x 3x3 kernel x 8 out x 4x4 output
+        LayerMacs(macs=9216, params=584, kind='conv')
     """
     found: Dict[str, int] = {}
     handles = []
@@ -104,7 +115,7 @@ def count_macs(
         handles.append(module.register_forward_hook(make_hook(name)))
     try:
         with eval_mode(model):
-            model(_probe_input(model, input_shape, batch_size=1))
+            model(probe_input(model, input_shape, batch_size=1))
     finally:
         for handle in handles:
             handle.remove()
@@ -133,6 +144,10 @@ def bitops(macs: Mapping, layers: Mapping) -> Union[int, float]:
 
     Returns:
         int: BitOPs (a float if some bits are, e.g. expected bits).
+
+    Example:
+        >>> bitops({'a': 100, 'b': 10}, {'a': (4, 3), 'b': (2, 2)})
+        1240
     """
     if not isinstance(layers, Mapping):
         raise TypeError(f'layers must be a dict name -> (w_bits, a_bits), '
@@ -159,8 +174,6 @@ def expected_bitops(model: nn.Module,
     Returns:
         Tensor: A 0-d tensor.
     """
-    from .layers import is_mixed_layer
-
     total, first = None, None
     for name, module in model.named_modules():
         if not is_mixed_layer(module):
@@ -179,8 +192,6 @@ def expected_bitops(model: nn.Module,
 def _layer_bits(name: str, module: nn.Module,
                 policy: Optional[Mapping]) -> Tuple[float, float, bool]:
     """Bits of one layer and whether it counts as quantized."""
-    from .layers import is_mixed_layer, is_quantized_layer
-
     if policy is not None and name in policy:
         bits = policy[name]
         if isinstance(bits, Mapping):
@@ -220,13 +231,24 @@ def complexity_report(model: nn.Module,
         (quantized layers only), ``size_mb``, ``fp_size_mb``,
         ``mean_w_bits`` / ``mean_a_bits`` (plain mean over quantized layers);
         plus ``input_shape`` and ``size_unit``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> bits = {'2': (4, 3), '4': (2, 2)}
+        >>> report = complexity_report(net, (3, 8, 8), policy_layers=bits)
+        >>> report['totals']['bitops_quantized']  # 9216*4*3 + 512*2*2
+        112640
+        >>> report['totals']['num_quantized'], report['layers'][0]['w_bits']
+        (2, 32)
     """
     if policy_layers is not None and not isinstance(policy_layers, Mapping):
         raise TypeError(f'policy_layers must be a dict name -> (w_bits, '
                         f'a_bits) or a policy, got {policy_layers!r}')
     if policy_layers is not None and 'format' in policy_layers:
-        from .policy import policy_layers as layers_of
-        policy_layers = layers_of(policy_layers)
+        policy_layers = policy_layers_of(policy_layers)
     macs = count_macs(model, input_shape)
     modules = dict(model.named_modules())
     if policy_layers is not None:

@@ -7,58 +7,31 @@ of a supernet applies to any network that shares those names (e.g. mmpretrain's
 
 Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 """
-import contextlib
 import fnmatch
 import warnings
-from typing import (Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Sequence, Tuple, Union)
+from collections import OrderedDict
+from typing import (Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple, Union)
 
 import torch
 from torch import nn
 
+from .complexity import bitops, count_macs
+from .layers import (MixedPrecisionConv2d, MixedPrecisionLinear,
+                     QuantizedConv2d, QuantizedLinear, is_mixed_layer,
+                     is_quantized_layer)
+from .policy import make_policy
+from .policy import policy_layers as policy_layers_of
+from .probe import eval_mode, probe_input
+from .quantizers import check_bits
+
 __all__ = [
-    'eval_mode', 'select_layers', 'replace_layers', 'detect_signed_inputs',
-    'to_mixed_precision', 'to_quantized'
+    'select_layers', 'replace_layers', 'detect_signed_inputs',
+    'to_mixed_precision', 'to_quantized', 'policy_from_model'
 ]
 
 SignedSpec = Union[bool, str, Callable[[str, nn.Module], bool], Mapping[str,
                                                                         bool]]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode under ``no_grad``; restore it after.
-
-    The training flag of every submodule is restored one by one (not with a
-    blanket ``model.train()``) because some submodules may be in eval mode on
-    purpose, e.g. frozen BatchNorm layers of a backbone.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _probe_input(model: nn.Module,
-                 input_shape: Sequence[int],
-                 batch_size: int = 1,
-                 random: bool = False) -> torch.Tensor:
-    """A probe batch on the device and in the float dtype of ``model``."""
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device('cpu')
-    dtype = param.dtype if (param is not None
-                            and param.is_floating_point()) else torch.float32
-    shape = (batch_size, *tuple(int(s) for s in input_shape))
-    if random:
-        # A fixed seed keeps the result reproducible without touching the
-        # global RNG state of the caller.
-        gen = torch.Generator().manual_seed(0)
-        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    return torch.zeros(shape, device=device, dtype=dtype)
 
 
 def _as_patterns(patterns: Optional[Union[str, Iterable[str]]],
@@ -100,6 +73,16 @@ def select_layers(model: nn.Module,
     Raises:
         ValueError: If a pattern matches no module of ``types`` (a typo must
             not silently select nothing), or if nothing is selected at all.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> select_layers(net)  # every conv but the stem ('0')
+        ['2', '4']
+        >>> select_layers(net, exclude='4')
+        ['2']
     """
     include = _as_patterns(include, 'include')
     exclude = _as_patterns(exclude, 'exclude')
@@ -225,7 +208,7 @@ def detect_signed_inputs(model: nn.Module,
     ]
     try:
         with eval_mode(model):
-            model(_probe_input(model, input_shape, batch_size, random=True))
+            model(probe_input(model, input_shape, batch_size, random=True))
     finally:
         for handle in handles:
             handle.remove()
@@ -258,7 +241,6 @@ def _resolve_signed(model: nn.Module, names: Sequence[str], signed: SignedSpec,
 
 
 def _check_convertible(model: nn.Module, names: Sequence[str]) -> None:
-    from . import layers as qlayers  # imported late: built concurrently
     modules = dict(model.named_modules())
     unknown = [name for name in names if name not in modules or not name]
     if unknown:
@@ -266,8 +248,7 @@ def _check_convertible(model: nn.Module, names: Sequence[str]) -> None:
             f'unknown module name(s) {unknown} in {type(model).__name__}')
     for name in names:
         module = modules[name]
-        if qlayers.is_mixed_layer(module) or qlayers.is_quantized_layer(
-                module):
+        if is_mixed_layer(module) or is_quantized_layer(module):
             raise ValueError(f'{name!r} is already a quantized layer '
                              f'({type(module).__name__})')
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -306,8 +287,19 @@ def to_mixed_precision(model: nn.Module,
 
     Returns:
         nn.Module: ``model`` itself.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> net = to_mixed_precision(net, w_candidates=(2, 4),
+        ...                          a_candidates=(2, 4))
+        >>> type(net[2]).__name__, net[2].w_candidates, type(net[0]).__name__
+        ('MixedPrecisionConv2d', (2, 4), 'Conv2d')
+        >>> tuple(net(torch.randn(1, 3, 8, 8)).shape)
+        (1, 4, 4, 4)
     """
-    from . import layers as qlayers
     names = select_layers(model) if names is None else list(names)
     _check_convertible(model, names)
     signed_of = _resolve_signed(model, names, signed, input_shape)
@@ -315,8 +307,8 @@ def to_mixed_precision(model: nn.Module,
 
     def factory(name, module):
         cls = (
-            qlayers.MixedPrecisionConv2d
-            if isinstance(module, nn.Conv2d) else qlayers.MixedPrecisionLinear)
+            MixedPrecisionConv2d
+            if isinstance(module, nn.Conv2d) else MixedPrecisionLinear)
         return cls.from_float(
             module,
             w_candidates=w_candidates,
@@ -331,11 +323,8 @@ def to_mixed_precision(model: nn.Module,
 def _policy_bits(policy_layers, names: Optional[Sequence[str]],
                  model: nn.Module) -> Dict[str, Tuple[int, int]]:
     """``name -> (w_bits, a_bits)`` from a dict, a policy or a uniform pair."""
-    from .quantizers import check_bits
-
     if isinstance(policy_layers, Mapping) and 'format' in policy_layers:
-        from .policy import load_policy, policy_layers as layers_of
-        policy_layers = layers_of(load_policy(policy_layers))
+        policy_layers = policy_layers_of(policy_layers)
 
     if isinstance(policy_layers, Mapping):
         table = {}
@@ -378,10 +367,11 @@ def to_quantized(model: nn.Module,
 
     Args:
         model: Edited in place.
-        policy_layers: ``name -> (w_bits, a_bits)`` (or ``name -> {'w_bits':
-            .., 'a_bits': ..}``, or a whole policy dict as made by
-            :func:`gmpq_mm.quantization.policy.make_policy`), or one
-            ``(w_bits, a_bits)`` pair applied to every layer of ``names``.
+        policy_layers: A :class:`~gmpq_mm.quantization.policy.Policy` (or
+            a policy dict, as :func:`~gmpq_mm.quantization.policy.make_policy`
+            makes), ``name -> (w_bits, a_bits)`` (or ``name -> {'w_bits':
+            .., 'a_bits': ..}``), or one ``(w_bits, a_bits)`` pair applied to
+            every layer of ``names``.
         names: Layers to convert. Default: the policy's layers, or
             :func:`select_layers` for a uniform pair. With a dict policy the
             names must be exactly the policy's layers.
@@ -391,8 +381,20 @@ def to_quantized(model: nn.Module,
 
     Returns:
         nn.Module: ``model`` itself.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> net = to_quantized(net, {'2': (4, 3), '4': (2, 2)})
+        >>> net[2].bits, net[4].bits
+        ((4, 3), (2, 2))
+        >>> uniform = to_quantized(nn.Sequential(nn.Conv2d(3, 8, 3),
+        ...                                      nn.Conv2d(8, 8, 3)), (4, 4))
+        >>> uniform[1].bits
+        (4, 4)
     """
-    from . import layers as qlayers
     bits_of = _policy_bits(policy_layers, names, model)
     names = list(bits_of)
     _check_convertible(model, names)
@@ -400,8 +402,8 @@ def to_quantized(model: nn.Module,
 
     def factory(name, module):
         cls = (
-            qlayers.QuantizedConv2d
-            if isinstance(module, nn.Conv2d) else qlayers.QuantizedLinear)
+            QuantizedConv2d
+            if isinstance(module, nn.Conv2d) else QuantizedLinear)
         w_bits, a_bits = bits_of[name]
         return cls.from_float(
             module,
@@ -412,3 +414,61 @@ def to_quantized(model: nn.Module,
             **layer_kw)
 
     return replace_layers(model, factory, names)
+
+
+def policy_from_model(model: nn.Module,
+                      input_shape: Optional[Sequence[int]] = None,
+                      **meta) -> dict:
+    """The policy of a supernet (argmax of the alphas) or a quantized net.
+
+    Every mixed-precision layer contributes its ``choice()``, every fixed
+    bit layer its ``bits``, keyed by module name in network order.
+
+    Args:
+        model: A network holding mixed-precision or quantized layers.
+        input_shape: ``(C, H, W)``; if given, ``bitops`` of the policy (over
+            its layers, i.e. the searched layers) is measured at this shape.
+        **meta: Extra policy fields (``source``, ``budget``, ...).
+
+    Returns:
+        dict: The policy.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 8, 3), nn.ReLU(),
+        ...                     nn.Conv2d(8, 4, 1))
+        >>> net = to_quantized(net, {'2': (4, 3), '4': (2, 2)})
+        >>> policy = policy_from_model(net, input_shape=(3, 8, 8))
+        >>> policy['layers']['2'], policy['bitops']  # 9216*4*3 + 512*2*2
+        ({'w_bits': 4, 'a_bits': 3}, 112640)
+    """
+    table = OrderedDict()
+    w_cands, a_cands = [], []
+    for name, module in model.named_modules():
+        if is_mixed_layer(module):
+            table[name] = tuple(int(b) for b in module.choice())
+            w_cands.append(tuple(module.w_candidates))
+            a_cands.append(tuple(module.a_candidates))
+        elif is_quantized_layer(module):
+            table[name] = tuple(int(b) for b in module.bits)
+    if not table:
+        raise ValueError(f'{type(model).__name__} holds no mixed-precision '
+                         f'or quantized layer: no policy to export')
+
+    def common(cands):
+        # One list when all searched layers share it (the usual case),
+        # otherwise the sorted union.
+        if not cands:
+            return None
+        if all(c == cands[0] for c in cands):
+            return list(cands[0])
+        return sorted({b for c in cands for b in c})
+
+    meta.setdefault('w_candidates', common(w_cands))
+    meta.setdefault('a_candidates', common(a_cands))
+    if input_shape is not None:
+        macs = count_macs(model, input_shape)
+        meta.setdefault('bitops', bitops(macs, table))
+        meta['input_shape'] = list(input_shape)
+    return make_policy(table, **meta)

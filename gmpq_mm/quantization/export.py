@@ -47,6 +47,8 @@ from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .layers import is_quantized_layer
@@ -279,9 +281,20 @@ def save_artifact(path: PathLike,
     Returns:
         dict: ``path``, ``bytes`` (file size), ``num_tensors``,
         ``packed_layers``.
-    """
-    from safetensors.torch import save_file
 
+    Example:
+        >>> import os, tempfile
+        >>> from gmpq_mm.quantization.convert import to_quantized
+        >>> net = to_quantized(nn.Sequential(nn.Conv2d(3, 8, 3),
+        ...                                  nn.Conv2d(8, 8, 3)), (2, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), 'net.safetensors')
+        >>> info = save_artifact(path, net)
+        >>> info['packed_layers']
+        1
+        >>> state, meta = load_artifact(path)
+        >>> meta['layers']['1']['w_bits'], tuple(state['1.weight'].shape)
+        (2, (8, 8, 3, 3))
+    """
     path = os.fspath(path)
     tensors, metadata = export_quantized(model)
     metadata['config'] = json.dumps(config if config is not None else None)
@@ -426,8 +439,6 @@ def load_artifact(path: PathLike) -> Tuple['OrderedDict[str, Tensor]', dict]:
             file, a malformed header, altered metadata, a tensor whose
             checksum does not match, a missing or unexpected tensor.
     """
-    from safetensors.torch import load as st_load
-
     path = os.fspath(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'artifact not found: {path}')

@@ -25,21 +25,21 @@ against the network it is applied to (:func:`validate_policy`).
 
 Pure PyTorch / stdlib: nothing from mmengine / mmpretrain is imported.
 """
+import copy
 import json
 import numbers
 import os
 import os.path as osp
 from collections import OrderedDict
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
-
-from torch import nn
+from typing import (Dict, Iterable, Iterator, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 from .atomic_file import write_text_atomic
 from .quantizers import check_bits, check_candidates
 
 __all__ = [
-    'POLICY_FORMAT', 'POLICY_VERSION', 'make_policy', 'save_policy',
-    'load_policy', 'validate_policy', 'policy_layers', 'policy_from_model'
+    'POLICY_FORMAT', 'POLICY_VERSION', 'Policy', 'make_policy',
+    'save_policy', 'load_policy', 'validate_policy', 'policy_layers'
 ]
 
 POLICY_FORMAT = 'gmpq-policy'
@@ -97,6 +97,12 @@ def make_policy(layers: Mapping, **meta) -> dict:
 
     Returns:
         dict: A policy that :func:`load_policy` accepts.
+
+    Example:
+        >>> policy = make_policy({'conv1': (4, 3), 'conv2': (2, 2)},
+        ...                      source='hand-written')
+        >>> policy['layers']['conv1'], policy['mean_a_bits']
+        ({'w_bits': 4, 'a_bits': 3}, 2.5)
     """
     policy = {'format': POLICY_FORMAT, 'version': POLICY_VERSION}
     table = OrderedDict((name, _check_layer_bits(name, bits, '<policy>'))
@@ -164,6 +170,13 @@ def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
         FileNotFoundError: Naming the path, if the file does not exist.
         ValueError: Naming the file (and the layer), for malformed JSON
             (with line / column), a wrong structure or bad bit widths.
+
+    Example:
+        >>> load_policy({'format': 'gmpq-policy', 'version': 1,
+        ...              'layers': {'conv1': {'w_bits': 4, 'a_bits': 9}}})
+        Traceback (most recent call last):
+        ...
+        ValueError: <policy>: layers[conv1] a_bits: bit width 9 is not ...
     """
     if isinstance(path_or_dict, Mapping):
         where, raw = '<policy>', dict(path_or_dict)
@@ -311,6 +324,15 @@ def validate_policy(policy: Union[PathLike, Mapping],
         ValueError: Naming the policy and every offending layer, for layers
             the policy lacks, layers the model does not have, and bits the
             model does not allow.
+
+    Example:
+        >>> policy = make_policy({'conv1': (4, 3), 'conv2': (2, 2)})
+        >>> validate_policy(policy, ['conv1', 'conv2'])
+        {'conv1': (4, 3), 'conv2': (2, 2)}
+        >>> validate_policy(policy, ['conv1', 'conv3'], source='p.json')
+        Traceback (most recent call last):
+        ...
+        ValueError: p.json: policy does not fit the model: missing layer(s) ...
     """
     if source is None:
         source = ('<policy>'
@@ -348,52 +370,75 @@ def validate_policy(policy: Union[PathLike, Mapping],
     return {name: table[name] for name in layer_names}
 
 
-def policy_from_model(model: nn.Module,
-                      input_shape: Optional[Sequence[int]] = None,
-                      **meta) -> dict:
-    """The policy of a supernet (argmax of the alphas) or a quantized net.
+class Policy(Mapping):
+    """A checked, read-only policy: the JSON file above as a Python object.
 
-    Every mixed-precision layer contributes its ``choice()``, every fixed
-    bit layer its ``bits``, keyed by module name in network order.
+    A :class:`~collections.abc.Mapping` over the file's fields, so every
+    function of this package that takes a policy dict takes a ``Policy``.
+    It is checked when made (:func:`load_policy`), and :meth:`save` writes
+    the same JSON format, atomically.
 
     Args:
-        model: A network holding mixed-precision or quantized layers.
-        input_shape: ``(C, H, W)``; if given, ``bitops`` of the policy (over
-            its layers, i.e. the searched layers) is measured at this shape.
-        **meta: Extra policy fields (``source``, ``budget``, ...).
+        policy: A policy file path, a policy dict or another ``Policy``.
 
-    Returns:
-        dict: The policy.
+    Example:
+        >>> import os, tempfile
+        >>> policy = Policy.from_layers({'conv1': (4, 3), 'conv2': (2, 2)},
+        ...                             w_candidates=[2, 4],
+        ...                             a_candidates=[2, 3])
+        >>> policy.layers
+        OrderedDict([('conv1', (4, 3)), ('conv2', (2, 2))])
+        >>> policy['mean_w_bits'], policy['w_candidates']
+        (3.0, [2, 4])
+        >>> path = policy.save(os.path.join(tempfile.mkdtemp(), 'p.json'))
+        >>> Policy(path) == policy
+        True
+        >>> Policy.from_layers({'conv1': (1, 3)})
+        Traceback (most recent call last):
+        ...
+        ValueError: <policy>: layers[conv1] w_bits: bit width 1 is not ...
     """
-    from .layers import is_mixed_layer, is_quantized_layer
 
-    table = OrderedDict()
-    w_cands, a_cands = [], []
-    for name, module in model.named_modules():
-        if is_mixed_layer(module):
-            table[name] = tuple(int(b) for b in module.choice())
-            w_cands.append(tuple(module.w_candidates))
-            a_cands.append(tuple(module.a_candidates))
-        elif is_quantized_layer(module):
-            table[name] = tuple(int(b) for b in module.bits)
-    if not table:
-        raise ValueError(f'{type(model).__name__} holds no mixed-precision '
-                         f'or quantized layer: no policy to export')
+    def __init__(self, policy: Union[PathLike, Mapping]):
+        source = policy._data if isinstance(policy, Policy) else policy
+        self._data = load_policy(source)
 
-    def common(cands):
-        # One list when all searched layers share it (the usual case),
-        # otherwise the sorted union.
-        if not cands:
-            return None
-        if all(c == cands[0] for c in cands):
-            return list(cands[0])
-        return sorted({b for c in cands for b in c})
+    @classmethod
+    def from_layers(cls, layers: Mapping, **meta) -> 'Policy':
+        """A policy of ``layers`` (``name -> (w_bits, a_bits)``) and the
+        optional fields ``meta`` (see :func:`make_policy`)."""
+        return cls(make_policy(layers, **meta))
 
-    meta.setdefault('w_candidates', common(w_cands))
-    meta.setdefault('a_candidates', common(a_cands))
-    if input_shape is not None:
-        from .complexity import bitops, count_macs
-        macs = count_macs(model, input_shape)
-        meta.setdefault('bitops', bitops(macs, table))
-        meta['input_shape'] = list(input_shape)
-    return make_policy(table, **meta)
+    @property
+    def layers(self) -> 'OrderedDict[str, Bits]':
+        """``name -> (w_bits, a_bits)`` in file order."""
+        return OrderedDict((name, (e['w_bits'], e['a_bits']))
+                           for name, e in self._data['layers'].items())
+
+    def validate(self, layer_names: Sequence[str], **kwargs) -> Dict[str,
+                                                                     Bits]:
+        """:func:`validate_policy` of this policy against a model's layers."""
+        return validate_policy(self._data, layer_names, **kwargs)
+
+    def save(self, path: PathLike) -> str:
+        """Write the JSON file atomically; returns the path."""
+        return save_policy(self._data, path)
+
+    def to_dict(self) -> dict:
+        """A deep copy of the fields, as :func:`load_policy` returns them."""
+        return copy.deepcopy(self._data)
+
+    def __getitem__(self, key: str):
+        return copy.deepcopy(self._data[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return (f'Policy({len(self._data["layers"])} layers, mean W/A bits '
+                f'{self._data.get("mean_w_bits")}/'
+                f'{self._data.get("mean_a_bits")}, '
+                f'bitops={self._data.get("bitops")})')

@@ -27,6 +27,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 from gmpq_mm.quantization.complexity import complexity_report
+from gmpq_mm.utils.model import unwrap_model
 
 __all__ = [
     'model_complexity', 'infer_input_shape', 'countable_model',
@@ -81,12 +82,6 @@ class _FeatureForward(nn.Module):
         return x
 
 
-def _unwrap(model):
-    while hasattr(model, 'module') and isinstance(model.module, nn.Module):
-        model = model.module  # DDP / DataParallel / MMDistributedDataParallel
-    return model
-
-
 def countable_model(model: nn.Module,
                     with_head: bool = True) -> Optional[nn.Module]:
     """The backbone (+ neck + head) of ``model`` as one module, or None.
@@ -94,7 +89,7 @@ def countable_model(model: nn.Module,
     ``model`` may be wrapped in (MM)DistributedDataParallel; None if it
     has no ``backbone`` module.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     backbone = getattr(model, 'backbone', None)
     if not isinstance(backbone, nn.Module):
         return None
@@ -107,7 +102,7 @@ def countable_model(model: nn.Module,
 
 def stem_channels(model: nn.Module) -> Optional[int]:
     """Input channels of the first conv of ``model`` (None if it has none)."""
-    for module in _unwrap(model).modules():
+    for module in unwrap_model(model).modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             return int(module.in_channels)
     return None
@@ -259,7 +254,7 @@ def model_complexity(model: nn.Module,
     """
     net = countable_model(model)
     if net is None:
-        msg = (f'{type(_unwrap(model)).__name__} has no backbone: no '
+        msg = (f'{type(unwrap_model(model)).__name__} has no backbone: no '
                f'complexity report')
         if strict:
             raise ValueError(msg)

@@ -127,7 +127,7 @@ def test_two_gloo_processes_keep_alphas_identical(tmp_path, repo_root,
         repo_root,
         cifar10_root,
         teacher_ckpt,
-        custom_imports="dict(imports=['gmpq_mm', 'alpha_dump_hook'])",
+        custom_imports="dict(imports=['gmpq_mm.register_all', 'alpha_dump_hook'])",
         custom_hooks="[dict(type='PolicyExportHook'), "
         "dict(type='DumpAlphasHook')]")
     work = tmp_path / 'work'

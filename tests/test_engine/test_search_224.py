@@ -8,10 +8,12 @@ import torch
 
 def test_search_r18_cars_runs_at_224(tmp_path, repo_root, imagenet_root,
                                      run_tool):
-    import gmpq_mm  # noqa: F401
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
+
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
 
     init_default_scope('mmpretrain')
     teacher_cfg = Config.fromfile(

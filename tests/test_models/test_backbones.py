@@ -7,13 +7,14 @@ import torch
 from mmengine.registry import init_default_scope
 from torch import nn
 
-import gmpq_mm  # noqa: F401  (registers the gmpq types)
-from gmpq_mm.quantization.layers import (MixedPrecisionConv2d,
-                                         QuantizedConv2d, is_mixed_layer,
-                                         is_quantized_layer)
-from gmpq_mm.quantization.policy import (make_policy, policy_from_model,
-                                         save_policy)
+from gmpq_mm.quantization.convert import policy_from_model
+from gmpq_mm.quantization.layers import (MixedPrecisionConv2d, QuantizedConv2d,
+                                         is_mixed_layer, is_quantized_layer)
+from gmpq_mm.quantization.policy import make_policy, save_policy
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils import register_all_modules
+
+register_all_modules()
 
 init_default_scope('mmpretrain')
 

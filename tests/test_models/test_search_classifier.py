@@ -4,8 +4,10 @@ import warnings
 import pytest
 import torch
 
-import gmpq_mm  # noqa: F401
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils import register_all_modules
+
+register_all_modules()
 
 BACKBONE = dict(type='ResNet_CIFAR', depth=18, stem_channels=8,
                 base_channels=8, out_indices=(3, ))
@@ -45,3 +47,26 @@ def test_multi_pixel_maps_build_quietly(teacher_ckpt):
         warnings.filterwarnings('error', message='.*1x1 feature maps')
         model = build(teacher_ckpt, 32)
     assert model.backbone.training  # the probe restored the mode
+
+
+def test_teacher_checkpoint_of_another_width_is_refused(tmp_path,
+                                                        teacher_ckpt):
+    wide = dict(TEACHER, backbone=dict(BACKBONE, base_channels=16),
+                head=dict(HEAD, in_channels=128))
+    path = tmp_path / 'wide.pth'
+    torch.save({'state_dict': MODELS.build(wide).state_dict()}, path)
+    with pytest.raises(ValueError, match=r'teacher checkpoint .*wide\.pth '
+                       r'does not match the teacher config.*shape mismatch '
+                       r'\(checkpoint vs model\): \[.backbone\.'):
+        build(str(path), 32)
+    # DDP-style 'module.' prefixes are stripped before the check.
+    state = torch.load(teacher_ckpt, weights_only=True)['state_dict']
+    prefixed = tmp_path / 'prefixed.pth'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in state.items()}},
+               prefixed)
+    build(str(prefixed), 32)
+    extra = tmp_path / 'extra.pth'
+    torch.save({'state_dict': dict(state, stray=torch.zeros(1))}, extra)
+    with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. "
+                       r"\['stray'\]"):
+        build(str(extra), 32)

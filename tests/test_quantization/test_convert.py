@@ -3,12 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from gmpq_mm.quantization.convert import (detect_signed_inputs, eval_mode,
-                                          replace_layers, select_layers,
-                                          to_mixed_precision, to_quantized)
+from gmpq_mm.quantization.convert import (detect_signed_inputs, replace_layers,
+                                          select_layers, to_mixed_precision,
+                                          to_quantized)
 from gmpq_mm.quantization.layers import (MixedPrecisionConv2d,
                                          MixedPrecisionLinear, QuantizedConv2d,
                                          QuantizedLinear)
+from gmpq_mm.quantization.probe import eval_mode
 
 backbones = pytest.importorskip('mmpretrain.models.backbones')
 

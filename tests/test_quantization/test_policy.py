@@ -8,11 +8,11 @@ from torch import nn
 
 from gmpq_mm.quantization import policy as policy_mod
 from gmpq_mm.quantization.complexity import count_macs
-from gmpq_mm.quantization.convert import (select_layers, to_mixed_precision,
-                                          to_quantized)
+from gmpq_mm.quantization.convert import (policy_from_model, select_layers,
+                                          to_mixed_precision, to_quantized)
 from gmpq_mm.quantization.policy import (load_policy, make_policy,
-                                         policy_from_model, policy_layers,
-                                         save_policy, validate_policy)
+                                         policy_layers, save_policy,
+                                         validate_policy)
 
 LAYERS = {
     'layer1.0.conv1': (4, 3),

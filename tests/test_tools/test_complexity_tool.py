@@ -18,10 +18,12 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from torch import nn
 
-import gmpq_mm  # noqa: F401  (registers the gmpq types)
 from gmpq_mm.quantization.policy import make_policy, save_policy
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils import register_all_modules
 from gmpq_mm.utils.report import infer_input_shape, model_complexity
+
+register_all_modules()
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / 'tools' / 'analysis' / 'complexity.py'

@@ -285,9 +285,11 @@ def mm_log():
 
 
 def test_cifar10format_loads_fixture(cifar10_root, mm_log):
-    import gmpq_mm  # noqa: F401
     from mmpretrain.registry import DATASETS
+
     from gmpq_mm.datasets import CIFAR10Format
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     train = DATASETS.build(
         dict(type='CIFAR10Format', data_root=cifar10_root, split='train',
              download=False))

@@ -5,6 +5,7 @@ called, so ``init_cfg`` checkpoints (URLs) are not fetched.
 """
 import glob
 import os.path as osp
+import re
 
 import pytest
 from mmengine.config import Config
@@ -52,8 +53,10 @@ def _dataset_types(dataset):
 
 @pytest.fixture(scope='module', autouse=True)
 def mmpretrain_scope():
-    import gmpq_mm  # noqa: F401  (registers gmpq_mm's types)
     from mmengine.registry import init_default_scope
+
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     init_default_scope('mmpretrain')
 
 
@@ -61,7 +64,7 @@ def mmpretrain_scope():
 def test_config_parses(path):
     cfg = load(path)
     assert cfg.get('default_scope') == 'mmpretrain'
-    assert 'gmpq_mm' in cfg.custom_imports['imports']
+    assert 'gmpq_mm.register_all' in cfg.custom_imports['imports']
     assert cfg.model.get('type')
     assert cfg.train_dataloader.dataset.get('type')
     assert cfg.get('train_cfg') and cfg.get('optim_wrapper')
@@ -112,3 +115,33 @@ def test_pretrain_model_builds(path):
     with torch.no_grad():
         out = model(torch.zeros(1, channels, size, size), mode='tensor')
     assert out.shape == (1, num_classes)
+
+
+SCALE_LINE = re.compile(r'# Scale: (\d+) (GPUs?|CPU process) x (\d+) images, '
+                        r'(\d+) epochs\.\n')
+
+
+@pytest.mark.parametrize('path', CONFIGS)
+def test_first_line_states_the_scale(path):
+    """The first comment line and the model-zoo table give the config's
+    real batch per GPU and epochs; GPUs x batch is its base batch."""
+    with open(osp.join(REPO_ROOT, path)) as f:
+        first = f.readline()
+    match = SCALE_LINE.fullmatch(first)
+    assert match, f'{path}: first line {first!r} is not "# Scale: ..."'
+    gpus, kind, batch, epochs = match.groups()
+    cfg = load(path)
+    assert int(batch) == cfg.train_dataloader.batch_size, path
+    assert int(epochs) == cfg.train_cfg.max_epochs, path
+    base = (cfg.get('auto_scale_lr') or {}).get('base_batch_size')
+    if base is not None:
+        assert int(gpus) * int(batch) == base, (path, base)
+    with open(osp.join(CONFIG_ROOT, 'README.md')) as f:
+        zoo = f.read()
+    rel = osp.relpath(osp.join(REPO_ROOT, path), CONFIG_ROOT)
+    unit = 'CPU' if kind.startswith('CPU') else kind
+    row = (f'](./{rel}) | ', f' | {gpus} {unit} x {batch} | '
+           f'{int(gpus) * int(batch)} | {epochs} |')
+    lines = [line for line in zoo.splitlines() if row[0] in line
+             and line.startswith('| [')]
+    assert any(line.endswith(row[1]) for line in lines), (path, lines)

@@ -98,8 +98,9 @@ def test_search_logs_curves_and_tool_plots_them(tmp_path, cifar10_root,
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    import gmpq_mm  # noqa: F401  (registers the gmpq types)
     from gmpq_mm.registry import MODELS
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
 
     cfg = write_search_config(tmp_path, cifar10_root, teacher_ckpt)
     work = tmp_path / 'work'

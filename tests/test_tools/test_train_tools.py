@@ -201,10 +201,12 @@ def test_load_trusted_checkpoint(trained_cifar_r18, monkeypatch):
 
 
 def test_mmengine_loader_is_patched(trained_cifar_r18):
-    """mmengine's own loading goes through gmpq_mm.compat after import."""
-    import gmpq_mm  # noqa: F401  (applies the patch)
+    """mmengine's own loading goes through gmpq_mm.compat once registered."""
     from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
+
     from gmpq_mm import compat
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     assert CheckpointLoader._schemes[''] is compat._load_local
     ckpt = _load_checkpoint(str(trained_cifar_r18 / 'epoch_1.pth'),
                             map_location='cpu')

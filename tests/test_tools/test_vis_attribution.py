@@ -100,8 +100,9 @@ def _save(model, path):
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory, repo_root):
     """Configs, checkpoints and images of the tool runs."""
-    import gmpq_mm  # noqa: F401
     from gmpq_mm.apis import load_model
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
 
     root = tmp_path_factory.mktemp('vis_attribution')
     files = dict(repo_root=repo_root)

@@ -25,11 +25,8 @@ import json
 import os
 import os.path as osp
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 STEPS = ('fp', 'w4a4', 'single', 'bilevel')
 
@@ -55,8 +52,9 @@ def build(args, device):
     from mmpretrain.registry import MODELS
     from mmpretrain.structures import DataSample
 
-    import gmpq_mm  # noqa: F401
     from gmpq_mm.engine import bilevel_step, single_level_step
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     init_default_scope('mmpretrain')
     torch.manual_seed(0)
     backbone = dict(type='ResNet', depth=18)

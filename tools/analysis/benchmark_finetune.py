@@ -27,12 +27,8 @@ import json
 import os
 import os.path as osp
 import statistics
-import sys
 import tempfile
 import time
-
-sys.path.insert(
-    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 TARGET_RATIO = 1.3
 TARGET_EXPORT_S = 10.0
@@ -101,10 +97,11 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    import gmpq_mm  # noqa: F401
     from gmpq_mm.apis import build_deployed_model
     from gmpq_mm.quantization.calibration import calibrate_model
     from gmpq_mm.quantization.export import save_artifact
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -29,8 +29,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-
 STEPS = ('fp', 'single', 'bilevel')
 TARGETS = dict(single=dict(time=1.6, mem=2.0), bilevel=dict(time=3.2,
                                                               mem=2.0))
@@ -51,14 +49,16 @@ def parse_args():
 def build(batch_size):
     """Models, optimizers and step callables for every variant."""
     import torch
-    import gmpq_mm  # noqa: F401
     from mmengine.optim import OptimWrapper
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
     from mmpretrain.structures import DataSample
 
-    from gmpq_mm.engine import (SearchOptimWrapperConstructor,
-                                bilevel_step, single_level_step)
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
+
+    from gmpq_mm.engine import (SearchOptimWrapperConstructor, bilevel_step,
+                                single_level_step)
     init_default_scope('mmpretrain')
     torch.manual_seed(0)
     head = dict(type='LinearClsHead', num_classes=10, in_channels=512,

@@ -19,13 +19,9 @@ import argparse
 import copy
 import os.path as osp
 import struct
-import sys
 import time
 
 import numpy as np
-
-sys.path.insert(
-    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 RULES = ('kl', 'release', 'mse', 'max', 'release+mse')
 SETTINGS = ((4, 4), (3, 3), (2, 2), (2, 4), (4, 2))
@@ -52,10 +48,11 @@ def main(argv=None):
     import torch.nn.functional as F
     from torch import nn
 
-    import gmpq_mm  # noqa: F401
     from gmpq_mm.quantization.calibration import calibrate_model
     from gmpq_mm.quantization.convert import select_layers, to_quantized
     from gmpq_mm.registry import MODELS
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
 
     torch.manual_seed(args.seed)
 

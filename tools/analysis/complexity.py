@@ -31,13 +31,9 @@ import os.path as osp
 import sys
 import warnings
 
-from mmengine.config import Config, DictAction
-
-sys.path.insert(
-    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-
-from gmpq_mm.utils.quantization_summary import (  # noqa: E402
-    WRAPPER_TYPES, config_type, inner_backbone)
+from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.quantization_summary import (WRAPPER_TYPES, config_type,
+                                                inner_backbone)
 
 # Wrapper arguments that say WHICH layers are quantized and how; carried
 # over to the QuantizedBackbone that applies --policy.
@@ -115,8 +111,7 @@ def countable_model_cfg(model_cfg):
 
 
 def model_kind(model):
-    from gmpq_mm.quantization.layers import (is_mixed_layer,
-                                             is_quantized_layer)
+    from gmpq_mm.quantization.layers import is_mixed_layer, is_quantized_layer
     mods = list(model.modules())
     if any(is_mixed_layer(m) for m in mods):
         return 'supernet (expected bits under the current alphas)'
@@ -128,11 +123,10 @@ def model_kind(model):
 def flop_analyzer_check(fp_net, input_shape, layer_names, our_macs):
     """mmengine's FlopAnalyzer on the FP twin: conv / linear MACs of our
     layers (one flop = one MAC in its convention) and all its ops."""
+    import torch
     from mmengine.analysis import FlopAnalyzer
 
-    import torch
-
-    from gmpq_mm.quantization.convert import eval_mode
+    from gmpq_mm.quantization.probe import eval_mode
     param = next(fp_net.parameters())
     with eval_mode(fp_net):
         inputs = torch.zeros((1, *input_shape),
@@ -166,13 +160,15 @@ def main(argv=None):
     if args.policy is not None and not osp.isfile(args.policy):
         return _fail(f'policy file not found: {args.policy}')
 
+    from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    import gmpq_mm  # noqa: F401  (registers the gmpq types)
     from gmpq_mm.quantization.complexity import complexity_report, format_table
     from gmpq_mm.registry import MODELS
+    from gmpq_mm.utils import register_all_modules
     from gmpq_mm.utils.report import (countable_model, infer_input_shape,
                                       summarize_report)
+    register_all_modules()
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:

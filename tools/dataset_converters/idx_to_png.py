@@ -16,13 +16,10 @@ import argparse
 import os
 import os.path as osp
 import re
-import sys
 
 import numpy as np
+from make_fashion_mnist_subset import read_idx
 from PIL import Image
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from make_fashion_mnist_subset import read_idx  # noqa: E402
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress',
                          'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',

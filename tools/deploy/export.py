@@ -27,13 +27,9 @@ leaves nothing at ``--out``.
 import argparse
 import json
 import os.path as osp
-import sys
 import time
 
-from mmengine.config import DictAction
-
-sys.path.insert(
-    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from gmpq_mm.utils.cli import DictAction
 
 
 def parse_args(argv=None):
@@ -68,10 +64,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import gmpq_mm  # noqa: F401  (registers the types)
-    from gmpq_mm.apis import export_checkpoint
-    from gmpq_mm.utils import check_paths
     from mmengine.config import Config
+
+    from gmpq_mm.apis import export_checkpoint
+    from gmpq_mm.utils import check_paths, register_all_modules
+    register_all_modules()
 
     for path, what in ((args.config, 'config'),
                        (args.checkpoint, 'checkpoint')):

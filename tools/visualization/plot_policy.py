@@ -25,9 +25,6 @@ import argparse
 import os.path as osp
 import sys
 
-sys.path.insert(0,
-                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -52,14 +49,15 @@ def counts_from_config(config, policy, policy_path):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    import gmpq_mm  # noqa: F401  (registers the gmpq types)
     from gmpq_mm.quantization.complexity import count_macs
     from gmpq_mm.quantization.convert import select_layers
     from gmpq_mm.quantization.policy import validate_policy
     from gmpq_mm.registry import MODELS
-    from gmpq_mm.utils.quantization_summary import (
-        WRAPPER_TYPES, config_type, inner_backbone)
+    from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.quantization_summary import (WRAPPER_TYPES, config_type,
+                                                    inner_backbone)
     from gmpq_mm.utils.report import infer_input_shape
+    register_all_modules()
 
     cfg = Config.fromfile(config)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))

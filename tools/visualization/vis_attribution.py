@@ -16,12 +16,8 @@ checkpoint needs ``--teacher-config`` and ``--teacher-checkpoint``.
 """
 import argparse
 import os.path as osp
-import sys
 
-from mmengine.config import DictAction
-
-sys.path.insert(0,
-                osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from gmpq_mm.utils.cli import DictAction
 
 
 def parse_args(argv=None):
@@ -95,11 +91,12 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    import gmpq_mm  # noqa: F401  (registers the types)
     from gmpq_mm.apis.attribution import (explain_images,
                                           load_attribution_models)
+    from gmpq_mm.utils import register_all_modules
     from gmpq_mm.visualization.attribution_grid import draw_attribution_grid
     from gmpq_mm.visualization.figure_io import save_figure
+    register_all_modules()
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     out = args.out or osp.join(

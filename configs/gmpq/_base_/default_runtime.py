@@ -1,7 +1,9 @@
 _base_ = ['mmpretrain::_base_/default_runtime.py']
 
-# Registers gmpq_mm's types into mmpretrain's registries.
-custom_imports = dict(imports=['gmpq_mm'], allow_failed_imports=False)
+# Registers gmpq_mm's types into mmpretrain's registries and its checkpoint
+# loading into mmengine (gmpq_mm.utils.register_all_modules).
+custom_imports = dict(
+    imports=['gmpq_mm.register_all'], allow_failed_imports=False)
 
 # Scalars (losses, lr, a search's expected_gbitops / mean_w_bits /
 # mean_a_bits) go to the log and to WORK_DIR/<timestamp>/vis_data/

@@ -1,3 +1,4 @@
+# Scale: 1 CPU process x 64 images, 2 epochs.
 # Offline demo, stage 3: the slim ResNet-18 with the policy the demo search
 # wrote, started from the stage-1 FP teacher's weights, ranges calibrated
 # before the first step, finetuned briefly on the same shipped data (the

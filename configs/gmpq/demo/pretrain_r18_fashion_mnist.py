@@ -1,3 +1,4 @@
+# Scale: 1 CPU process x 64 images, 3 epochs.
 # Offline demo, stage 1: a slim CIFAR-stem ResNet-18 (16..128 channels, the
 # same 19 searchable convs as the full one) trained on the shipped
 # Fashion-MNIST subset. A few minutes on two CPU cores.

@@ -1,3 +1,4 @@
+# Scale: 1 CPU process x 64 images, 2 epochs.
 # Offline demo, stage 2: GMPQ search (w2346a2346, bilevel) of the slim
 # ResNet-18 on the shipped Fashion-MNIST subset against the stage-1 teacher.
 _base_ = [
@@ -11,7 +12,7 @@ model = dict(
     backbone=dict(
         backbone=dict(in_channels=1, stem_channels=16, base_channels=16)),
     head=dict(in_channels=128),
-    teacher='configs/gmpq/demo/pretrain_r18_fashion_mnist.py',
+    teacher='{{ fileDirname }}/pretrain_r18_fashion_mnist.py',
     teacher_checkpoint='work_dirs/demo/pretrain/epoch_3.pth',
     # cd larger than CIFAR's 3e-4 so two short epochs visibly move bits.
     complexity_loss=dict(loss_weight=3e-3),

@@ -28,7 +28,6 @@ import torch
 from mmengine.dist import (all_gather_object, all_reduce, broadcast,
                            get_dist_info, is_main_process)
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 
 from gmpq_mm.quantization.calibration import (DEFAULT_ACT_CAP, DEFAULT_BINS,
                                               DEFAULT_LOW_BITS,
@@ -36,15 +35,12 @@ from gmpq_mm.quantization.calibration import (DEFAULT_ACT_CAP, DEFAULT_BINS,
                                               calibrate_model,
                                               quantized_layers)
 from gmpq_mm.registry import HOOKS
+from gmpq_mm.utils.model import state_dict_mismatch, unwrap_model
 
 META_KEY = 'gmpq_calibration'
 # State entries a quantized layer adds to its FP conv / linear: an FP
 # checkpoint does not have them.
 QUANT_STATE = ('act_range', 'w_threshold')
-
-
-def _unwrap(model):
-    return model.module if is_model_wrapper(model) else model
 
 
 def _pretrained_inits(model):
@@ -83,31 +79,16 @@ def check_pretrained_init(model, map_location='cpu'):
         else:
             state = _load_checkpoint(checkpoint, map_location=map_location)
             state = state.get('state_dict', state)
-        own = module.state_dict()
-        optional = tuple('.' + k for k in QUANT_STATE) + (
-            'num_batches_tracked', )
-        missing = [k for k in own if k not in state and not (
-            k.endswith(optional) or k in QUANT_STATE)]
-        unexpected = [k for k in state if k not in own]
-        mismatched = [
-            f'{k}: checkpoint {tuple(state[k].shape)} vs model '
-            f'{tuple(own[k].shape)}' for k in own
-            if k in state and hasattr(state[k], 'shape')
-            and tuple(state[k].shape) != tuple(own[k].shape)
-        ]
-        if missing or unexpected or mismatched:
-
-            def head(items):
-                more = f' ... ({len(items)} in all)' if len(items) > 5 else ''
-                return f'{items[:5]}{more}'
-
+        problems = state_dict_mismatch(
+            state, module.state_dict(),
+            optional=QUANT_STATE + ('num_batches_tracked', ))
+        if problems:
             where = f'{name or type(module).__name__}'
             raise ValueError(
                 f'{checkpoint}: FP checkpoint does not fit '
                 f'{where} ({type(module).__name__}, init_cfg prefix '
-                f'{prefix!r}): shape mismatch {head(mismatched)}, missing '
-                f'{head(missing)}, unexpected {head(unexpected)}. Is it a '
-                f'checkpoint of another architecture?')
+                f'{prefix!r}): ' + '; '.join(problems) +
+                '. Is it a checkpoint of another architecture?')
 
 
 @HOOKS.register_module()
@@ -220,7 +201,7 @@ class CalibrationHook(Hook):
             runner.logger.info(
                 f'CalibrationHook: skipped ({self._skip_reason})')
             return
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         if self.check_init:
             check_pretrained_init(model)
         layers = quantized_layers(model)

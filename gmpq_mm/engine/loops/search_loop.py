@@ -6,12 +6,12 @@ from typing import Dict, Optional, Union
 import torch
 import torch.distributed as torch_dist
 from mmengine.dataset import BaseDataset
-from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper, OptimWrapperDict
 from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import DataLoader, Subset
 
 from gmpq_mm.registry import DATASETS, LOOPS
+from gmpq_mm.utils.model import unwrap_model
 
 SEARCH_MODES = ('bilevel', 'single')
 
@@ -34,13 +34,9 @@ def split_dataset(dataset, arch_fraction: float, seed: int):
     return Subset(dataset, weight_idx), Subset(dataset, arch_idx)
 
 
-def _unwrap(model):
-    return model.module if is_model_wrapper(model) else model
-
-
 def _forward_loss(model, optim_wrapper, data_batch):
     """Preprocess, forward in ``mode='loss'`` and parse the losses."""
-    module = _unwrap(model)
+    module = unwrap_model(model)
     with optim_wrapper.optim_context(model):
         data = module.data_preprocessor(data_batch, True)
         losses = model(**data, mode='loss')
@@ -55,7 +51,7 @@ def arch_step(model, optim_dict, data_batch):
     backward runs without DDP's bucketed sync -- whose buckets expect every
     weight -- and the alphas' gradients are averaged across ranks by hand.
     """
-    module = _unwrap(model)
+    module = unwrap_model(model)
     arch = optim_dict['arch']
     optim_dict.zero_grad()
     frozen = [p for p in module.weight_parameters() if p.requires_grad]

@@ -12,20 +12,31 @@ from gmpq_mm.compat import load_trusted_checkpoint
 from gmpq_mm.quantization.budget import (best_policy_under_budget,
                                          log_probs_from_model, policy_cost)
 from gmpq_mm.quantization.complexity import count_macs, expected_bitops
-from gmpq_mm.quantization.convert import eval_mode
 from gmpq_mm.quantization.layers import is_mixed_layer
 from gmpq_mm.quantization.policy import make_policy
+from gmpq_mm.quantization.probe import eval_mode
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils.model import state_dict_mismatch
 from ..utils.attribution import (classifier_attribution_maps, match_map_size,
                                  stage_attribution_maps)
 
 
 def _teacher_model_cfg(teacher):
-    """The teacher's model dict, from a dict or a config file path."""
+    """The teacher's model dict, from a dict or a config file path.
+
+    A relative path is relative to the working directory; the shipped
+    configs write ``'{{ fileDirname }}/pretrain_....py'``, which mmengine
+    expands to the folder of the config file, so they work from anywhere.
+    """
     if isinstance(teacher, str):
-        if not osp.isfile(teacher):
-            raise FileNotFoundError(f'teacher config not found: {teacher}')
-        return copy.deepcopy(Config.fromfile(teacher)['model'].to_dict())
+        path = osp.normpath(osp.expanduser(teacher))
+        if not osp.isfile(path):
+            raise FileNotFoundError(
+                f'teacher config not found: {path} (a relative path is '
+                f'taken from the working directory {osp.abspath(".")}; '
+                "write '{{ fileDirname }}/NAME.py' in a config to name a "
+                'file next to it)')
+        return copy.deepcopy(Config.fromfile(path)['model'].to_dict())
     if isinstance(teacher, dict) and 'config' in teacher:
         return _teacher_model_cfg(teacher['config'])
     return copy.deepcopy(dict(teacher))
@@ -118,7 +129,6 @@ class GMPQSearchClassifier(ImageClassifier):
         state = state.get('state_dict', state)
         state = {k[7:] if k.startswith('module.') else k: v
                  for k, v in state.items()}
-        own = model.state_dict()
         problems = []
         t_head = state.get('head.fc.weight')
         s_classes = getattr(self.head, 'num_classes', None)
@@ -126,19 +136,7 @@ class GMPQSearchClassifier(ImageClassifier):
                 t_head.shape[0] != s_classes:
             problems.append(f'classes: the checkpoint has {t_head.shape[0]}, '
                             f'the search model {s_classes}')
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}'
-                  for k, v in own.items()
-                  if k in state and state[k].shape != v.shape]
-        if missing:
-            problems.append(f'{len(missing)} missing keys, e.g. {missing[:3]}')
-        if unexpected:
-            problems.append(f'{len(unexpected)} unexpected keys, e.g. '
-                            f'{unexpected[:3]}')
-        if shapes:
-            problems.append(f'shape mismatch (checkpoint vs teacher config): '
-                            f'{shapes[:3]}')
+        problems += state_dict_mismatch(state, model.state_dict())
         if problems:
             raise ValueError(
                 f'teacher checkpoint {checkpoint} does not match the teacher '

@@ -19,7 +19,7 @@ model = dict(
         num_classes=10,
         in_channels=1280,
         loss=dict(type='CrossEntropyLoss', loss_weight=1.0)),
-    teacher='configs/gmpq/pretrain_mbv2_cifar10.py',
+    teacher='{{ fileDirname }}/../../pretrain_mbv2_cifar10.py',
     teacher_checkpoint='work_dirs/pretrain_mbv2_cifar10/epoch_50.pth',
     attribution_loss=dict(
         type='AttributionRankLoss', mode='pnorm', pnorm=3.0,

@@ -18,7 +18,7 @@ model = dict(
         num_classes=10,
         in_channels=512,
         loss=dict(type='CrossEntropyLoss', loss_weight=1.0)),
-    teacher='configs/gmpq/pretrain_r18_cifar10.py',
+    teacher='{{ fileDirname }}/../../pretrain_r18_cifar10.py',
     teacher_checkpoint='work_dirs/pretrain_r18_cifar10/epoch_200.pth',
     # --aw 40 (pnorm=3: the released code's normalised p-power L2)
     attribution_loss=dict(

@@ -1,0 +1,35 @@
+"""Make gmpq_mm usable from configs: the one explicit set-up call."""
+_done = False
+
+
+def register_all_modules(init_default_scope: bool = False) -> None:
+    """Register every gmpq_mm type and patch mmengine's checkpoint loading.
+
+    Imports :mod:`gmpq_mm.datasets`, :mod:`gmpq_mm.engine` and
+    :mod:`gmpq_mm.models` (their classes register themselves into
+    mmpretrain's registries, see :mod:`gmpq_mm.registry`), registers
+    mmpretrain's own types, and routes mmengine's local and http checkpoint
+    loading through :func:`gmpq_mm.compat.load_trusted_checkpoint`.
+    Calling it again does nothing more. This is mmpretrain's
+    ``register_all_modules`` pattern: importing a gmpq_mm module never has
+    these effects by itself.
+
+    Args:
+        init_default_scope (bool): Also make ``'mmpretrain'`` the default
+            registry scope (what a config's ``default_scope`` does for a
+            Runner), for building types outside a Runner.
+    """
+    global _done
+    # Imported here: these imports are the registration (and cost seconds).
+    from mmpretrain.utils import register_all_modules as register_mmpretrain
+
+    register_mmpretrain(init_default_scope=init_default_scope)
+    if _done:
+        return
+    import gmpq_mm.datasets  # noqa: F401
+    import gmpq_mm.engine  # noqa: F401
+    import gmpq_mm.models  # noqa: F401
+    from gmpq_mm.compat import patch_checkpoint_loading
+
+    patch_checkpoint_loading()
+    _done = True

@@ -1,0 +1,112 @@
+"""What each floor of the package imports, checked in fresh interpreters.
+
+* ``gmpq_mm`` and ``gmpq_mm.utils``: no torch, no OpenMMLab (tools import
+  them before parsing their arguments).
+* ``gmpq_mm.quantization.*`` and ``gmpq_mm.visualization.*``: torch, but no
+  mmengine / mmpretrain / mmcv, and nothing above them in the package.
+* ``gmpq_mm.models`` / ``engine`` / ``datasets`` / ``apis``: OpenMMLab, but
+  importing them patches nothing; :func:`register_all_modules` does, once.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENMMLAB = ('mmengine', 'mmpretrain', 'mmcv')
+UPPER_FLOORS = ('gmpq_mm.models', 'gmpq_mm.engine', 'gmpq_mm.datasets',
+                'gmpq_mm.apis', 'gmpq_mm.compat', 'gmpq_mm.registry')
+
+
+def modules_of(package):
+    folder = ROOT.joinpath(*package.split('.'))
+    return sorted(f'{package}.{p.stem}' for p in folder.glob('*.py')
+                  if p.stem != '__init__')
+
+
+def imported_after(code):
+    """``sys.modules`` keys of a fresh interpreter after running ``code``."""
+    script = (code + '\nimport json, sys\n'
+              'print(json.dumps(sorted(sys.modules)))')
+    out = subprocess.run([sys.executable, '-c', script], cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def roots(modules):
+    return {m.split('.')[0] for m in modules}
+
+
+def test_modules_found():
+    # The globs below must see the real modules, or the checks prove nothing.
+    assert 'gmpq_mm.quantization.quantizers' in modules_of(
+        'gmpq_mm.quantization')
+    assert 'gmpq_mm.visualization.policy_plot' in modules_of(
+        'gmpq_mm.visualization')
+
+
+def test_package_and_utils_import_no_torch():
+    loaded = imported_after(
+        'import gmpq_mm, gmpq_mm.utils\n'
+        'from gmpq_mm.utils import register_all_modules')
+    assert not roots(loaded) & {'torch', *OPENMMLAB}, sorted(
+        roots(loaded) & {'torch', *OPENMMLAB})
+
+
+@pytest.mark.parametrize('package',
+                         ['gmpq_mm.quantization', 'gmpq_mm.visualization'])
+def test_pure_floors_import_no_openmmlab(package):
+    # One interpreter imports every module of the floor: if the union pulls
+    # in no OpenMMLab package, no single module does.
+    code = '\n'.join(f'import {m}' for m in [package] + modules_of(package))
+    loaded = imported_after(code)
+    assert 'torch' in loaded  # the check ran past the imports
+    assert not roots(loaded) & set(OPENMMLAB), sorted(
+        m for m in loaded if m.split('.')[0] in OPENMMLAB)[:10]
+    upper = [m for m in loaded if m.startswith(UPPER_FLOORS)]
+    assert not upper, upper
+
+
+def test_import_patches_nothing_register_all_modules_does():
+    code = '''
+import gmpq_mm.apis, gmpq_mm.datasets, gmpq_mm.engine, gmpq_mm.models
+from mmengine.runner.checkpoint import CheckpointLoader
+from gmpq_mm import compat
+from gmpq_mm.utils import register_all_modules
+from mmpretrain.registry import MODELS
+before = CheckpointLoader._schemes[''] is compat._load_local
+register_all_modules()
+register_all_modules()  # idempotent
+after = CheckpointLoader._schemes[''] is compat._load_local
+http = CheckpointLoader._schemes['https://'] is compat._load_http
+built = MODELS.get('GMPQSearchClassifier') is not None
+print('RESULT', before, after, http, built)
+'''
+    out = subprocess.run([sys.executable, '-c', code], cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith('RESULT')][0]
+    assert line.split()[1:] == ['False', 'True', 'True', 'True']
+
+
+def test_register_all_module_for_custom_imports():
+    """``custom_imports=dict(imports=['gmpq_mm.register_all'])`` patches the
+    loaders and registers the types."""
+    code = '''
+from mmengine.utils import import_modules_from_strings
+import_modules_from_strings(['gmpq_mm.register_all'])
+from mmengine.runner.checkpoint import CheckpointLoader
+from mmpretrain.registry import HOOKS, LOOPS
+from gmpq_mm import compat
+print('RESULT', CheckpointLoader._schemes[''] is compat._load_local,
+      LOOPS.get('SearchLoop') is not None,
+      HOOKS.get('CalibrationHook') is not None)
+'''
+    out = subprocess.run([sys.executable, '-c', code], cwd=str(ROOT),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith('RESULT')][0]
+    assert line.split()[1:] == ['True', 'True', 'True']
