@@ -30,10 +30,11 @@ from gmpq_mm.quantization.onnx_qdq import (ONNX_OPSET, check_qdq_model,
                                            missing_deploy_packages,
                                            qdq_layer_info, qdq_module,
                                            run_onnxruntime, set_metadata)
-from gmpq_mm.quantization.policy import policy_from_model
+from gmpq_mm.quantization.convert import policy_from_model
 
 __all__ = [
-    'ONNX_TOLERANCES', 'check_finetuned_checkpoint', 'export_onnx_checkpoint'
+    'ONNX_TOLERANCES', 'LogitsOnly', 'check_finetuned_checkpoint',
+    'export_onnx_checkpoint'
 ]
 
 # What the check after export allows between onnxruntime and the PyTorch
@@ -51,7 +52,8 @@ ONNX_TOLERANCES = dict(
     max_rel_l2=2e-2,  # ||onnx - torch|| / ||torch|| over the batch's logits
     min_top1_agreement=0.95)  # fraction whose top-1 class must agree
 
-class _Logits(nn.Module):
+
+class LogitsOnly(nn.Module):
     """``images -> logits`` of an mmpretrain classifier (what is traced)."""
 
     def __init__(self, model: nn.Module):
@@ -178,7 +180,7 @@ def export_onnx_checkpoint(config,
         raise ValueError(f'{checkpoint}: the network of the config has no '
                          'quantized layer; use a finetune config')
     try:
-        exported = _Logits(qdq_module(model)).eval()
+        exported = LogitsOnly(qdq_module(model)).eval()
     except ValueError as err:
         raise ValueError(f'{checkpoint}: {err}') from None
     shape = tuple(infer_input_shape(cfg, model, input_shape))

@@ -26,13 +26,9 @@ import json
 import os
 import os.path as osp
 import statistics
-import sys
 import time
 
-from mmengine.config import DictAction
-
-sys.path.insert(
-    0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+from gmpq_mm.utils.cli import DictAction
 
 
 def parse_args(argv=None):
@@ -113,12 +109,14 @@ def main(argv=None):
     import onnxruntime
     import torch
 
-    import gmpq_mm  # noqa: F401  (registers the types)
+    from mmengine.config import Config
+
     from gmpq_mm.apis import export_onnx_checkpoint, load_model
-    from gmpq_mm.apis.onnx_export import _Logits
+    from gmpq_mm.apis.onnx_export import LogitsOnly
     from gmpq_mm.compat import export_onnx
     from gmpq_mm.quantization.onnx_qdq import ONNX_OPSET
-    from mmengine.config import Config
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
@@ -132,7 +130,7 @@ def main(argv=None):
     model, _ = load_model(cfg, args.checkpoint)
     with torch.no_grad():
         export_onnx(
-            _Logits(float_copy(model)).eval(), (torch.zeros((2, ) + shape), ),
+            LogitsOnly(float_copy(model)).eval(), (torch.zeros((2, ) + shape), ),
             fp_path,
             opset_version=ONNX_OPSET,
             input_names=['input'],
