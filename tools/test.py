@@ -18,6 +18,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from gmpq_mm.compat import (finish_distributed,  # noqa: E402
                             prepare_cpu_distributed)
 from gmpq_mm.utils import check_paths  # noqa: E402
+from gmpq_mm.utils.bit_record import add_bit_record_hook  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,6 +67,7 @@ def main(argv=None):
         check_paths(cfg, phases=('test', ), config_file=args.config)
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
+    add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg)
     metrics = runner.test()

@@ -28,6 +28,7 @@ from gmpq_mm.quantization.export import load_artifact, save_artifact
 from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.quantization.policy import policy_from_model
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils.bit_record import check_bit_widths, policy_source
 
 __all__ = [
     'load_model', 'deploy_model_config', 'export_checkpoint',
@@ -83,7 +84,9 @@ def load_model(config,
                device: str = 'cpu') -> Tuple[nn.Module, Config]:
     """Build the model of ``config`` and load ``checkpoint`` strictly.
 
-    No ``init_weights`` is run (the checkpoint provides every weight).
+    No ``init_weights`` is run (the checkpoint provides every weight). A
+    checkpoint whose recorded bit widths differ from the model's is refused
+    (:func:`gmpq_mm.utils.bit_record.check_bit_widths`).
 
     Returns:
         tuple: the model in eval mode and the (merged) config.
@@ -93,11 +96,13 @@ def load_model(config,
     model = MODELS.build(_model_cfg(cfg))
     if checkpoint is not None:
         try:
-            load_checkpoint(model, checkpoint, map_location='cpu',
-                            strict=True, logger='silent')
+            loaded = load_checkpoint(model, checkpoint, map_location='cpu',
+                                     strict=True, logger='silent')
         except RuntimeError as err:
             raise RuntimeError(f'{checkpoint}: does not fit the model of '
                                f'the config: {err}') from None
+        check_bit_widths(model, loaded, checkpoint,
+                         policy_source(cfg, 'the config'))
     return model.to(device).eval(), cfg
 
 
