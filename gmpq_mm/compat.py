@@ -63,6 +63,9 @@ def load_trusted_checkpoint(filename, map_location=None):
         dict: The loaded checkpoint.
     """
     filename = osp.expanduser(filename)
+    if not filename:
+        raise FileNotFoundError('checkpoint file not found: the path is '
+                                'empty')
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint file not found: {filename}')
     try:
@@ -70,18 +73,23 @@ def load_trusted_checkpoint(filename, map_location=None):
             return torch.load(
                 filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if os.environ.get(STRICT_LOAD_ENV, '0') == '1':
+        if strict_load_enabled():
             raise pickle.UnpicklingError(
                 f'{filename}: refusing to unpickle objects beyond tensors '
-                f'because {STRICT_LOAD_ENV}=1 ({err})') from err
-        print_log(
-            f'{filename} holds Python objects beyond tensors; loading it '
-            'with full unpickling because checkpoints are trusted in '
-            f'gmpq_mm (set {STRICT_LOAD_ENV}=1 to refuse).',
-            logger='current',
-            level=logging.WARNING)
+                f'because {STRICT_LOAD_ENV} is on ({err})') from err
+    except Exception as err:
+        raise unreadable_checkpoint(filename, err) from None
+    print_log(
+        f'{filename} holds Python objects beyond tensors; loading it '
+        'with full unpickling because checkpoints are trusted in '
+        f'gmpq_mm (set {STRICT_LOAD_ENV}=1 to refuse).',
+        logger='current',
+        level=logging.WARNING)
+    try:
         return torch.load(
             filename, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise unreadable_checkpoint(filename, err) from None
 
 
 def _load_local(filename, map_location=None):
@@ -165,3 +173,32 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ---- issue 12: strict-load flag and checkpoint read errors -----------------
+_TRUE = ('1', 'true', 'yes', 'on')
+_FALSE = ('', '0', 'false', 'no', 'off')
+
+
+def strict_load_enabled() -> bool:
+    """``GMPQ_MM_STRICT_LOAD``: 1 / true / yes / on (any case) turn it on,
+    unset / 0 / false / no / off leave it off; anything else is an error
+    (a typo must not silently mean "off")."""
+    value = os.environ.get(STRICT_LOAD_ENV, '').strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f'{STRICT_LOAD_ENV}={os.environ[STRICT_LOAD_ENV]!r}: '
+                     f'use one of {_TRUE} (on) or {_FALSE[1:]} (off)')
+
+
+def unreadable_checkpoint(filename, err) -> ValueError:
+    """A ValueError naming ``filename`` for a file torch cannot read
+    (truncated, empty, text, not a checkpoint at all)."""
+    size = osp.getsize(filename) if osp.isfile(filename) else 0
+    what = 'empty' if size == 0 else 'truncated, damaged or not a ' \
+        'PyTorch checkpoint'
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    return ValueError(f'{filename}: cannot read this checkpoint ({what}, '
+                      f'{size} bytes): {type(err).__name__}: {first}')
