@@ -70,8 +70,9 @@ def load_trusted_checkpoint(filename, map_location=None):
         raise FileNotFoundError(f'checkpoint file not found: {filename}')
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(
-                filename, map_location=map_location, weights_only=True)
+            return check_finite_weights(torch.load(
+                filename, map_location=map_location, weights_only=True),
+                filename)
     except pickle.UnpicklingError as err:
         if strict_load_enabled():
             raise pickle.UnpicklingError(
@@ -86,10 +87,11 @@ def load_trusted_checkpoint(filename, map_location=None):
         logger='current',
         level=logging.WARNING)
     try:
-        return torch.load(
+        loaded = torch.load(
             filename, map_location=map_location, weights_only=False)
     except Exception as err:
         raise unreadable_checkpoint(filename, err) from None
+    return check_finite_weights(loaded, filename)
 
 
 def _load_local(filename, map_location=None):
@@ -202,3 +204,23 @@ def unreadable_checkpoint(filename, err) -> ValueError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else ''
     return ValueError(f'{filename}: cannot read this checkpoint ({what}, '
                       f'{size} bytes): {type(err).__name__}: {first}')
+
+
+def check_finite_weights(checkpoint, filename):
+    """Refuse a checkpoint whose weights hold NaN or inf (a diverged run):
+    as a teacher or an initialisation it would spoil a whole run before
+    anything reported it. Returns the checkpoint unchanged."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{filename}: a checkpoint must be a dict (with a '
+                         f'state_dict), got {type(checkpoint).__name__}')
+    state = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state, dict):
+        return checkpoint
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and \
+                not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise ValueError(f'{filename}: non-finite weights (NaN/inf) in '
+                             f'{key} ({count} of {value.numel()} values); '
+                             'the run that wrote it diverged')
+    return checkpoint

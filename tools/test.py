@@ -19,6 +19,8 @@ from gmpq_mm.compat import (finish_distributed,  # noqa: E402
                             prepare_cpu_distributed)
 from gmpq_mm.utils import check_paths  # noqa: E402
 from gmpq_mm.utils.bit_record import add_bit_record_hook  # noqa: E402
+from gmpq_mm.utils.run_guard import \
+    restore_work_dir_on_failure  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,8 +71,9 @@ def main(argv=None):
         raise SystemExit(f'error: {err}')
     add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    metrics = runner.test()
+    with restore_work_dir_on_failure(cfg):
+        runner = Runner.from_cfg(cfg)
+        metrics = runner.test()
     # Which policy / uniform bits were tested, for tools/analysis/pareto.py.
     from gmpq_mm.utils.quantization_summary import quantization_summary
     result = dict(

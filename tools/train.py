@@ -18,6 +18,8 @@ from gmpq_mm.compat import (finish_distributed,  # noqa: E402
                             prepare_cpu_distributed)
 from gmpq_mm.utils import check_paths  # noqa: E402
 from gmpq_mm.utils.bit_record import add_bit_record_hook  # noqa: E402
+from gmpq_mm.utils.run_guard import \
+    restore_work_dir_on_failure  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -132,8 +134,9 @@ def main(argv=None):
         raise SystemExit(f'error: {err}')
     add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
+    with restore_work_dir_on_failure(cfg):
+        runner = Runner.from_cfg(cfg)
+        runner.train()
     finish_distributed()
 
 
