@@ -96,7 +96,7 @@ def main(argv=None):
         from gmpq_mm.quantization.atomic_file import write_text_atomic
         write_text_atomic(args.out, json.dumps(result, indent=2) + '\n')
         runner.logger.info(f'results written to {args.out}')
-    finish_distributed()
+    finish_distributed(runner)
 
 
 if __name__ == '__main__':

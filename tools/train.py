@@ -137,7 +137,7 @@ def main(argv=None):
     with restore_work_dir_on_failure(cfg):
         runner = Runner.from_cfg(cfg)
         runner.train()
-    finish_distributed()
+    finish_distributed(runner)
 
 
 if __name__ == '__main__':
