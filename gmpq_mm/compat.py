@@ -12,7 +12,8 @@ with the few mmengine/numpy types allow-listed (and ``getattr`` only on
 ``HistoryBuffer``'s statistics), which loads mmengine's own checkpoints, and
 fall back to full
 unpickling -- which can run code from the file -- with a warning naming the
-file. Set ``GMPQ_MM_STRICT_LOAD=1`` to refuse that fallback.
+file. Set ``GMPQ_MM_STRICT_LOAD`` to 1 / true / yes / on to refuse that
+fallback (:func:`strict_load_enabled`).
 """
 import logging
 import os
