@@ -53,6 +53,66 @@ def _safe_globals():
     return allowed
 
 
+# ---- issue 12: strict-load flag and checkpoint read errors -----------------
+_TRUE = ('1', 'true', 'yes', 'on')
+_FALSE = ('', '0', 'false', 'no', 'off')
+
+
+def strict_load_enabled() -> bool:
+    """``GMPQ_MM_STRICT_LOAD``: 1 / true / yes / on (any case) turn it on,
+    unset / 0 / false / no / off leave it off; anything else is an error
+    (a typo must not silently mean "off")."""
+    value = os.environ.get(STRICT_LOAD_ENV, '').strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f'{STRICT_LOAD_ENV}={os.environ[STRICT_LOAD_ENV]!r}: '
+                     f'use one of {_TRUE} (on) or {_FALSE[1:]} (off)')
+
+
+def unreadable_checkpoint(filename, err) -> ValueError:
+    """A ValueError naming ``filename`` for a file torch cannot read
+    (truncated, empty, text, not a checkpoint at all)."""
+    size = osp.getsize(filename) if osp.isfile(filename) else 0
+    what = 'empty' if size == 0 else 'truncated, damaged or not a ' \
+        'PyTorch checkpoint'
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
+    return ValueError(f'{filename}: cannot read this checkpoint ({what}, '
+                      f'{size} bytes): {type(err).__name__}: {first}')
+
+
+def check_finite_weights(checkpoint, filename):
+    """Refuse a checkpoint whose weights hold NaN or inf (a diverged run):
+    as a teacher or an initialisation it would spoil a whole run before
+    anything reported it. Returns the checkpoint unchanged."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'{filename}: a checkpoint must be a dict (with a '
+                         f'state_dict), got {type(checkpoint).__name__}')
+    state = checkpoint.get('state_dict', checkpoint)
+    if not isinstance(state, dict):
+        return checkpoint
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and \
+                not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise ValueError(f'{filename}: non-finite weights (NaN/inf) in '
+                             f'{key} ({count} of {value.numel()} values); '
+                             'the run that wrote it diverged')
+    return checkpoint
+
+
+def _drop_ddp_wrapper(runner) -> None:
+    """Replace ``runner.model`` (a DDP wrapper) by its module and collect
+    the garbage, so nothing but torch holds the process group."""
+    import gc
+    model = getattr(runner, 'model', None)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        runner.model = model.module
+    del model
+    gc.collect()
+
+
 def load_trusted_checkpoint(filename, map_location=None):
     """``torch.load`` for a trusted checkpoint file (see module docstring).
 
@@ -179,76 +239,18 @@ def finish_distributed(runner=None) -> None:
     """Wait for every rank, then tear the process group down for real.
 
     ``destroy_process_group`` only drops torch's own references: the DDP
-    wrapper's reducer of a live ``runner`` still holds the gloo process
-    group, so its worker threads lived on (measured: 3 native threads
-    before and after the call) until garbage collection at interpreter
-    shutdown destroyed it -- a race with finalization that aborted a
-    finished run in a share of runs ("terminate called without an active
-    exception", SIGABRT, rc 1). So the wrapper is dropped first (the
-    runner keeps the bare model) and garbage collected, and the group then
-    dies inside ``destroy_process_group`` while Python is fully alive.
-    A no-op without a process group.
+    wrapper of a live ``runner`` (its reducer) still holds the gloo process
+    group, so the group's native threads lived on (measured: 3 before and
+    after the call) until garbage collection at interpreter shutdown
+    destroyed it -- a race with finalization that aborted a finished run in
+    a share of runs ("terminate called without an active exception",
+    SIGABRT, rc 1). So the wrapper is dropped first (the runner keeps the
+    bare model) and collected; the group then dies inside
+    ``destroy_process_group`` while Python is fully alive. A no-op without
+    a process group.
     """
-    import gc
-
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    model = getattr(runner, 'model', None)
-    if model is not None and hasattr(model, 'module') and \
-            isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        runner.model = model.module
-    del model
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
-
-
-# ---- issue 12: strict-load flag and checkpoint read errors -----------------
-_TRUE = ('1', 'true', 'yes', 'on')
-_FALSE = ('', '0', 'false', 'no', 'off')
-
-
-def strict_load_enabled() -> bool:
-    """``GMPQ_MM_STRICT_LOAD``: 1 / true / yes / on (any case) turn it on,
-    unset / 0 / false / no / off leave it off; anything else is an error
-    (a typo must not silently mean "off")."""
-    value = os.environ.get(STRICT_LOAD_ENV, '').strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f'{STRICT_LOAD_ENV}={os.environ[STRICT_LOAD_ENV]!r}: '
-                     f'use one of {_TRUE} (on) or {_FALSE[1:]} (off)')
-
-
-def unreadable_checkpoint(filename, err) -> ValueError:
-    """A ValueError naming ``filename`` for a file torch cannot read
-    (truncated, empty, text, not a checkpoint at all)."""
-    size = osp.getsize(filename) if osp.isfile(filename) else 0
-    what = 'empty' if size == 0 else 'truncated, damaged or not a ' \
-        'PyTorch checkpoint'
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ''
-    return ValueError(f'{filename}: cannot read this checkpoint ({what}, '
-                      f'{size} bytes): {type(err).__name__}: {first}')
-
-
-def check_finite_weights(checkpoint, filename):
-    """Refuse a checkpoint whose weights hold NaN or inf (a diverged run):
-    as a teacher or an initialisation it would spoil a whole run before
-    anything reported it. Returns the checkpoint unchanged."""
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f'{filename}: a checkpoint must be a dict (with a '
-                         f'state_dict), got {type(checkpoint).__name__}')
-    state = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(state, dict):
-        return checkpoint
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.is_floating_point() and \
-                not bool(torch.isfinite(value).all()):
-            count = int((~torch.isfinite(value)).sum())
-            raise ValueError(f'{filename}: non-finite weights (NaN/inf) in '
-                             f'{key} ({count} of {value.numel()} values); '
-                             'the run that wrote it diverged')
-    return checkpoint
+    if dist.is_available() and dist.is_initialized():
+        _drop_ddp_wrapper(runner)
+        dist.barrier()
+        dist.destroy_process_group()
