@@ -2,7 +2,6 @@
 parsing, load errors that name the file, late failures moved to the start,
 no litter."""
 import json
-import os
 import pickle
 
 import pytest
