@@ -52,7 +52,9 @@ DEPLOYABLE_TYPES = frozenset({
 })
 # Keys that name outside files or another model: never in an artifact.
 _FORBIDDEN_KEYS = ('teacher', 'teacher_checkpoint', 'init_cfg', 'pretrained',
-                   'checkpoint', 'load_from', 'custom_imports', '_scope_')
+                   'checkpoint', 'load_from', 'custom_imports')
+# mmengine writes the registry scope of inherited configs as ``_scope_``.
+_SCOPES = ('mmpretrain', 'mmengine', 'mmcv')
 
 
 def _plain(obj):
@@ -172,10 +174,15 @@ def check_deployable_config(model_cfg, where: str = '<config>') -> None:
                     raise ValueError(
                         f'{where}: the model config holds {here!r}: an '
                         'artifact names no outside file or model')
-                if key == 'type':
-                    name = value.split('.')[-1] if isinstance(value,
-                                                              str) else None
-                    if name not in DEPLOYABLE_TYPES:
+                if key == '_scope_':
+                    if value not in _SCOPES:
+                        raise ValueError(f'{where}: {here}={value!r} is not '
+                                         f'one of the scopes {_SCOPES}')
+                elif key == 'type':
+                    scope, _, name = value.rpartition('.') if isinstance(
+                        value, str) else ('', '', None)
+                    if name not in DEPLOYABLE_TYPES or \
+                            (scope and scope not in _SCOPES):
                         raise ValueError(
                             f'{where}: {here}={value!r} is not a deployable '
                             'type (allowed: ImageClassifier of a quantized '

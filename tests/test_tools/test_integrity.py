@@ -287,3 +287,19 @@ def test_earlier_run_policy_epochs_removed(tmp_path, start_epoch, kept):
                   for p in tmp_path.glob('policy_epoch_*.json'))
     assert left == kept
     assert (tmp_path / 'policy.json').exists()
+
+
+def test_artifact_scope_key(tmp_path):
+    """``_scope_`` (mmengine adds it to inherited configs) may only name
+    the OpenMMLab scopes the deployed network is built in."""
+    from gmpq_mm.apis.deploy import check_deployable_config
+    cfg = dict(type='ImageClassifier', _scope_='mmpretrain',
+               backbone=dict(type='ResNet_CIFAR', depth=18,
+                             _scope_='mmpretrain'))
+    check_deployable_config(cfg, 'a.safetensors')
+    cfg['backbone']['_scope_'] = 'mmdet'
+    with pytest.raises(ValueError, match=r"a\.safetensors.*'mmdet'"):
+        check_deployable_config(cfg, 'a.safetensors')
+    cfg['backbone'].update(_scope_='mmpretrain', type='mmdet.ResNet_CIFAR')
+    with pytest.raises(ValueError, match='mmdet.ResNet_CIFAR'):
+        check_deployable_config(cfg, 'a.safetensors')
