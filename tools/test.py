@@ -14,6 +14,7 @@ import os.path as osp
 # OpenMMLab, which main() imports once the arguments are parsed.
 from gmpq_mm.utils import check_paths, register_all_modules
 from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.run_guard import restore_work_dir_on_failure
 
 
 def parse_args(argv=None):
@@ -46,6 +47,7 @@ def main(argv=None):
     from mmengine.runner import Runner
 
     from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
+    from gmpq_mm.utils.bit_record import add_bit_record_hook
     cfg = Config.fromfile(args.config)
     register_all_modules()
     cfg.launcher = args.launcher
@@ -67,9 +69,11 @@ def main(argv=None):
         check_paths(cfg, phases=('test', ), config_file=args.config)
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
+    add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    metrics = runner.test()
+    with restore_work_dir_on_failure(cfg):
+        runner = Runner.from_cfg(cfg)
+        metrics = runner.test()
     # Which policy / uniform bits were tested, for tools/analysis/pareto.py.
     from gmpq_mm.utils.quantization_summary import quantization_summary
     result = dict(
@@ -92,7 +96,7 @@ def main(argv=None):
         from gmpq_mm.quantization.atomic_file import write_text_atomic
         write_text_atomic(args.out, json.dumps(result, indent=2) + '\n')
         runner.logger.info(f'results written to {args.out}')
-    finish_distributed()
+    finish_distributed(runner)
 
 
 if __name__ == '__main__':

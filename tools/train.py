@@ -13,6 +13,7 @@ import os.path as osp
 # OpenMMLab, which main() imports once the arguments are parsed.
 from gmpq_mm.utils import check_paths, register_all_modules
 from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.run_guard import restore_work_dir_on_failure
 
 
 def parse_args(argv=None):
@@ -122,6 +123,7 @@ def main(argv=None):
     from mmengine.runner import Runner
 
     from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
+    from gmpq_mm.utils.bit_record import add_bit_record_hook
     cfg = Config.fromfile(args.config)
     register_all_modules()
     cfg = merge_args(cfg, args)
@@ -130,10 +132,12 @@ def main(argv=None):
         check_paths(cfg, phases=phases, config_file=args.config)
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
+    add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    finish_distributed()
+    with restore_work_dir_on_failure(cfg):
+        runner = Runner.from_cfg(cfg)
+        runner.train()
+    finish_distributed(runner)
 
 
 if __name__ == '__main__':

@@ -43,6 +43,7 @@ from gmpq_mm.models.utils import (classifier_attribution_maps, match_map_size)
 from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.registry import MODELS, TRANSFORMS
 from gmpq_mm.utils import register_all_modules
+from gmpq_mm.utils.bit_record import check_bit_widths, policy_source
 from .deploy import as_config, model_config
 
 __all__ = [
@@ -228,6 +229,8 @@ def load_attribution_models(config,
                 f'{teacher_checkpoint}: the teacher has {t_classes} classes, '
                 f'the network of {checkpoint} has {s_classes}')
         teacher = teacher.to(device).eval()
+    check_bit_widths(student, dict(meta=meta), checkpoint,
+                     policy_source(cfg, config_name))
     classes = (meta.get('dataset_meta') or {}).get('classes')
     return AttributionModels(
         student=student.to(device).eval(),

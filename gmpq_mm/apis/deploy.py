@@ -29,11 +29,33 @@ from gmpq_mm.quantization.export import load_artifact, save_artifact
 from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.registry import MODELS
 from gmpq_mm.utils import register_all_modules
+from gmpq_mm.utils.bit_record import check_bit_widths, policy_source
 
 __all__ = [
     'load_model', 'deploy_model_config', 'export_checkpoint',
-    'build_deployed_model'
+    'build_deployed_model', 'check_deployable_config', 'DEPLOYABLE_TYPES'
 ]
+
+# The only types an artifact's model config may name: an ImageClassifier
+# of a (quantized) mmpretrain CNN and the layers inside it. Nothing here
+# reads a file, downloads, or builds another model (a search classifier
+# would load its teacher's config and checkpoint). Extend it for a new
+# backbone after checking that building it reads no outside file.
+DEPLOYABLE_TYPES = frozenset({
+    'ImageClassifier', 'ClsDataPreprocessor', 'QuantizedBackbone',
+    'ResNet', 'ResNet_CIFAR', 'ResNetV1c', 'ResNetV1d', 'ResNeXt',
+    'SEResNet', 'SEResNeXt', 'MobileNetV2', 'MobileNetV3', 'ShuffleNetV2',
+    'RegNet', 'GlobalAveragePooling', 'LinearClsHead', 'ClsHead',
+    'StackedLinearClsHead', 'CrossEntropyLoss', 'LabelSmoothLoss',
+    'BN', 'BN1d', 'BN2d', 'SyncBN', 'GN', 'LN', 'ReLU', 'ReLU6', 'HSwish',
+    'HSigmoid', 'Sigmoid', 'GELU', 'SiLU', 'Swish', 'Conv2d', 'Conv',
+    'Linear'
+})
+# Keys that name outside files or another model: never in an artifact.
+_FORBIDDEN_KEYS = ('teacher', 'teacher_checkpoint', 'init_cfg', 'pretrained',
+                   'checkpoint', 'load_from', 'custom_imports')
+# mmengine writes the registry scope of inherited configs as ``_scope_``.
+_SCOPES = ('mmpretrain', 'mmengine', 'mmcv')
 
 
 def _plain(obj):
@@ -88,7 +110,9 @@ def load_model(config,
                device: str = 'cpu') -> Tuple[nn.Module, Config]:
     """Build the model of ``config`` and load ``checkpoint`` strictly.
 
-    No ``init_weights`` is run (the checkpoint provides every weight).
+    No ``init_weights`` is run (the checkpoint provides every weight). A
+    checkpoint whose recorded bit widths differ from the model's is refused
+    (:func:`gmpq_mm.utils.bit_record.check_bit_widths`).
 
     Returns:
         tuple: the model in eval mode and the (merged) config.
@@ -99,11 +123,13 @@ def load_model(config,
     model = MODELS.build(model_config(cfg))
     if checkpoint is not None:
         try:
-            load_checkpoint(model, checkpoint, map_location='cpu',
-                            strict=True, logger='silent')
+            loaded = load_checkpoint(model, checkpoint, map_location='cpu',
+                                     strict=True, logger='silent')
         except RuntimeError as err:
             raise RuntimeError(f'{checkpoint}: does not fit the model of '
                                f'the config: {err}') from None
+        check_bit_widths(model, loaded, checkpoint,
+                         policy_source(cfg, 'the config'))
     return model.to(device).eval(), cfg
 
 
@@ -130,6 +156,63 @@ def deploy_model_config(cfg: Config, model: nn.Module) -> dict:
             for name, m in backbone.named_modules() if is_quantized_layer(m)
         }
     return model_cfg
+
+
+def check_deployable_config(model_cfg, where: str = '<config>') -> None:
+    """Refuse a model config an artifact must not hold.
+
+    Only plain JSON values, only :data:`DEPLOYABLE_TYPES` as ``type``, no
+    key that names a file or another model (``teacher``, ``init_cfg``,
+    ``checkpoint`` ...), and the ``policy`` inlined (a dict, not a path).
+    So building it neither executes a config file nor unpickles anything.
+
+    Raises:
+        ValueError: Naming ``where`` and the offending key.
+    """
+
+    def walk(node, key_path):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f'{key_path}.{key}' if key_path else str(key)
+                if not isinstance(key, str):
+                    raise ValueError(f'{where}: non-string key at {here}')
+                if key in _FORBIDDEN_KEYS:
+                    raise ValueError(
+                        f'{where}: the model config holds {here!r}: an '
+                        'artifact names no outside file or model')
+                if key == '_scope_':
+                    if value not in _SCOPES:
+                        raise ValueError(f'{where}: {here}={value!r} is not '
+                                         f'one of the scopes {_SCOPES}')
+                elif key == 'type':
+                    scope, _, name = value.rpartition('.') if isinstance(
+                        value, str) else ('', '', None)
+                    if name not in DEPLOYABLE_TYPES or \
+                            (scope and scope not in _SCOPES):
+                        raise ValueError(
+                            f'{where}: {here}={value!r} is not a deployable '
+                            'type (allowed: ImageClassifier of a quantized '
+                            'mmpretrain CNN; see DEPLOYABLE_TYPES)')
+                elif key == 'policy' and value is not None and \
+                        not isinstance(value, dict):
+                    raise ValueError(f'{where}: {here} must be the policy '
+                                     'itself (a dict), not a file name')
+                else:
+                    walk(value, here)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f'{key_path}[{i}]')
+        elif not (node is None or isinstance(node, (str, bool, int, float))):
+            raise ValueError(f'{where}: {key_path} holds a '
+                             f'{type(node).__name__}, not plain JSON')
+
+    if not isinstance(model_cfg, dict):
+        raise ValueError(f'{where}: the artifact holds no model config to '
+                         'rebuild the network from')
+    walk(model_cfg, '')
+    if str(model_cfg.get('type', '')).split('.')[-1] != 'ImageClassifier':
+        raise ValueError(f'{where}: the model type must be ImageClassifier, '
+                         f'got {model_cfg.get("type")!r}')
 
 
 def _policy_of(model: nn.Module, input_shape=None) -> Optional[dict]:
@@ -169,6 +252,8 @@ def export_checkpoint(config,
     shape = tuple(infer_input_shape(cfg, model, input_shape))
     complexity = model_complexity(model, cfg, input_shape=shape)
     model_cfg = deploy_model_config(cfg, model)
+    check_deployable_config(model_cfg, getattr(cfg, 'filename', None) or
+                            '<config>')
     policy = _policy_of(model, input_shape=shape)
     extra = dict(
         source_config=getattr(cfg, 'filename', None),
@@ -205,24 +290,27 @@ def build_deployed_model(path: str,
                          device: str = 'cpu') -> Tuple[nn.Module, dict]:
     """Rebuild the runnable network of an artifact (eval mode).
 
-    The model config stored in the artifact is built (registered types of
-    mmpretrain and gmpq_mm) and the unpacked state loaded strictly; its
-    outputs equal the exported fake-quantized network's.
+    The model config stored in the artifact is checked against an
+    allow-list (:func:`check_deployable_config`: deployable types only, no
+    file names, no teacher), so rebuilding executes no config file and
+    unpickles nothing; it is then built and the unpacked state loaded
+    strictly. Its outputs equal the exported fake-quantized network's.
 
     Returns:
         tuple: the model and the artifact's metadata.
 
     Raises:
         ArtifactError: (``ValueError``) naming the file, for a truncated or
-            altered artifact, or one without a model config.
+            altered artifact, or one without a deployable model config.
     """
     from gmpq_mm.quantization.export import ArtifactError
 
     state, meta = load_artifact(path)
     model_cfg = meta.get('config')
-    if not isinstance(model_cfg, dict):
-        raise ArtifactError(f'{path}: the artifact holds no model config to '
-                            f'rebuild the network from')
+    try:
+        check_deployable_config(model_cfg, path)
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
     register_all_modules()
     init_default_scope('mmpretrain')
     model = MODELS.build(copy.deepcopy(model_cfg))

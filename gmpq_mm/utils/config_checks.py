@@ -3,6 +3,7 @@
 Runs before the Runner is built, so a typo in ``data_root`` or a checkpoint
 path costs seconds, not the time to build a model and start an epoch.
 """
+import os
 import os.path as osp
 
 REMOTE_PREFIXES = ('http://', 'https://', 'torchvision://', 'modelzoo://',
@@ -35,6 +36,9 @@ def _dataset_problems(dataset, where):
         if not may_download:
             yield f'{where}.data_root', data_root
         return
+    if _is_local(data_root):
+        for what, path in _split_problems(dataset, data_root):
+            yield f'{where} ({what})', path
     ann_file = dataset.get('ann_file', '') or ''
     if _is_local(ann_file):
         path = ann_file if osp.isabs(ann_file) else osp.join(
@@ -51,6 +55,60 @@ def _dataset_problems(dataset, where):
                 yield f'{where}.data_prefix{"." + key if key else ""}', path
 
 
+# Files and folders mmpretrain's split-based datasets read, relative to
+# data_root: ``type -> {split: [path, ...]}`` ('*' for every split). A
+# tuple holds alternatives (the first that exists is read).
+SPLIT_FILES = {
+    'StanfordCars': {
+        'train': [('cars_annos.mat', 'devkit/cars_train_annos.mat')],
+        'test': [('cars_annos.mat', 'devkit/cars_test_annos_withlabels.mat')],
+    },
+    'Flowers102': {'*': ['imagelabels.mat', 'setid.mat', 'jpg']},
+    'FGVCAircraft': {
+        s: [f'data/images_variant_{s}.txt', 'data/images']
+        for s in ('train', 'val', 'trainval', 'test')
+    },
+    'OxfordIIITPet': {
+        'trainval': ['annotations/trainval.txt', 'images'],
+        'test': ['annotations/test.txt', 'images'],
+    },
+    'Food101': {
+        'train': ['meta/train.txt', 'images'],
+        'test': ['meta/test.txt', 'images'],
+    },
+}
+# StanfordCars reads images next to cars_annos.mat, else in these folders.
+_CARS_IMAGES = {'train': 'cars_train', 'test': 'cars_test'}
+
+
+def _split_problems(dataset, data_root):
+    """Files a split-based dataset class will read that are missing."""
+    kind = str(dataset.get('type', '')).split('.')[-1]
+    split = dataset.get('split') or ''
+    if kind in ('ImageNet', 'ImageNet21k') and split:
+        if dataset.get('ann_file') or dataset.get('data_prefix'):
+            return
+        folder = osp.join(data_root, split)
+        ann = osp.join(data_root, 'meta', f'{split}.txt')
+        if not osp.isdir(folder):
+            yield 'split folder', folder
+        elif not osp.isfile(ann) and not os.listdir(folder):
+            yield 'split folder (empty, and no meta file)', folder
+        return
+    table = SPLIT_FILES.get(kind, {})
+    wanted = table.get(split, table.get('*', []))
+    for entry in wanted:
+        options = entry if isinstance(entry, tuple) else (entry, )
+        paths = [osp.join(data_root, p) for p in options]
+        found = next((p for p in paths if osp.exists(p)), None)
+        if found is None:
+            yield f'{kind} {split} file', paths[-1]
+        elif kind == 'StanfordCars' and found != paths[0]:
+            images = osp.join(data_root, _CARS_IMAGES[split])
+            if not osp.isdir(images):
+                yield f'{kind} {split} folder', images
+
+
 def _checkpoint_problems(node, where):
     if isinstance(node, dict):
         for key, value in node.items():
@@ -62,6 +120,26 @@ def _checkpoint_problems(node, where):
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             yield from _checkpoint_problems(value, f'{where}[{i}]')
+
+
+def _last_checkpoint_problems(cfg):
+    """Auto-resume reads ``work_dir/last_checkpoint``: when it is there, it
+    must name a checkpoint that exists (an empty one would otherwise end in
+    'checkpoint file not found: ' with no path at all)."""
+    if cfg.get('resume') is not True or cfg.get('load_from') or \
+            not cfg.get('work_dir'):
+        return []
+    pointer = osp.join(cfg.work_dir, 'last_checkpoint')
+    if not osp.isfile(pointer):
+        return []
+    with open(pointer, encoding='utf-8') as f:
+        target = f.read().strip()
+    if not target:
+        return [(f'resume ({pointer} is empty; delete it to start afresh '
+                 'or name a checkpoint with --resume PATH)', pointer)]
+    if _is_local(target) and not osp.exists(target):
+        return [(f'resume (named by {pointer})', target)]
+    return []
 
 
 def find_missing_paths(cfg, phases=('train', 'val', 'test')):
@@ -84,6 +162,7 @@ def find_missing_paths(cfg, phases=('train', 'val', 'test')):
     if isinstance(resume, str) and _is_local(resume) and \
             not osp.exists(resume):
         problems.append(('resume', resume))
+    problems += _last_checkpoint_problems(cfg)
     problems += _checkpoint_problems(cfg.get('model', {}), 'model')
     # Duplicates arise when val and test share one dataloader dict.
     return list(dict.fromkeys(problems))

@@ -71,10 +71,18 @@ def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
     ]).output
     assert 'layer4.1.conv2' in report
     # Teacher stayed frozen: identical to its checkpoint.
-    state = torch.load(work / 'epoch_2.pth', weights_only=False)['state_dict']
+    ckpt = torch.load(work / 'epoch_2.pth', weights_only=False)
+    state = ckpt['state_dict']
     teacher = torch.load(teacher_ckpt, weights_only=False)['state_dict']
     for key, value in teacher.items():
         assert torch.equal(state['teacher.' + key], value), key
+    # The checkpoint records each searched layer's candidates (issue 12);
+    # the teacher is full precision and absent.
+    record = ckpt['meta']['gmpq_bit_widths']
+    assert list(record) == [f'backbone.{n}' for n in R18_LAYERS]
+    for entry in record.values():
+        assert entry['w_candidates'] == [2, 3, 4, 6]
+        assert entry['a_candidates'] == [2, 3, 4, 6]
 
 
 def test_single_level_search(tmp_path, repo_root, cifar10_root, teacher_ckpt,

@@ -1,6 +1,7 @@
 """gmpq_mm.utils.config_checks (fail fast on missing paths) and
 gmpq_mm.datasets.CIFAR10Format (CIFAR files that differ from the release)."""
 import logging
+import os
 import os.path as osp
 import pickle
 import shutil
@@ -351,3 +352,82 @@ def test_cifar10format_meta_file(tmp_path, cifar10_root):
     (root / 'cifar-10-batches-py' / 'batches.meta').unlink()
     with pytest.raises(FileNotFoundError, match='batches.meta'):
         NoNames(data_root=str(root), split='test', download=False)
+
+
+# ---- strict (allow-list) reading of CIFAR files (issue 12) ------------------
+class _Payload:
+    """Unpickling this calls ``open(marker, 'w')``: code run by a data
+    file, harmless but visible."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+@pytest.mark.parametrize('strict', ['0', '1', None])
+def test_cifar_payload_never_runs(tmp_path, cifar10_root, monkeypatch,
+                                  strict):
+    from gmpq_mm.datasets import CIFAR10Format
+    if strict is None:
+        monkeypatch.delenv('GMPQ_MM_STRICT_LOAD', raising=False)
+    else:
+        monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', strict)
+    root = tmp_path / 'cifar'
+    shutil.copytree(cifar10_root, root)
+    marker = tmp_path / 'payload_ran'
+    bad = root / 'cifar-10-batches-py' / 'data_batch_2'
+    with open(bad, 'wb') as f:
+        pickle.dump({'data': _Payload(str(marker)), 'labels': [0]}, f)
+    with pytest.raises(pickle.UnpicklingError) as info:
+        CIFAR10Format(data_root=str(root), split='train', download=False)
+    assert str(bad) in str(info.value)
+    assert 'builtins' in str(info.value) or 'io' in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('protocol', [2, 4, 5])
+def test_cifar_python3_reexport_loads(tmp_path, cifar10_root, protocol):
+    """Files pickled by Python 3 (bytes via _codecs at protocol 2, numpy's
+    out-of-band buffers at 5) are still plain data."""
+    from gmpq_mm.datasets import CIFAR10Format
+    root = tmp_path / 'cifar'
+    shutil.copytree(cifar10_root, root)
+    folder = root / 'cifar-10-batches-py'
+    with open(folder / 'test_batch', 'rb') as f:
+        batch = pickle.load(f, encoding='bytes')
+    with open(folder / 'test_batch', 'wb') as f:
+        pickle.dump(batch, f, protocol=protocol)
+    test = CIFAR10Format(data_root=str(root), split='test', download=False)
+    assert len(test) == 10
+    np.testing.assert_array_equal(
+        test.get_data_info(3)['img'],
+        batch[b'data'][3].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_cifar_truncated_file_named(tmp_path, cifar10_root):
+    from gmpq_mm.datasets import CIFAR10Format
+    root = tmp_path / 'cifar'
+    shutil.copytree(cifar10_root, root)
+    bad = root / 'cifar-10-batches-py' / 'test_batch'
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(pickle.UnpicklingError, match=str(bad)):
+        CIFAR10Format(data_root=str(root), split='test', download=False)
+
+
+def test_cifar_root_typo_not_created(tmp_path, monkeypatch):
+    """download=True on a mistyped root: the failed fetch leaves no folder."""
+    import mmpretrain.datasets.utils as utils
+
+    from gmpq_mm.datasets import CIFAR10Format
+
+    def offline(url, root, **kwargs):
+        os.makedirs(root, exist_ok=True)  # as the real one does first
+        raise OSError('network unreachable')
+
+    monkeypatch.setattr(utils, 'download_and_extract_archive', offline)
+    typo = tmp_path / 'data' / 'cifr10'
+    with pytest.raises(FileNotFoundError, match='network unreachable'):
+        CIFAR10Format(data_root=str(typo), split='train', download=True)
+    assert not typo.exists()

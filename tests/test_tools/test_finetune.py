@@ -217,3 +217,115 @@ def test_dist_finetune_calibrates_identically(setup, tmp_path, free_tcp_port):
     ckpt = torch.load(work_dir / 'epoch_1.pth', map_location='cpu',
                       weights_only=False)
     assert ckpt['meta']['gmpq_calibration']['digest'] == saved['digest']
+
+
+# ---- the bit widths a checkpoint was trained with (issue 12) ----------------
+def _policy_b(setup, tmp_path):
+    """Policy A with the weight bits of its second layer changed."""
+    policy = json.loads(json.dumps(setup['policy']))
+    name = list(policy['layers'])[1]
+    entry = policy['layers'][name]
+    entry['w_bits'] = 6 if entry['w_bits'] != 6 else 2
+    path = tmp_path / 'policy_b.json'
+    path.write_text(json.dumps(policy))
+    return name, path
+
+
+def test_checkpoint_records_bit_widths(setup, finetuned):
+    ckpt = torch.load(finetuned / 'epoch_1.pth', map_location='cpu',
+                      weights_only=False)
+    record = ckpt['meta']['gmpq_bit_widths']
+    want = {f'backbone.{n}': e for n, e in setup['policy']['layers'].items()}
+    assert record == want
+
+
+def test_test_tool_refuses_another_policy(setup, finetuned, tmp_path):
+    from conftest import run_tool
+    layer, policy_b = _policy_b(setup, tmp_path)
+    options = dict(setup['options'], **{'model.backbone.policy': policy_b})
+    ckpt = finetuned / 'epoch_1.pth'
+    result = run_tool(['tools/test.py', CONFIG, ckpt, '--work-dir',
+                       tmp_path / 'test', '--cfg-options'] + _cli(options),
+                      check=False)
+    assert result.returncode != 0
+    assert f"first difference at layer 'backbone.{layer}'" in result.output
+    assert str(ckpt) in result.output and str(policy_b) in result.output
+    assert 'accuracy/top1' not in result.output
+
+
+def test_export_refuses_another_policy(setup, finetuned, tmp_path,
+                                       repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    layer, policy_b = _policy_b(setup, tmp_path)
+    options = dict(setup['options'], **{'model.backbone.policy': policy_b})
+    out = tmp_path / 'b.safetensors'
+    with pytest.raises(ValueError, match=rf"backbone\.{layer}.*w_bits") as e:
+        _export_tool().main([CONFIG, str(finetuned / 'epoch_1.pth'), '--out',
+                             str(out), '--cfg-options'] + _cli(options))
+    assert str(policy_b) in str(e.value) and 'epoch_1.pth' in str(e.value)
+    assert not out.exists()
+
+
+def test_load_from_refuses_another_policy(setup, finetuned, tmp_path):
+    from conftest import run_tool
+    layer, policy_b = _policy_b(setup, tmp_path)
+    options = dict(setup['options'], **{'model.backbone.policy': policy_b,
+                                        'load_from': finetuned /
+                                        'epoch_1.pth'})
+    result = run_tool(['tools/train.py', CONFIG, '--work-dir',
+                       tmp_path / 'wd', '--cfg-options'] + _cli(options),
+                      check=False)
+    assert result.returncode != 0
+    assert f"first difference at layer 'backbone.{layer}'" in result.output
+    assert 'Epoch(train)' not in result.output
+
+
+def test_attribution_refuses_another_policy(setup, finetuned, tmp_path,
+                                            repo_root, monkeypatch):
+    from mmengine.config import Config
+
+    from gmpq_mm.apis.attribution import load_attribution_models
+    monkeypatch.chdir(repo_root)
+    layer, policy_b = _policy_b(setup, tmp_path)
+    options = dict(setup['options'], **{'model.backbone.policy': policy_b})
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(
+        {k: (str(v) if hasattr(v, 'is_file') else v)
+         for k, v in options.items()})
+    teacher = tmp_path / 'teacher.py'
+    teacher.write_text(
+        "model = dict(type='ImageClassifier', backbone=dict(type='ResNet', "
+        f"depth=18, stem_channels={BASE}, base_channels={BASE}, "
+        "out_indices=(3, )), neck=dict(type='GlobalAveragePooling'), "
+        "head=dict(type='LinearClsHead', num_classes=3, "
+        f"in_channels={BASE * 8}))\n")
+    with pytest.raises(ValueError, match=rf"backbone\.{layer}"):
+        load_attribution_models(
+            cfg, str(finetuned / 'epoch_1.pth'),
+            teacher_config=str(teacher),
+            teacher_checkpoint=str(setup['folder'] / 'fp_r18_tiny.pth'))
+
+
+def test_checkpoint_without_record_warns_once(setup, finetuned, tmp_path):
+    from mmengine.logging import MMLogger
+
+    from gmpq_mm.utils.bit_record import check_bit_widths
+    model = _build(dict(
+        type='ImageClassifier',
+        backbone=_backbone_cfg(policy=setup['policy']),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=3,
+                  in_channels=BASE * 8)))
+    logger = MMLogger.get_instance('bit_record_test')
+    seen = []
+    handler = __import__('logging').Handler()
+    handler.emit = lambda rec: seen.append(rec.getMessage())
+    logger.addHandler(handler)
+    old = str(tmp_path / 'old.pth')
+    for _ in range(3):
+        check_bit_widths(model, {'meta': {}}, old, 'p.json')
+    logger.removeHandler(handler)
+    assert len([m for m in seen if old in m]) == 1
+    assert 'does not record the bit widths' in seen[0]
+    # An FP checkpoint (empty record) is a valid start for any policy.
+    check_bit_widths(model, {'meta': {'gmpq_bit_widths': {}}}, old, 'p.json')

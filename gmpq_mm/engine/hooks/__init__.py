@@ -1,4 +1,8 @@
+from .bit_width_record_hook import BitWidthRecordHook
 from .calibration_hook import CalibrationHook
 from .policy_export_hook import PolicyExportHook, format_policy
 
-__all__ = ['CalibrationHook', 'PolicyExportHook', 'format_policy']
+__all__ = [
+    'BitWidthRecordHook', 'CalibrationHook', 'PolicyExportHook',
+    'format_policy'
+]

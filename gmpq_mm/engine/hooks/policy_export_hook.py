@@ -1,5 +1,7 @@
 """Write the searched policy into the work_dir as the search goes."""
+import os
 import os.path as osp
+import re
 
 from mmengine.dist import master_only
 from mmengine.hooks import Hook
@@ -57,6 +59,24 @@ class PolicyExportHook(Hook):
         runner.logger.info(f'policy written to {path}\n' +
                            format_policy(policy))
         return path
+
+    @master_only
+    def before_train(self, runner) -> None:
+        """Remove ``policy_epoch_N.json`` files this run will write again
+        (``N`` after the epoch it starts from): they belong to an earlier
+        run in the same work_dir and must not mix into this run's history
+        (``tools/visualization/plot_search_curves.py``)."""
+        stale = []
+        for name in os.listdir(runner.work_dir):
+            match = re.match(r'^policy_epoch_(\d+)\.json$', name)
+            if match and int(match.group(1)) > runner.epoch:
+                stale.append(osp.join(runner.work_dir, name))
+        for path in stale:
+            os.remove(path)
+        if stale:
+            runner.logger.info(
+                f'removed {len(stale)} policy_epoch_N.json of an earlier run '
+                f'in {runner.work_dir} (epochs after {runner.epoch})')
 
     @master_only
     def after_train_epoch(self, runner) -> None:
