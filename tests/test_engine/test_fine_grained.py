@@ -134,7 +134,8 @@ N_TRAIN, N_TEST = 8, 2  # bilevel: 4 weight + 4 arch images, batch 2
 def _configs(tmp_path, repo_root, name, data_root):
     """A slim teacher (with its checkpoint) and the search config of
     ``name`` reading ``data_root``: 2 iterations, one validation."""
-    import gmpq_mm  # noqa: F401
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
@@ -206,7 +207,8 @@ def test_missing_annotation_named_before_start(name, tmp_path, repo_root,
 
 def test_loaded_samples_match_the_files(tmp_path):
     """What each class reads from the tiny copies: count and labels."""
-    import gmpq_mm  # noqa: F401
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
     from mmpretrain.datasets import (FGVCAircraft, Flowers102, Food101,
                                      OxfordIIITPet, StanfordCars)
     expect = {

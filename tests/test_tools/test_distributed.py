@@ -24,7 +24,6 @@ CONFIG = 'configs/gmpq/pretrain_r18_cifar10.py'
 
 _SCRIPT = textwrap.dedent('''
     import os, sys
-    sys.path.insert(0, {repo!r})
     from types import SimpleNamespace
     import torch
     from mmengine.config import Config

@@ -7,8 +7,10 @@ import pickle
 import pytest
 import torch
 
-import gmpq_mm  # noqa: F401
 from gmpq_mm.registry import MODELS
+from gmpq_mm.utils import register_all_modules
+
+register_all_modules()
 
 BACKBONE = dict(type='ResNet_CIFAR', depth=18, stem_channels=8,
                 base_channels=8, out_indices=(3, ))
