@@ -3,10 +3,11 @@
 ``custom_imports=dict(imports=['gmpq_mm'])`` in a config registers every
 gmpq_mm type into mmpretrain's registries (see :mod:`gmpq_mm.registry`).
 """
-from .compat import patch_checkpoint_loading
+from .compat import apply_compat_patches, check_versions
 from .version import __version__
 
-patch_checkpoint_loading()
+check_versions()
+apply_compat_patches()
 
 from . import datasets, engine, models  # noqa: E402,F401  (register types)
 
