@@ -2,7 +2,7 @@
 """Activation and weight quantizers of GMPQ (pure PyTorch).
 
 The semantics follow the released GMPQ / EdMIPS code (see
-``docs/GMPQ_SPEC.md`` section 2):
+``docs/method.md``, Quantizers):
 
 * activations, PACT-style: ``q = round(clamp(x, 0, r) / s) * s`` with
   ``s = r / (2^b - 1)``; the signed variant clamps to ``[-r, r]`` and uses
