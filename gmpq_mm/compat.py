@@ -96,7 +96,7 @@ def _installed_version(module: str):
 
 
 def unsupported_versions() -> list:
-    """``'name found (supported lo ... < hi)'`` for every package out of
+    """``'torch 2.0.1 (supported: >=2.1,<2.16)'`` for every package out of
     :data:`SUPPORTED` (missing ones are for pip / the import to report)."""
     problems = []
     for module, (low, high) in SUPPORTED.items():
