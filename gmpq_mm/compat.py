@@ -106,6 +106,11 @@ def unsupported_versions() -> list:
         v = version_tuple(found)
         if not version_tuple(low) <= v < version_tuple(high):
             problems.append(f'{module} {found} (supported: >={low},<{high})')
+    # torch wheels before 2.3 are built against numpy 1.x and break on 2.x.
+    torch_v, numpy_v = _installed_version('torch'), _installed_version('numpy')
+    if version_tuple(torch_v) < (2, 3) and version_tuple(numpy_v) >= (2, ):
+        problems.append(f'numpy {numpy_v} with torch {torch_v} (torch<2.3 '
+                        'needs numpy<2)')
     return problems
 
 

@@ -72,6 +72,17 @@ def test_unsupported_version_message(monkeypatch):
     compat.check_versions()  # told to skip: no error
 
 
+def test_old_torch_with_numpy_2_is_refused(monkeypatch):
+    found = {'torch': '2.1.2+cu121', 'numpy': '2.4.6'}
+    monkeypatch.setattr(compat, '_installed_version', found.get)
+    assert compat.unsupported_versions() == [
+        'numpy 2.4.6 with torch 2.1.2+cu121 (torch<2.3 needs numpy<2)']
+    found.update(torch='2.3.0')
+    assert compat.unsupported_versions() == []
+    found.update(torch='2.1.2', numpy='1.26.4')
+    assert compat.unsupported_versions() == []
+
+
 def test_import_fails_in_one_line_on_old_torch():
     """The real import path: torch reports 2.0.1 -> import gmpq_mm fails."""
     code = ('import torch; torch.__version__ = "2.0.1"; import gmpq_mm')
