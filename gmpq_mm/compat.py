@@ -1,31 +1,160 @@
-"""The few fixes the pinned stack (torch 2.14 + mmengine 0.10.7) needs.
+"""Everything that differs across the supported stack, in one place.
 
-All of them live here so they are easy to find and to drop once upstream
-catches up. Importing :mod:`gmpq_mm` applies :func:`patch_checkpoint_loading`.
+gmpq_mm runs on torch 2.1 ... 2.15, numpy 1.26 ... 2.4, mmengine 0.10.x,
+mmcv(-lite) 2.1 ... 2.2 and mmpretrain 1.2 (the ranges CI tests, see
+:data:`SUPPORTED`). Each shim here says which versions need it, so it can
+be dropped when the oldest supported release no longer does:
+
+* :func:`check_versions` -- refuse an untested torch/numpy/mmcv/... at
+  import, in one line that names the supported range;
+* :func:`load_trusted_checkpoint` -- ``torch.load`` across the
+  ``weights_only`` change (default ``False`` before torch 2.6, ``True``
+  from it) and the allow-list API (usable for mmengine checkpoints only
+  from torch 2.6, see below);
+* :func:`is_autocast_enabled` -- the per-device autocast query (torch 2.4
+  added the ``device_type`` argument; before, CPU had its own function);
+* :func:`patch_mmengine_package_lookup` -- mmengine 0.10 finds
+  ``mmpretrain::`` config bases through ``pkg_resources``, which
+  setuptools 81+ no longer ships; replaced by :mod:`importlib.metadata`;
+* :func:`patch_numpy_removed_apis` -- numpy 2.4 removed ``np.in1d``,
+  which mmpretrain 1.2's retrieval metrics still call.
+
+:func:`check_versions` runs when this module is imported;
+:func:`apply_compat_patches` applies the patches, and
+:func:`gmpq_mm.utils.register_all_modules` calls it. This module imports only torch and numpy at the top: the
+pure-PyTorch layer (:mod:`gmpq_mm.quantization`) uses it too.
 
 Trust assumption: checkpoints given to gmpq_mm (``load_from``, ``resume``,
 ``init_cfg``, the search teacher) are trusted files -- your own work_dirs or
-OpenMMLab's published URLs. torch>=2.6 loads with ``weights_only=True`` by
-default, which rejects mmengine checkpoints (they pickle a ``MessageHub`` with
-``HistoryBuffer`` objects, numpy scalars, ...). We first try the safe loader
-with the few mmengine/numpy types allow-listed (and ``getattr`` only on
-``HistoryBuffer``'s statistics), which loads mmengine's own checkpoints, and
-fall back to full
-unpickling -- which can run code from the file -- with a warning naming the
-file. Set ``GMPQ_MM_STRICT_LOAD`` to 1 / true / yes / on to refuse that
-fallback (:func:`strict_load_enabled`).
+OpenMMLab's published URLs. mmengine checkpoints pickle a ``MessageHub``
+with ``HistoryBuffer`` objects, numpy scalars and ``getattr`` look-ups,
+which torch's safe (``weights_only``) loader rejects. On torch >= 2.6 we
+first try that loader with those few types allow-listed (and ``getattr``
+only on ``HistoryBuffer``'s statistics, which needs the ``(object, name)``
+allow-list entries torch 2.6 added); older torch cannot restrict
+``getattr``, so there the safe loader takes tensor-only files only. Files it
+rejects are loaded with full unpickling -- which can run code from the file
+-- with a warning naming the file. Set ``GMPQ_MM_STRICT_LOAD`` to 1 / true / yes / on to
+refuse that fallback (:func:`strict_load_enabled`).
 """
+import importlib
+import importlib.abc
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import os.path as osp
 import pickle
+import re
+import sys
+import types
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from mmengine.logging import HistoryBuffer, print_log
-from mmengine.runner.checkpoint import CheckpointLoader
+
+# (lowest, first unsupported) release of every package CI tests the ends of;
+# requirements/*.txt state the same bounds (tests/test_compat.py checks).
+SUPPORTED = {
+    'torch': ('2.1', '2.16'),
+    'torchvision': ('0.16', '0.30'),
+    'numpy': ('1.26', '2.5'),
+    'mmcv': ('2.1.0', '2.3'),
+    'mmengine': ('0.10.3', '0.11'),
+    'mmpretrain': ('1.2.0', '1.3'),
+}
+# Distributions that provide each module (mmcv comes full or lite).
+_DISTRIBUTIONS = {'mmcv': ('mmcv', 'mmcv-lite', 'mmcv-full')}
+SKIP_CHECK_ENV = 'GMPQ_MM_SKIP_VERSION_CHECK'
+
+
+def version_tuple(version: str) -> tuple:
+    """``'2.1.2+cu121'`` -> ``(2, 1, 2)``; pre-releases count as released."""
+    parts = []
+    for piece in version.split('+')[0].split('.'):
+        match = re.match(r'\d+', piece)
+        if match is None:
+            break
+        parts.append(int(match.group()))
+        if match.end() != len(piece):
+            break
+    return tuple(parts)
+
+
+def _installed_version(module: str):
+    """Version of ``module``'s distribution, without importing it."""
+    if module == 'torch':
+        return torch.__version__
+    if module == 'numpy':
+        return np.__version__
+    for dist in _DISTRIBUTIONS.get(module, (module, )):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def unsupported_versions() -> list:
+    """``'torch 2.0.1 (supported: >=2.1,<2.16)'`` for every package out of
+    :data:`SUPPORTED` (missing ones are for pip / the import to report)."""
+    problems = []
+    for module, (low, high) in SUPPORTED.items():
+        found = _installed_version(module)
+        if found is None:
+            continue
+        v = version_tuple(found)
+        if not version_tuple(low) <= v < version_tuple(high):
+            problems.append(f'{module} {found} (supported: >={low},<{high})')
+    # torch wheels before 2.3 are built against numpy 1.x and break on 2.x.
+    torch_v, numpy_v = _installed_version('torch'), _installed_version('numpy')
+    if version_tuple(torch_v) < (2, 3) and version_tuple(numpy_v) >= (2, ):
+        problems.append(f'numpy {numpy_v} with torch {torch_v} (torch<2.3 '
+                        'needs numpy<2)')
+    return problems
+
+
+def check_versions() -> None:
+    """Raise ``ImportError`` in one line if a package is out of range.
+
+    ``GMPQ_MM_SKIP_VERSION_CHECK=1`` turns the check off (at your own
+    risk: nothing outside the ranges is tested).
+    """
+    if os.environ.get(SKIP_CHECK_ENV, '0') == '1':
+        return
+    problems = unsupported_versions()
+    if problems:
+        raise ImportError(
+            'gmpq_mm does not support ' + '; '.join(problems) +
+            ' -- install a supported release (README: Install) or set '
+            f'{SKIP_CHECK_ENV}=1 to try anyway')
+
+
+# At import: every gmpq_mm module that touches torch imports this one, so an
+# untested stack stops here, in one line, before anything runs on it.
+check_versions()
+
+TORCH_VERSION = version_tuple(torch.__version__)
+# torch 2.6: weights_only=True by default and (object, 'module.name')
+# entries in safe_globals, the only way to allow a restricted getattr.
+_SAFE_GLOBALS_USABLE = TORCH_VERSION >= (2, 6)
+
+
+def is_autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (``'cpu'``/``'cuda'``)."""
+    if TORCH_VERSION >= (2, 4):
+        return torch.is_autocast_enabled(device_type)
+    if device_type == 'cpu':
+        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled()  # CUDA only before torch 2.4
+
+
+def print_log(msg, logger='current', level=logging.INFO):
+    """mmengine's ``print_log``, imported when first used."""
+    from mmengine.logging import print_log as _print_log
+    _print_log(msg, logger=logger, level=level)
+
 
 STRICT_LOAD_ENV = 'GMPQ_MM_STRICT_LOAD'
 
@@ -37,6 +166,7 @@ _HISTORY_BUFFER_METHODS = ('min', 'max', 'mean', 'current')
 
 def _history_buffer_getattr(obj, name):
     """Stands in for ``builtins.getattr`` inside the safe unpickler."""
+    from mmengine.logging import HistoryBuffer
     if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
         return getattr(obj, name)
     raise pickle.UnpicklingError(
@@ -44,10 +174,20 @@ def _history_buffer_getattr(obj, name):
 
 
 def _safe_globals():
-    """Types mmengine writes into checkpoints besides tensors."""
-    allowed = [HistoryBuffer, np.dtype, np.ndarray, np.core.multiarray.scalar,
-               np.core.multiarray._reconstruct,
+    """Types mmengine writes into checkpoints besides tensors.
+
+    numpy's ``multiarray`` moved from ``numpy.core`` to ``numpy._core`` in
+    numpy 2, and a checkpoint names it as the numpy that wrote it did, so
+    both names are allowed for the same objects.
+    """
+    from mmengine.logging import HistoryBuffer
+    multiarray = (np._core if hasattr(np, '_core') else np.core).multiarray
+    allowed = [HistoryBuffer, np.dtype, np.ndarray,
                (_history_buffer_getattr, 'builtins.getattr')]
+    for core in ('numpy.core', 'numpy._core'):
+        allowed += [(multiarray.scalar, f'{core}.multiarray.scalar'),
+                    (multiarray._reconstruct,
+                     f'{core}.multiarray._reconstruct')]
     allowed += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64',
                                             'int32', 'bool')]
     return allowed
@@ -113,6 +253,21 @@ def _drop_ddp_wrapper(runner) -> None:
     gc.collect()
 
 
+def _weights_only_load(filename, map_location):
+    """torch's safe loader, with mmengine's types allowed where possible."""
+    if _SAFE_GLOBALS_USABLE:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(
+                filename, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(
+            filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise pickle.UnpicklingError(
+            f'{err} [torch {torch.__version__} cannot allow-list '
+            'mmengine\'s checkpoint types; that needs torch>=2.6]') from err
+
+
 def load_trusted_checkpoint(filename, map_location=None):
     """``torch.load`` for a trusted checkpoint file (see module docstring).
 
@@ -130,10 +285,7 @@ def load_trusted_checkpoint(filename, map_location=None):
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint file not found: {filename}')
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return check_finite_weights(torch.load(
-                filename, map_location=map_location, weights_only=True),
-                filename)
+        loaded = _weights_only_load(filename, map_location)
     except pickle.UnpicklingError as err:
         if strict_load_enabled():
             raise pickle.UnpicklingError(
@@ -141,6 +293,8 @@ def load_trusted_checkpoint(filename, map_location=None):
                 f'because {STRICT_LOAD_ENV} is on ({err})') from err
     except Exception as err:
         raise unreadable_checkpoint(filename, err) from None
+    else:
+        return check_finite_weights(loaded, filename)
     print_log(
         f'{filename} holds Python objects beyond tensors; loading it '
         'with full unpickling because checkpoints are trusted in '
@@ -176,10 +330,159 @@ def _load_http(filename, map_location=None, model_dir=None):
 
 def patch_checkpoint_loading():
     """Route mmengine's local and http checkpoint loading through ours."""
+    from mmengine.runner.checkpoint import CheckpointLoader
     CheckpointLoader.register_scheme(prefixes='', loader=_load_local,
                                      force=True)
     CheckpointLoader.register_scheme(
         prefixes=('http://', 'https://'), loader=_load_http, force=True)
+
+
+# ---------------------------------------------------------------------------
+# mmengine without pkg_resources (setuptools >= 81)
+# ---------------------------------------------------------------------------
+def _is_installed(package: str) -> bool:
+    """mmengine's ``is_installed``, on :mod:`importlib.metadata`."""
+    try:
+        importlib.metadata.distribution(package)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        spec = importlib.util.find_spec(package)
+        return spec is not None and spec.origin is not None
+
+
+def _package2module(package: str) -> str:
+    """mmengine's ``package2module``: the distribution's top-level module."""
+    top_level = importlib.metadata.distribution(package).read_text(
+        'top_level.txt')
+    if top_level:
+        return top_level.split('\n')[0]
+    raise ValueError(f'can not infer the module name of {package}')
+
+
+def _get_installed_path(package: str) -> str:
+    """mmengine's ``get_installed_path``, on :mod:`importlib.metadata`."""
+    try:
+        location = str(
+            importlib.metadata.distribution(package).locate_file(''))
+    except importlib.metadata.PackageNotFoundError:
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise
+        if spec.origin is None:
+            raise RuntimeError(f'{package} is a namespace package, which is '
+                               'invalid for `get_install_path`')
+        return osp.dirname(spec.origin)
+    possible_path = osp.join(location, package)
+    if osp.exists(possible_path):
+        return possible_path
+    return osp.join(location, _package2module(package))
+
+
+def patch_mmengine_package_lookup() -> bool:
+    """Give mmengine's package look-ups an :mod:`importlib.metadata` base
+    where ``pkg_resources`` is gone (setuptools >= 81 or none installed).
+
+    mmengine 0.10 imports ``pkg_resources`` inside ``is_installed`` and
+    ``get_installed_path``, which ``Config.fromfile`` calls for every
+    ``mmpretrain::`` base. The functions are replaced in the modules that
+    imported them by name. Returns whether anything was patched.
+    """
+    if importlib.util.find_spec('pkg_resources') is not None:
+        return False
+    import mmengine.config.config as config_module
+    import mmengine.utils as utils
+    import mmengine.utils.package_utils as package_utils
+    replacements = dict(is_installed=_is_installed,
+                        get_installed_path=_get_installed_path,
+                        package2module=_package2module)
+    for module in (package_utils, utils, config_module):
+        for name, fn in replacements.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)
+    hub = sys.modules.get('mmengine.hub.hub')
+    if hub is not None:
+        hub.get_installed_path = _get_installed_path
+    return True
+
+
+# ---------------------------------------------------------------------------
+# numpy >= 2.4 removed np.in1d (mmpretrain 1.2 retrieval metrics call it)
+# ---------------------------------------------------------------------------
+def _in1d(ar1, ar2, assume_unique=False, invert=False, **kwargs):
+    """numpy's removed ``in1d``: ``isin`` of the flattened first array."""
+    return np.isin(np.asarray(ar1).ravel(), ar2, assume_unique=assume_unique,
+                   invert=invert, **kwargs)
+
+
+class _NumpyWithRemovedApis(types.ModuleType):
+    """numpy as one module sees it: numpy plus the functions it removed."""
+
+    in1d = staticmethod(_in1d)
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+# module -> numpy names it still calls that numpy has removed
+_NUMPY_USERS = {'mmpretrain.evaluation.metrics.retrieval': ('in1d', )}
+
+
+def _give_removed_numpy(module) -> None:
+    if isinstance(getattr(module, 'np', None), _NumpyWithRemovedApis):
+        return
+    module.np = _NumpyWithRemovedApis('numpy')
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``patch(module)`` right after ``name`` is first imported."""
+
+    def __init__(self, name, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, 'find_spec'):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module, patch = spec.loader.exec_module, self.patch
+
+        def exec_and_patch(module):
+            exec_module(module)
+            patch(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def patch_numpy_removed_apis() -> list:
+    """Hand the numpy functions a module still calls, where numpy removed
+    them, to that module alone (numpy itself is left untouched): patched
+    now if imported, else right after its import. Returns the modules."""
+    patched = []
+    for name, functions in _NUMPY_USERS.items():
+        if all(hasattr(np, f) for f in functions):
+            continue
+        patched.append(name)
+        if name in sys.modules:
+            _give_removed_numpy(sys.modules[name])
+        elif not any(isinstance(f, _AfterImport) and f.name == name
+                     for f in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport(name, _give_removed_numpy))
+    return patched
+
+
+def apply_compat_patches() -> None:
+    """Every patch above; :func:`gmpq_mm.utils.register_all_modules` calls
+    it once."""
+    patch_checkpoint_loading()
+    patch_mmengine_package_lookup()
+    patch_numpy_removed_apis()
 
 
 def init_cpu_distributed(launcher, timeout=None):

@@ -48,8 +48,8 @@ def main(argv=None):
 
     from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
     from gmpq_mm.utils.bit_record import add_bit_record_hook
+    register_all_modules()  # first: it also shims mmengine's config look-up
     cfg = Config.fromfile(args.config)
-    register_all_modules()
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

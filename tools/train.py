@@ -124,8 +124,8 @@ def main(argv=None):
 
     from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
     from gmpq_mm.utils.bit_record import add_bit_record_hook
+    register_all_modules()  # first: it also shims mmengine's config look-up
     cfg = Config.fromfile(args.config)
-    register_all_modules()
     cfg = merge_args(cfg, args)
     phases = ('train', ) if cfg.get('val_cfg') is None else ('train', 'val')
     try:

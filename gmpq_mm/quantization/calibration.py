@@ -1,7 +1,7 @@
 """Range calibration of fixed-bit layers before finetuning (pure PyTorch).
 
 The released GMPQ finetune calibrates every quantizer once before training
-(``docs/GMPQ_SPEC.md`` section 7):
+(``docs/method.md``, Finetune and calibration):
 
 * activation range ``r = min(6, max|x|, threshold)`` when ``b < 5``, else
   ``min(6, max|x|)``;
@@ -24,7 +24,7 @@ estimator is chosen by ``method``:
 * ``'mse'``: the threshold of least quantization MSE on the histogram;
 * ``'max'``: ``max|x|`` / ``max|W|`` throughout.
 
-``b >= low_bits`` (5) always uses the maximum, as the spec says.
+``b >= low_bits`` (5) always uses the maximum, as the released code does.
 
 Statistics are collected with every quantizer of the network turned off
 (:func:`float_forward`), as the release does (its calibration forward
@@ -558,7 +558,7 @@ def calibrate_model(model: nn.Module,
         model: A network with ``QuantizedConv2d`` / ``QuantizedLinear``.
         batches: Inputs for ``forward``.
         forward: ``forward(model, batch)``; default ``model(batch)``.
-        method: ``'release'`` (the spec, default), ``'kl'``, ``'mse'`` or
+        method: ``'release'`` (the released code's rule, default), ``'kl'``, ``'mse'`` or
             ``'max'`` (see the module doc).
         act_cap: Upper bound of activation ranges (6.0; None: none).
         low_bits: Widths below it use ``method``; the rest use the max.

@@ -1,6 +1,6 @@
 """MACs, BitOPs, model size and compression of (mixed-precision) networks.
 
-Conventions (``docs/GMPQ_SPEC.md`` section 4):
+Conventions (``docs/method.md``, Complexity and the budget):
 
 * ``MACs`` of a conv: ``C_in / groups * C_out * k_h * k_w * H_out * W_out``;
   of a linear: ``in * out`` times its leading (non-batch) dims. Measured with

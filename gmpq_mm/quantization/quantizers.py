@@ -2,7 +2,7 @@
 """Activation and weight quantizers of GMPQ (pure PyTorch).
 
 The semantics follow the released GMPQ / EdMIPS code (see
-``docs/GMPQ_SPEC.md`` section 2):
+``docs/method.md``, Quantizers):
 
 * activations, PACT-style: ``q = round(clamp(x, 0, r) / s) * s`` with
   ``s = r / (2^b - 1)``; the signed variant clamps to ``[-r, r]`` and uses
@@ -46,6 +46,8 @@ from torch import Tensor
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
+
+from gmpq_mm.compat import is_autocast_enabled
 
 FP_BITS = 32
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
@@ -180,8 +182,7 @@ def _autocast_off(device: torch.device):
     list; the sums over millions of elements they compute (the alpha and
     range gradients) must stay in the tensors' own precision.
     """
-    if device.type in ('cpu', 'cuda') and torch.is_autocast_enabled(
-            device.type):
+    if device.type in ('cpu', 'cuda') and is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

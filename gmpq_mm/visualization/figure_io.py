@@ -8,7 +8,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from gmpq_mm.quantization.atomic_file import atomic_path  # noqa: E402
 
-__all__ = ['plt', 'save_figure']
+__all__ = ['plt', 'save_figure', 'whole_pixels']
+
+
+def whole_pixels(inches: float, dpi: int = 100) -> float:
+    """``inches``, nudged so that ``inches * dpi`` is a whole pixel count.
+
+    A size such as ``1.1 + 2.9 + 0.8 + 1.55 + 0.35`` is 669.9999... pixels
+    at 100 dpi; matplotlib 3.8 truncates that to 669 when saving, newer
+    releases round it to 670. Sizes returned here are a hair above the
+    whole number (or exactly on it), so every release gives the same
+    ``round(inches * dpi)`` pixels.
+    """
+    pixels = inches * dpi
+    if float(pixels).is_integer():
+        return inches
+    return (round(pixels) + 1e-4) / dpi
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> str:

@@ -13,7 +13,7 @@ Figure out; nothing from mmengine.
 from typing import Mapping, Optional, Tuple
 
 from gmpq_mm.quantization.complexity import FP_BITS, MB, bitops
-from .figure_io import plt
+from .figure_io import plt, whole_pixels
 
 __all__ = [
     'policy_totals', 'format_bitops', 'policy_figure_size', 'policy_figure'
@@ -95,7 +95,7 @@ def _ratio(value: Optional[float]) -> str:
 def policy_figure_size(num_layers: int) -> Tuple[float, float]:
     """``(width, height)`` in inches: wide enough for ``num_layers`` bar
     pairs with their rotated names (about 1/3 inch a layer)."""
-    return max(10.0, 3.0 + 0.32 * num_layers), 6.5
+    return whole_pixels(max(10.0, 3.0 + 0.32 * num_layers)), 6.5
 
 
 def _group_of(name: str) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from .figure_io import plt
+from .figure_io import plt, whole_pixels
 from .search_history import BITOPS_KEY  # in GBitOPs
 
 __all__ = [
@@ -242,7 +242,7 @@ def search_curves_figure_size(n_layers: int) -> tuple:
     """``(width, height)`` in inches of the figure for ``n_layers``
     layer panels."""
     rows = math.ceil(n_layers / _columns(n_layers))
-    return FIG_WIDTH, (
+    return FIG_WIDTH, whole_pixels(
         HEAD_HEIGHT + TOP_HEIGHT + TOP_GAP + rows * ROW_HEIGHT + BOTTOM_MARGIN)
 
 

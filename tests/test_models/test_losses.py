@@ -156,7 +156,7 @@ def test_all_zero_maps(mode):
 
 
 def test_complexity_loss_by_hand():
-    # expected cost at init = 206.25 first-conv MACs (spec §8 table):
+    # expected cost at init = 206.25 first-conv MACs (the released code's figure):
     # 3e-4 * 206.25 = 0.061875, d/dC = 3e-4 / 10000 = 3e-8.
     cost = torch.tensor(2_062_500., dtype=torch.float64, requires_grad=True)
     loss = ComplexityLoss()

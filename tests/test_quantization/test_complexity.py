@@ -70,10 +70,10 @@ def test_cifar_resnet18_searched_macs_and_init_cost():
     assert macs['layer2.0.conv1'].macs == 64 * 128 * 9 * 16 * 16
     assert macs['layer2.0.downsample.0'].macs == 64 * 128 * 16 * 16
     total = sum(macs[n].macs for n in names)
-    assert total == CIFAR_R18_SEARCHED_MACS  # spec section 8: 553.6 MMACs
+    assert total == CIFAR_R18_SEARCHED_MACS  # the released code's 553.6 MMACs
 
     # Uniform alphas over w2346a2346: E[b] = 3.75, so the normalised
-    # expected cost is 3.75^2 * 553.6M / 37.7M = 206.25 (spec section 8).
+    # expected cost is 3.75^2 * 553.6M / 37.7M = 206.25 (the released code's figure).
     to_mixed_precision(model, (2, 3, 4, 6), (2, 3, 4, 6))
     cost = expected_bitops(model, macs, normalize=True)
     assert cost.dim() == 0
@@ -134,9 +134,9 @@ def test_imagenet_resnet18_macs_bitops_size():
     assert t['macs'] == total
     assert t['quantized_macs'] == 0 and t['bitops_quantized'] == 0
     assert t['bitops_total'] == total * 1024
-    # spec section 8: 1853.4 GBitOPs = 1.81 GMACs (rounded) * 1024
+    # paper: 1853.4 GBitOPs = 1.81 GMACs (rounded) * 1024
     assert t['bitops_total'] / 1e9 == pytest.approx(1853.4, rel=5e-3)
-    # spec section 8: 46.8 MB = 11,689,512 params * 4 bytes / 1e6
+    # paper: 46.8 MB = 11,689,512 params * 4 bytes / 1e6
     assert sum(p.numel() for p in model.parameters()) == 11_689_512
     assert round(t['size_mb'], 1) == 46.8 and t['fp_size_mb'] == t['size_mb']
     assert t['compression'] == 1.0

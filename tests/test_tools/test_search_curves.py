@@ -466,3 +466,19 @@ def test_tool_leaves_only_the_png(tmp_path):
     assert _tool().main([str(work)]) == 0
     assert sorted(
         os.listdir(work)) == ['policy_epoch_1.json', 'search_curves.png']
+
+
+def test_figure_sizes_are_whole_pixels():
+    """Inch sizes that sum to a fractional pixel (669.999...) would be cut
+    to 669 by matplotlib 3.8 and rounded to 670 by newer releases."""
+    from gmpq_mm.visualization.figure_io import whole_pixels
+    from gmpq_mm.visualization.policy_plot import policy_figure_size
+    inches = 1.1 + 2.9 + 0.8 + 1.55 + 0.35
+    assert int(inches * 100) == 669  # the trap itself
+    assert int(whole_pixels(inches) * 100) == 670
+    assert round(whole_pixels(inches) * 100) == 670
+    assert whole_pixels(6.5) == 6.5
+    for n in range(1, 120):
+        for size in (search_curves_figure_size(n)[1],
+                     policy_figure_size(n)[0]):
+            assert int(size * 100) == round(size * 100), (n, size)

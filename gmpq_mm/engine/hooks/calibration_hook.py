@@ -1,7 +1,7 @@
 """Calibrate the quantizer ranges of a fixed-bit network before finetuning.
 
 The released GMPQ finetune sets every activation range and weight threshold
-from the FP network on one batch before the first step (spec section 7);
+from the FP network on one batch before the first step (docs/method.md);
 :class:`CalibrationHook` does that in ``before_train`` -- after the FP
 weights are loaded (``init_cfg`` / ``load_from``) and before the first
 iteration -- with the numerics of :mod:`gmpq_mm.quantization.calibration`.
@@ -99,8 +99,8 @@ class CalibrationHook(Hook):
         num_batches (int): Training batches per rank (statistics of all
             ranks are combined). The release used one batch of 192 images.
         method (str): The threshold for widths below ``low_bits``:
-            ``'release'`` (the spec's rule as the released code computes
-            its "KL threshold", default), ``'kl'`` (TensorRT entropy
+            ``'release'`` (the released code's rule, with its "KL
+            threshold" computed as that code does; default), ``'kl'`` (TensorRT entropy
             calibration), ``'mse'`` (least quantization error) or
             ``'max'``. See :mod:`gmpq_mm.quantization.calibration`.
         weight_method (str | None): Another method for the weights.

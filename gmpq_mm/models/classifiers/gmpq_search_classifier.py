@@ -54,7 +54,7 @@ def _strip_init_cfg(cfg):
 
 @MODELS.register_module()
 class GMPQSearchClassifier(ImageClassifier):
-    """Classifier for the GMPQ search (spec §3-§6).
+    """Classifier for the GMPQ search (docs/method.md).
 
     Loss = CE + ``attribution_loss`` (``aw * L_attr``) + ``complexity_loss``
     (``cd * C``). The teacher is built from its own config, loaded from

@@ -14,7 +14,7 @@ Scalar = Union[float, Tensor]
 class AttributionRankLoss(nn.Module):
     """Attribution loss of GMPQ between a student and a teacher map.
 
-    Three modes (see spec §5):
+    Three modes (docs/method.md, Attribution and its loss):
 
     - ``'pnorm'`` (what the released code runs):
       ``L = mean_{n,h,w} (norm(A_t ** p) - norm(A_s)) ** 2`` with ``norm``

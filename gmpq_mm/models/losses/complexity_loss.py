@@ -9,7 +9,7 @@ from torch import Tensor
 
 @MODELS.register_module()
 class ComplexityLoss(nn.Module):
-    """Expected BitOPs of the supernet as a loss (GMPQ spec §4).
+    """Expected BitOPs of the supernet as a loss (docs/method.md).
 
     The caller passes the expected cost
     ``C = sum_l MACs_l * E[b_w,l] * E[b_a,l]`` (differentiable in the

@@ -1,5 +1,5 @@
 # Copyright (c) gmpq_mm contributors. All rights reserved.
-"""Attribution maps of a classifier's last backbone feature (GMPQ spec §5).
+"""Attribution maps of a classifier's last backbone feature (docs/method.md).
 
 The map of one sample is Grad-CAM with a *sum* over spatial positions:
 
