@@ -84,8 +84,10 @@ def test_old_torch_with_numpy_2_is_refused(monkeypatch):
 
 
 def test_import_fails_in_one_line_on_old_torch():
-    """The real import path: torch reports 2.0.1 -> import gmpq_mm fails."""
-    code = ('import torch; torch.__version__ = "2.0.1"; import gmpq_mm')
+    """The real import path: torch reports 2.0.1 -> importing gmpq_mm's
+    numerics (or anything that touches torch) fails."""
+    code = ('import torch; torch.__version__ = "2.0.1"; '
+            'import gmpq_mm.quantization')
     env = {k: v for k, v in os.environ.items()
            if k != compat.SKIP_CHECK_ENV}
     env['PYTHONPATH'] = ROOT
@@ -127,12 +129,12 @@ def _has_dist(name):
 
 def test_mmpretrain_config_bases_without_pkg_resources():
     """A config with ``mmpretrain::`` bases loads with pkg_resources gone
-    (as under setuptools >= 81), once gmpq_mm is imported."""
+    (as under setuptools >= 81), once gmpq_mm's types are registered."""
     code = '\n'.join([
         'import sys',
         'sys.modules["pkg_resources"] = None  # import fails, as if absent',
-        'import gmpq_mm',
-        'from gmpq_mm import compat',
+        'from gmpq_mm.utils import register_all_modules',
+        'register_all_modules()',
         'from mmengine.config import Config',
         'cfg = Config.fromfile("configs/gmpq/pretrain_r18_cifar10.py")',
         'print(cfg.model.backbone.type, cfg.default_scope)',
