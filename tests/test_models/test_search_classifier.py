@@ -45,3 +45,33 @@ def test_multi_pixel_maps_build_quietly(teacher_ckpt):
         warnings.filterwarnings('error', message='.*1x1 feature maps')
         model = build(teacher_ckpt, 32)
     assert model.backbone.training  # the probe restored the mode
+
+
+@pytest.mark.parametrize('stages', [[1], [0, 3]])
+def test_attribution_at_earlier_stages_trains(tmp_path, stages):
+    """An earlier stage's map is differentiated through the later stages'
+    quantized convs (differentiable once only): the loss must still
+    back-propagate, into the alphas up to that stage."""
+    from mmpretrain.structures import DataSample
+
+    backbone = dict(BACKBONE, out_indices=(0, 1, 2, 3))
+    teacher = dict(TEACHER, backbone=backbone)
+    ckpt = tmp_path / 'teacher.pth'
+    torch.save({'state_dict': MODELS.build(teacher).state_dict()}, ckpt)
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(type='MixedPrecisionBackbone', backbone=backbone,
+                      w_bits=[2, 4], a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'), head=HEAD,
+        teacher=teacher, teacher_checkpoint=str(ckpt),
+        input_shape=(3, 16, 16), attribution_stages=stages))
+    inputs = torch.randn(4, 3, 16, 16)
+    samples = [DataSample().set_gt_label(i) for i in range(4)]
+    losses = model.loss(inputs, samples)
+    assert torch.isfinite(losses['loss_attr']) and losses['loss_attr'] > 0
+    losses['loss_attr'].backward()  # raised RuntimeError before the fix
+    name, layer = model.mixed_layers[0]  # layer1.0.conv1, before any stage
+    assert name.startswith('layer1.0')
+    assert layer.alpha_w.grad is not None
+    assert layer.alpha_w.grad.abs().sum() > 0
