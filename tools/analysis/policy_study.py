@@ -59,11 +59,11 @@ FULL = dict(
     seeds=[0, 1, 2],
     n_random=5,
     budgets=[2, 3],  # k: midway between WkAk and W(k+1)A(k+1)
-    uniform=[2, 3, 4],
+    uniform=[2, 3],
     teacher=dict(epochs=8, lr=0.1),
     search=dict(
-        epochs=6,
-        arch_warmup_epochs=2,
+        epochs=3,
+        arch_warmup_epochs=1,
         mode='bilevel',
         arch_optimizer=dict(
             type='Adam', lr=0.01, betas=(0.5, 0.999), weight_decay=1e-3),
@@ -71,24 +71,28 @@ FULL = dict(
         aw=40.0,
         cd=3e-4,
         attribution_stages=[2, 3]),
-    finetune=dict(epochs=dict(in_domain=1, transfer=2), lr=0.01),
+    # every finetune: one epoch over (at most) 2,500 training images
+    finetune=dict(epochs=dict(in_domain=1, transfer=1), lr=0.01,
+                  train_images=2500),
     calibration_bins=256)
 PRESETS = dict(
     full=FULL,
-    # For tests: a few iterations of every kind of run.
+    # For tests: a few iterations of every kind of run (counts below the
+    # study's minimum: it checks the machinery, not the method).
     tiny=dict(
         FULL,
-        train_limit=48,
-        test_limit=40,
+        train_limit=32,
+        test_limit=20,
         batch_size=16,
-        seeds=[0, 1],
-        n_random=2,
+        seeds=[0],
+        n_random=1,
         budgets=[2],
-        uniform=[2, 3],
+        uniform=[2],
         teacher=dict(epochs=1, lr=0.1),
         search=dict(FULL['search'], epochs=2, arch_warmup_epochs=1),
-        finetune=dict(epochs=dict(in_domain=1, transfer=1), lr=0.01)))
-
+        finetune=dict(epochs=dict(in_domain=1, transfer=1), lr=0.01,
+                      train_images=24),
+        calibration_bins=64))
 
 # ------------------------------------------------------------------ data --
 def write_split(out_dir, split, resolution, train_limit, test_limit):
@@ -268,6 +272,9 @@ def run_finetune(study, setting, policy_name, policy_path, seed):
     cfg.param_scheduler = dict(
         type='CosineAnnealingLR', T_max=epochs, by_epoch=True)
     cfg.train_cfg = dict(by_epoch=True, max_epochs=epochs)
+    if f.get('train_images'):
+        # the first N images of the split (mmengine's ``indices``)
+        cfg.train_dataloader.dataset.indices = f['train_images']
     name = f'ft_{setting}_{policy_name}_s{seed}'
     work = osp.join(study['work_dir'], 'runs', name)
     _, metrics = run_runner(cfg, name, work, seed)
@@ -361,34 +368,33 @@ def write_policies(study):
 
 # --------------------------------------------------------------- stages --
 def plan(study, budgets, paths):
-    """Task lists in dependency order (teachers, searches + fixed
-    policies, searched policies)."""
+    """Task lists in dependency order: teachers; searches; finetunes.
+
+    Finetunes go seed by seed, searched policies first, so that a study cut
+    short still has every policy at its first seeds.
+    """
     def task(name, kind, *args):
         return (study, name, kind, args)
 
     teachers = [task(f'teacher_{s}', 'teacher', s) for s in SPLITS]
-    searches, fixed, searched = [], [], []
+    searches, policies = [], []
     for setting in SETTINGS:
         for k, budget in budgets.items():
             for method in ('gmpq', 'aw0'):
                 name = f'search_{setting}_b{k}_{method}'
                 searches.append(task(name, 'search', setting, k, method,
                                      budget))
-        for policy, path in paths.items():
-            for seed in study['seeds']:
-                fixed.append(task(f'ft_{setting}_{policy}_s{seed}',
-                                  'finetune', setting, policy, path, seed))
+                policies.append((setting, f'b{k}_{method}', osp.join(
+                    study['work_dir'], 'runs', name, 'policy.json')))
     for setting in SETTINGS:
-        for k in budgets:
-            for method in ('gmpq', 'aw0'):
-                search = f'search_{setting}_b{k}_{method}'
-                path = osp.join(study['work_dir'], 'runs', search,
-                                'policy.json')
-                for seed in study['seeds']:
-                    searched.append(task(
-                        f'ft_{setting}_b{k}_{method}_s{seed}', 'finetune',
-                        setting, f'b{k}_{method}', path, seed))
-    return [teachers, searches + fixed, searched]
+        policies += [(setting, policy, path)
+                     for policy, path in paths.items()]
+    finetunes = [
+        task(f'ft_{setting}_{policy}_s{seed}', 'finetune', setting, policy,
+             path, seed) for seed in study['seeds']
+        for setting, policy, path in policies
+    ]
+    return [teachers, searches, finetunes]
 
 
 def run_stage(tasks, workers, threads, log):
