@@ -75,3 +75,22 @@ def test_attribution_at_earlier_stages_trains(tmp_path, stages):
     assert name.startswith('layer1.0')
     assert layer.alpha_w.grad is not None
     assert layer.alpha_w.grad.abs().sum() > 0
+
+
+def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
+    cfg = dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
+                      w_bits=[2, 4], a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'), head=HEAD,
+        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, 32, 32), target_bitops_tolerance=0.02)
+    with pytest.raises(ValueError, match='target_bitops_tolerance needs'):
+        MODELS.build(cfg)
+    model = MODELS.build(dict(cfg, target_bitops=1e9))
+    total = sum(model.layer_macs.values())
+    # uniform alphas: the most likely policy is any; within the band it must
+    # spend 98-100% of a budget midway between all-2-bit and all-4-bit
+    model.target_bitops = 10 * total
+    policy = model.current_policy()
+    assert 0.98 * 10 * total <= policy['bitops'] <= 10 * total
