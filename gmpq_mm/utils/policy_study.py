@@ -60,7 +60,7 @@ def collect(study: dict, budgets: Dict[int, int]) -> dict:
         return out
 
     data = {}
-    for setting in SETTING_TITLES:
+    for setting in study.get('settings', list(SETTING_TITLES)):
         search_split, ft_split = (('all', 'all') if setting == 'in_domain'
                                   else ('a', 'b'))
         teachers = {s: _load(work, f'teacher_{s}')
@@ -157,8 +157,12 @@ def verdict(block: dict) -> List[str]:
 
 
 def expected_runs(study: dict, budgets: Dict[int, int]) -> int:
+    settings = study.get('settings', list(SETTING_TITLES))
     n_pol = len(study['uniform']) + len(budgets) * (study['n_random'] + 2)
-    return 3 + 2 * 2 * len(budgets) + 2 * n_pol * len(study['seeds'])
+    teachers = 1 if settings == ['in_domain'] else \
+        2 if settings == ['transfer'] else 3
+    return teachers + len(settings) * (2 * len(budgets) +
+                                       n_pol * len(study['seeds']))
 
 
 def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
@@ -194,8 +198,8 @@ def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
         f'{platform.processor() or platform.machine()}, '
         f'{platform.system()}.', ''
     ]
-    for setting, title in SETTING_TITLES.items():
-        d = data[setting]
+    for setting, d in data.items():
+        title = SETTING_TITLES[setting]
         out += [f'## {title}', '']
         for split, t in sorted(d['teachers'].items()):
             top1 = 'not run yet' if t is None else f"{t['top1']:.2f}"

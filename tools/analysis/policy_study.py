@@ -376,9 +376,12 @@ def plan(study, budgets, paths):
     def task(name, kind, *args):
         return (study, name, kind, args)
 
-    teachers = [task(f'teacher_{s}', 'teacher', s) for s in SPLITS]
+    settings = study['settings']
+    splits = [s for s in SPLITS
+              if any(s in SETTINGS[name] for name in settings)]
+    teachers = [task(f'teacher_{s}', 'teacher', s) for s in splits]
     searches, policies = [], []
-    for setting in SETTINGS:
+    for setting in settings:
         for k, budget in budgets.items():
             for method in ('gmpq', 'aw0'):
                 name = f'search_{setting}_b{k}_{method}'
@@ -386,7 +389,7 @@ def plan(study, budgets, paths):
                                      budget))
                 policies.append((setting, f'b{k}_{method}', osp.join(
                     study['work_dir'], 'runs', name, 'policy.json')))
-    for setting in SETTINGS:
+    for setting in settings:
         policies += [(setting, policy, path)
                      for policy, path in paths.items()]
     finetunes = [
@@ -421,6 +424,9 @@ def main(argv=None):
                         help='torch threads per worker on CPU (default 1: '
                         'several threads per process were 4x slower on a '
                         'loaded 2-core machine)')
+    parser.add_argument('--settings', nargs='+', choices=sorted(SETTINGS),
+                        default=sorted(SETTINGS),
+                        help='in_domain and/or transfer (default: both)')
     parser.add_argument('--report-only', action='store_true',
                         help='write study.md / study.png from the runs '
                         'that have finished, run nothing')
@@ -429,6 +435,7 @@ def main(argv=None):
 
     study = copy.deepcopy(PRESETS[args.preset])
     study['preset'] = args.preset
+    study['settings'] = [s for s in SETTINGS if s in args.settings]
     study['work_dir'] = osp.abspath(args.work_dir)
     os.makedirs(study['work_dir'], exist_ok=True)
     log_file = open(osp.join(study['work_dir'], 'study.log'), 'a')
