@@ -156,6 +156,13 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             f'BitOPs of these {len(names)} layers (every layer at its '
             f'cheapest allowed bits)')
 
+    dearest = sum(max(c) for c in costs)
+    if dearest < min_bitops:
+        raise ValueError(
+            f'min_bitops {min_bitops:.0f} is above the largest reachable '
+            f'{human_units(dearest)} ({dearest}) BitOPs of these '
+            f'{len(names)} layers (every layer at its dearest allowed bits)')
+
     # 0/1 program: x[l, p] = 1 iff layer l takes pair p.
     offsets = np.cumsum([0] + [len(ok) for ok in allowed])
     n_vars = int(offsets[-1])

@@ -87,10 +87,15 @@ def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
         input_shape=(3, 32, 32), target_bitops_tolerance=0.02)
     with pytest.raises(ValueError, match='target_bitops_tolerance needs'):
         MODELS.build(cfg)
-    model = MODELS.build(dict(cfg, target_bitops=1e9))
+    model = MODELS.build(dict(cfg, target_bitops=None,
+                              target_bitops_tolerance=None))
     total = sum(model.layer_macs.values())
+    # a band above everything reachable (all 4-bit = 16 x MACs) is named
+    with pytest.raises(ValueError, match='above the largest reachable'):
+        MODELS.build(dict(cfg, target_bitops=20 * total))
     # uniform alphas: the most likely policy is any; within the band it must
     # spend 98-100% of a budget midway between all-2-bit and all-4-bit
     model.target_bitops = 10 * total
+    model.target_bitops_tolerance = 0.02
     policy = model.current_policy()
     assert 0.98 * 10 * total <= policy['bitops'] <= 10 * total

@@ -136,6 +136,9 @@ def test_min_bitops_makes_the_policy_spend_the_budget():
                                       min_bitops=1900)
     # only (4, 4) + (2, 2) -> 1600 + 400 = 2000 lies in [1900, 2000]
     assert policy_cost(macs, banded) == 2000
+    with pytest.raises(ValueError, match='above the largest reachable'):
+        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 5000,
+                                 min_bitops=4000)
     with pytest.raises(ValueError, match='min_bitops 2100 is above'):
         best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
                                  min_bitops=2100)
