@@ -77,6 +77,12 @@ FULL = dict(
     calibration_bins=256)
 PRESETS = dict(
     full=FULL,
+    # The full study's first budget with a longer search (8 epochs, 1 of
+    # them warm-up): does a search that runs longer leave uniform and win?
+    # Run it in-domain next to a finished `full` study (copy its teacher
+    # and fixed-policy finetunes: same seeds, same runs).
+    long_search=dict(
+        FULL, budgets=[2], search=dict(FULL['search'], epochs=8)),
     # For tests: a few iterations of every kind of run (counts below the
     # study's minimum: it checks the machinery, not the method).
     tiny=dict(
