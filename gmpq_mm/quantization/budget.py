@@ -27,7 +27,10 @@ from .complexity import LayerMacs, human_units
 from .layers import is_mixed_layer
 from .quantizers import check_candidates
 
-__all__ = ['best_policy_under_budget', 'log_probs_from_model', 'policy_cost']
+__all__ = [
+    'best_policy_under_budget', 'log_probs_from_model', 'policy_cost',
+    'random_policy_near_budget'
+]
 
 Bits = Tuple[int, int]
 
@@ -78,8 +81,9 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
                                                            Sequence[float]]],
                              macs: Mapping, w_candidates: Sequence[int],
                              a_candidates: Sequence[int],
-                             budget: float) -> Dict[str, Bits]:
-    """Exact most-likely policy with ``BitOPs <= budget``.
+                             budget: float,
+                             min_bitops: float = 0) -> Dict[str, Bits]:
+    """Exact most-likely policy with ``min_bitops <= BitOPs <= budget``.
 
     Args:
         log_probs: ``name -> (logp_w [K_w], logp_a [K_a])`` (lists, arrays
@@ -87,6 +91,9 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
         macs: ``name -> MACs`` (int or :class:`LayerMacs`).
         w_candidates / a_candidates: Bit widths the log-probs index.
         budget: BitOPs allowed over these layers.
+        min_bitops: BitOPs the policy must at least use (e.g.
+            ``0.98 * budget``, so that policies compared at a budget all
+            spend it). Defaults to 0.
 
     Returns:
         dict: ``name -> (w_bits, a_bits)`` in ``log_probs`` order. The
@@ -148,7 +155,11 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
     argmax = [ok[int(np.argmax(s))] for ok, s in zip(allowed, scores)]
     argmax_cost = sum(c[ok.index(p)]
                       for ok, c, p in zip(allowed, costs, argmax))
-    if argmax_cost <= budget:
+    min_bitops = float(min_bitops)
+    if min_bitops > budget:
+        raise ValueError(f'min_bitops {min_bitops:.0f} is above the budget '
+                         f'{budget:.0f}')
+    if min_bitops <= argmax_cost <= budget:
         return OrderedDict((name, (w_cands[i], a_cands[j]))
                            for name, (i, j) in zip(names, argmax))
 
@@ -159,6 +170,13 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             f'the smallest reachable {human_units(cheapest)} ({cheapest}) '
             f'BitOPs of these {len(names)} layers (every layer at its '
             f'cheapest allowed bits)')
+
+    dearest = sum(max(c) for c in costs)
+    if dearest < min_bitops:
+        raise ValueError(
+            f'min_bitops {min_bitops:.0f} is above the largest reachable '
+            f'{human_units(dearest)} ({dearest}) BitOPs of these '
+            f'{len(names)} layers (every layer at its dearest allowed bits)')
 
     # 0/1 program: x[l, p] = 1 iff layer l takes pair p.
     offsets = np.cumsum([0] + [len(ok) for ok in allowed])
@@ -180,7 +198,9 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             bounds=Bounds(0, 1),
             constraints=[
                 LinearConstraint(one_hot.tocsr(), 1, 1),
-                LinearConstraint(flat_costs[None, :] / scale, -np.inf, rhs)
+                LinearConstraint(flat_costs[None, :] / scale,
+                                 min_bitops / scale if min_bitops > 0 else
+                                 -np.inf, rhs)
             ],
             options={'mip_rel_gap': 0.0})
         if not result.success or result.x is None:
@@ -194,9 +214,93 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
                              for name, (i, j) in zip(names, choice))
         cost = policy_cost(macs, policy)
         if cost <= budget:
+            if cost < min_bitops:
+                raise RuntimeError(
+                    f'budget MILP returned {cost} BitOPs, below min_bitops '
+                    f'{min_bitops:.0f}')
             return policy
         # Within the solver's tolerance but over in exact arithmetic:
         # tighten the right-hand side by the overshoot and solve again.
         rhs -= max((cost - budget) / scale * 1.01, 1e-6)
     raise RuntimeError(f'budget MILP kept returning policies over the budget '
                        f'({cost} > {budget:.0f} BitOPs)')
+
+
+def random_policy_near_budget(macs: Mapping,
+                              w_candidates: Sequence[int],
+                              a_candidates: Sequence[int],
+                              budget: float,
+                              seed: int,
+                              tolerance: float = 0.02,
+                              mix_steps: int = 50) -> Dict[str, Bits]:
+    """A random policy over the whole candidate space with
+    ``(1 - tolerance) * budget <= BitOPs <= budget``.
+
+    Every layer starts at a uniformly drawn (w, a) pair. A random walk then
+    changes one layer at a time to a uniformly drawn pair, keeping only the
+    changes that bring the cost closer to the band, until it is in the band;
+    then ``mix_steps`` moves per layer that stay in the band spread the
+    policy over the band (so it is not the first policy the walk met).
+
+    Args:
+        macs: ``name -> MACs``, in network order (the policy's order).
+        w_candidates / a_candidates: Bit widths to draw from.
+        budget: BitOPs allowed over these layers.
+        seed: Seed of the draw (same seed, same policy).
+        tolerance: Width of the band below ``budget``, as a fraction.
+        mix_steps: In-band moves per layer after the band is reached.
+
+    Returns:
+        dict: ``name -> (w_bits, a_bits)``.
+    """
+    w_cands = check_candidates(w_candidates, where='w_candidates')
+    a_cands = check_candidates(a_candidates, where='a_candidates')
+    if not 0 < tolerance < 1:
+        raise ValueError(f'tolerance must be in (0, 1), got {tolerance}')
+    names = list(macs)
+    if not names:
+        raise ValueError('no layers given')
+    layer_macs = np.array([_macs_int(macs, n) for n in names], dtype=np.int64)
+    pairs = [(w, a) for w in w_cands for a in a_cands]
+    pair_bits = np.array([w * a for w, a in pairs], dtype=np.int64)
+    low, high = (1 - tolerance) * float(budget), float(budget)
+    cheapest = int(layer_macs.sum() * pair_bits.min())
+    dearest = int(layer_macs.sum() * pair_bits.max())
+    if cheapest > high or dearest < low:
+        raise ValueError(
+            f'no policy of these {len(names)} layers has BitOPs in '
+            f'[{low:.0f}, {high:.0f}]: they range over [{cheapest}, '
+            f'{dearest}]')
+    rng = np.random.RandomState(seed)
+
+    def gap(c):
+        return max(low - c, c - high, 0.0)
+
+    # Greedy walks can get stuck a coarse step away from a narrow band:
+    # start again from a fresh uniform draw then.
+    for _ in range(100):
+        choice = rng.randint(len(pairs), size=len(names))
+        cost = int((layer_macs * pair_bits[choice]).sum())
+        for _ in range(200 * len(names)):
+            if gap(cost) == 0:
+                break
+            layer, pair = rng.randint(len(names)), rng.randint(len(pairs))
+            new = cost + int(layer_macs[layer] *
+                             (pair_bits[pair] - pair_bits[choice[layer]]))
+            if gap(new) < gap(cost):
+                choice[layer], cost = pair, new
+        if gap(cost) == 0:
+            break
+    else:
+        raise RuntimeError(f'random walks did not reach BitOPs in '
+                           f'[{low:.0f}, {high:.0f}] (last at {cost})')
+    for _ in range(mix_steps * len(names)):
+        layer, pair = rng.randint(len(names)), rng.randint(len(pairs))
+        new = cost + int(layer_macs[layer] *
+                         (pair_bits[pair] - pair_bits[choice[layer]]))
+        if gap(new) == 0:
+            choice[layer], cost = pair, new
+    policy = OrderedDict(
+        (name, pairs[int(c)]) for name, c in zip(names, choice))
+    assert policy_cost(macs, policy) == cost
+    return policy

@@ -216,3 +216,35 @@ def test_budget_policy_respects_budget(tmp_path, repo_root, cifar10_root,
     policy = json.loads((work / 'policy.json').read_text())
     assert policy['bitops'] <= 1.5e8
     assert policy['budget'] == 1.5e8
+
+
+@pytest.mark.parametrize('mode', ['bilevel', 'single'])
+def test_arch_warmup_freezes_alphas_first(tmp_path, repo_root, cifar10_root,
+                                          teacher_ckpt, run_tool, mode):
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
+    work = tmp_path / 'work'
+    run_tool([
+        'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
+        'train_cfg.max_epochs=2', 'train_cfg.arch_warmup_epochs=1',
+        f'train_cfg.mode={mode}'
+    ])
+    first, second = alphas(work / 'epoch_1.pth'), alphas(work / 'epoch_2.pth')
+    # warm-up epoch: every alpha still at its init 0.01 ...
+    assert all(torch.equal(v, torch.full_like(v, 0.01))
+               for v in first.values())
+    # ... then they move
+    assert any((v - 0.01).abs().max() > 0 for v in second.values())
+
+
+def test_arch_warmup_must_leave_search_epochs(tmp_path, repo_root,
+                                              cifar10_root, teacher_ckpt,
+                                              run_tool):
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
+    result = run_tool([
+        'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
+        '--cfg-options', 'train_cfg.max_epochs=2',
+        'train_cfg.arch_warmup_epochs=2'
+    ], check=False)
+    assert result.returncode != 0
+    assert 'arch_warmup_epochs must be an integer in [0, max_epochs=2)' in \
+        result.output

@@ -87,14 +87,36 @@ def test_gradients_reach_student_only():
 def test_rank_by_hand():
     loss = AttributionRankLoss(mode='rank', tau=0.1, loss_weight=1.)
     # student (0, 1) is already max-normalised; soft rank of pixel 1 is
-    # sigmoid(10), of pixel 0 sigmoid(-10) = 1 - sigmoid(10). Teacher ranks
-    # reversed (1, 0): both errors are sigmoid(10), loss = sigmoid(10)^2.
+    # sigmoid(10), of pixel 0 sigmoid(-10) = 1 - sigmoid(10). The teacher
+    # (1, 0) gets the same soft ranks reversed: each error is
+    # sigmoid(10) - sigmoid(-10) = 2 sigmoid(10) - 1, loss its square.
     s = _map([[0., 1.]])
     assert loss(s, _map([[1., 0.]])).item() == pytest.approx(
-        0.999909206324, rel=1e-9)
+        (2 * 0.999954602131 - 1)**2, rel=1e-9)
     # A tied teacher ranks both pixels 1/2: loss = (1/2 - sigmoid(-10))^2.
     assert loss(s, _map([[3., 3.]])).item() == pytest.approx(
         0.249954604192, rel=1e-9)
+
+
+def test_rank_is_minimal_at_perfect_agreement():
+    torch.manual_seed(0)
+    teacher = torch.rand(3, 4, 4, dtype=torch.float64)
+    loss = AttributionRankLoss(mode='rank', loss_weight=1.)
+    # the student equals the teacher (or a positive multiple of it): zero
+    # loss and zero gradient, whatever tau
+    for student in (teacher.clone(), 2.5 * teacher):
+        student.requires_grad_(True)
+        value = loss(student, teacher)
+        value.backward()
+        assert value.item() == pytest.approx(0., abs=1e-15)
+        assert student.grad.abs().max().item() < 1e-12
+    # any other map, in particular the same order with wider gaps (which
+    # hard teacher ranks would prefer), scores worse
+    spread = teacher.flatten(1).argsort(1).argsort(1).double().reshape(
+        teacher.shape)  # ranks 0..15: the same order, even gaps
+    noisy = teacher + 0.3 * torch.rand_like(teacher)
+    for other in (spread, teacher**4, noisy, teacher.flip(-1)):
+        assert loss(other, teacher).item() > 1e-6
 
 
 def test_rank_order_and_scale():
@@ -108,7 +130,7 @@ def test_rank_order_and_scale():
     sharp = AttributionRankLoss(mode='rank', tau=1e-3, loss_weight=1.)
     assert sharp(base, base + 5).item() < 1e-12
     # invariant to a positive scale of either map
-    assert soft(7.5 * base, base).item() == pytest.approx(
+    assert soft(7.5 * base, 6 * base + 2).item() == pytest.approx(
         same.item(), rel=1e-9)
     assert soft(reverse * 0.01, 42 * base).item() == pytest.approx(
         soft(reverse, base).item(), rel=1e-9)

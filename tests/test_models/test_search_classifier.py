@@ -70,3 +70,57 @@ def test_teacher_checkpoint_of_another_width_is_refused(tmp_path,
     with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. "
                        r"\['stray'\]"):
         build(str(extra), 32)
+
+
+@pytest.mark.parametrize('stages', [[1], [0, 3]])
+def test_attribution_at_earlier_stages_trains(tmp_path, stages):
+    """An earlier stage's map is differentiated through the later stages'
+    quantized convs (differentiable once only): the loss must still
+    back-propagate, into the alphas up to that stage."""
+    from mmpretrain.structures import DataSample
+
+    backbone = dict(BACKBONE, out_indices=(0, 1, 2, 3))
+    teacher = dict(TEACHER, backbone=backbone)
+    ckpt = tmp_path / 'teacher.pth'
+    torch.save({'state_dict': MODELS.build(teacher).state_dict()}, ckpt)
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(type='MixedPrecisionBackbone', backbone=backbone,
+                      w_bits=[2, 4], a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'), head=HEAD,
+        teacher=teacher, teacher_checkpoint=str(ckpt),
+        input_shape=(3, 16, 16), attribution_stages=stages))
+    inputs = torch.randn(4, 3, 16, 16)
+    samples = [DataSample().set_gt_label(i) for i in range(4)]
+    losses = model.loss(inputs, samples)
+    assert torch.isfinite(losses['loss_attr']) and losses['loss_attr'] > 0
+    losses['loss_attr'].backward()  # raised RuntimeError before the fix
+    name, layer = model.mixed_layers[0]  # layer1.0.conv1, before any stage
+    assert name.startswith('layer1.0')
+    assert layer.alpha_w.grad is not None
+    assert layer.alpha_w.grad.abs().sum() > 0
+
+
+def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
+    cfg = dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
+                      w_bits=[2, 4], a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'), head=HEAD,
+        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, 32, 32), target_bitops_tolerance=0.02)
+    with pytest.raises(ValueError, match='target_bitops_tolerance needs'):
+        MODELS.build(cfg)
+    model = MODELS.build(dict(cfg, target_bitops=None,
+                              target_bitops_tolerance=None))
+    total = sum(model.layer_macs.values())
+    # a band above everything reachable (all 4-bit = 16 x MACs) is named
+    with pytest.raises(ValueError, match='above the largest reachable'):
+        MODELS.build(dict(cfg, target_bitops=20 * total))
+    # uniform alphas: the most likely policy is any; within the band it must
+    # spend 98-100% of a budget midway between all-2-bit and all-4-bit
+    model.target_bitops = 10 * total
+    model.target_bitops_tolerance = 0.02
+    policy = model.current_policy()
+    assert 0.98 * 10 * total <= policy['bitops'] <= 10 * total

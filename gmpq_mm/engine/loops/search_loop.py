@@ -141,6 +141,12 @@ class SearchLoop(EpochBasedTrainLoop):
             bilevel mode (ignored when ``arch_dataloader`` is given).
         arch_dataloader (dict, optional): A dataloader for the alpha steps.
         split_seed (int): Seed of the weights/arch split.
+        arch_warmup_epochs (int): Epochs at the start in which only the
+            weights step (no alpha step, so the probabilities stay where
+            they are while the supernet's weights adapt to quantization).
+            In bilevel mode the warm-up takes no arch batches either.
+            Defaults to 0 (the released code: alphas move from the first
+            iteration).
         **kwargs: ``val_begin``, ``val_interval``, ``dynamic_intervals``.
     """
 
@@ -152,11 +158,18 @@ class SearchLoop(EpochBasedTrainLoop):
                  arch_fraction: float = 0.5,
                  arch_dataloader: Optional[Dict] = None,
                  split_seed: int = 0,
+                 arch_warmup_epochs: int = 0,
                  **kwargs):
         if mode not in SEARCH_MODES:
             raise ValueError(f"SearchLoop: mode must be one of "
                              f"{SEARCH_MODES}, got {mode!r}")
+        if int(arch_warmup_epochs) != arch_warmup_epochs or \
+                not 0 <= arch_warmup_epochs < max_epochs:
+            raise ValueError(
+                'SearchLoop: arch_warmup_epochs must be an integer in '
+                f'[0, max_epochs={max_epochs}), got {arch_warmup_epochs!r}')
         self.mode = mode
+        self.arch_warmup_epochs = int(arch_warmup_epochs)
         arch_loader_cfg = None
         if mode == 'bilevel':
             if not isinstance(dataloader, dict):
@@ -219,7 +232,9 @@ class SearchLoop(EpochBasedTrainLoop):
             'before_train_iter', batch_idx=idx, data_batch=data_batch)
         optim = self._optim_wrappers()
         model = self.runner.model
-        if self.mode == 'bilevel':
+        if self._epoch < self.arch_warmup_epochs:
+            outputs = weights_step(model, optim, data_batch)
+        elif self.mode == 'bilevel':
             outputs = bilevel_step(model, optim, data_batch,
                                    self._next_arch_batch())
         else:

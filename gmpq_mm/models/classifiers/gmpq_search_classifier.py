@@ -75,6 +75,10 @@ class GMPQSearchClassifier(ImageClassifier):
             layers' MACs are measured at it.
         target_bitops (float, optional): BitOPs budget of the searched
             layers; the exported policy is the most likely one within it.
+        target_bitops_tolerance (float, optional): If set, the exported
+            policy must also spend at least ``(1 - tolerance) *
+            target_bitops`` (without it a search whose argmax is cheap
+            exports a policy well below the budget). Defaults to None.
         attribution_stages (Sequence[int], optional): Indices into the
             backbone outputs to match maps at (default: the last one).
     """
@@ -89,6 +93,7 @@ class GMPQSearchClassifier(ImageClassifier):
                  complexity_loss: dict = dict(type='ComplexityLoss'),
                  input_shape: Sequence[int] = (3, 32, 32),
                  target_bitops: Optional[float] = None,
+                 target_bitops_tolerance: Optional[float] = None,
                  attribution_stages: Optional[Sequence[int]] = None,
                  **kwargs):
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
@@ -113,6 +118,14 @@ class GMPQSearchClassifier(ImageClassifier):
         self.w_candidates = tuple(first.w_candidates)
         self.a_candidates = tuple(first.a_candidates)
         self.target_bitops = target_bitops
+        if target_bitops_tolerance is not None and (
+                target_bitops is None
+                or not 0 <= target_bitops_tolerance < 1):
+            raise ValueError(
+                'GMPQSearchClassifier: target_bitops_tolerance needs '
+                'target_bitops and a value in [0, 1), got '
+                f'{target_bitops_tolerance!r}')
+        self.target_bitops_tolerance = target_bitops_tolerance
         if target_bitops is not None:
             self.current_policy()  # an unreachable budget fails here
 
@@ -210,7 +223,10 @@ class GMPQSearchClassifier(ImageClassifier):
         else:
             layers = best_policy_under_budget(
                 log_probs_from_model(self.backbone), self.layer_macs,
-                self.w_candidates, self.a_candidates, self.target_bitops)
+                self.w_candidates, self.a_candidates, self.target_bitops,
+                min_bitops=(1 - self.target_bitops_tolerance) *
+                self.target_bitops
+                if self.target_bitops_tolerance is not None else 0)
         bitops = policy_cost(self.layer_macs, layers)
         # Per-layer MACs, weight counts and candidate probabilities travel
         # with the policy so that it can be plotted without the network.

@@ -25,12 +25,13 @@ class AttributionRankLoss(nn.Module):
       ``capacity = mean_l 1 / (E[b_w,l] * E[b_a,l])`` (the paper's idea; a
       low-bit student only has to match the top of the ranking).
     - ``'rank'`` (not in the released code): an explicit, differentiable
-      ranking. The student map is divided by its per-sample maximum (so the
-      loss is invariant to multiplying it by a positive constant); its soft
+      ranking. Each map is divided by its per-sample maximum (so the loss is
+      invariant to multiplying either by a positive constant); the soft
       rank of pixel ``i`` is ``sum_{j != i} sigmoid((a_i - a_j) / tau)``,
-      divided by ``M - 1`` to lie in ``[0, 1]`` (``M`` pixels). The teacher's
-      hard ranks use the same formula with a step function (ties count 1/2).
-      The loss is the MSE between the two. ``p`` plays no part here since a
+      divided by ``M - 1`` to lie in ``[0, 1]`` (``M`` pixels). Student and
+      teacher are ranked by the same formula and the loss is the MSE between
+      the two, so it is 0 at perfect agreement (a small ``tau`` makes the
+      ranks nearly hard). ``p`` plays no part here since a
       power does not change ranks. Costs ``O(N * M**2)`` memory, cheap for
       the 4x4 / 7x7 maps of the last stage.
     - ``'hierarchical'`` (IJCV 2024 journal version, attribution
@@ -118,23 +119,27 @@ class AttributionRankLoss(nn.Module):
             F.normalize(student, dim=1, eps=self.eps)
         return diff.pow(2).mean()
 
-    def _rank_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """MSE between the student's soft ranks and the teacher's ranks."""
-        student = student.flatten(1)
-        teacher = teacher.flatten(1)
-        denom = max(student.size(1) - 1, 1)
-        scale = student.detach().abs().amax(dim=1, keepdim=True)
+    def _soft_ranks(self, amap: Tensor) -> Tensor:
+        """Soft ranks in ``[0, 1]`` of each flattened ``(N, M)`` map."""
+        denom = max(amap.size(1) - 1, 1)
         # Dividing by the (detached) max gives scale invariance and makes
         # tau a fraction of the map's range.
-        student = student / scale.clamp_min(self.eps)
-        s_diff = student[:, :, None] - student[:, None, :]
+        scale = amap.detach().abs().amax(dim=1, keepdim=True)
+        amap = amap / scale.clamp_min(self.eps)
+        diff = amap[:, :, None] - amap[:, None, :]
         # The diagonal adds sigmoid(0) = 1/2 to every pixel: remove it.
-        soft = (torch.sigmoid(s_diff / self.tau).sum(-1) - 0.5) / denom
-        t_diff = teacher[:, :, None] - teacher[:, None, :]
-        hard = ((t_diff > 0).to(teacher.dtype) + 0.5 *
-                (t_diff == 0).to(teacher.dtype)).sum(-1)
-        hard = (hard - 0.5) / denom
-        return (soft - hard).pow(2).mean()
+        return (torch.sigmoid(diff / self.tau).sum(-1) - 0.5) / denom
+
+    def _rank_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """MSE between the student's and the teacher's soft ranks.
+
+        Both go through the same soft ranking, so the loss is exactly 0
+        (its minimum) when the student's map is a positive multiple of the
+        teacher's; hard teacher ranks would instead reward a student whose
+        pixel gaps are much wider than ``tau``, not one that agrees.
+        """
+        return (self._soft_ranks(student.flatten(1)) -
+                self._soft_ranks(teacher.flatten(1))).pow(2).mean()
 
     def _hierarchical_loss(self, student: Tensor, teacher: Tensor,
                            p: Scalar) -> Tensor:

@@ -209,7 +209,10 @@ def stage_attribution_maps(feats: Sequence[Tensor],
 
     The last stage goes through :func:`attribution_map` (closed form where
     the head allows it). An earlier stage is differentiated through the
-    later stages, so ``feats[stage]`` must be part of a graph to ``logits``.
+    later stages, so ``feats[stage]`` must be part of a graph to ``logits``;
+    its channel weights are constants (no second-order path through the
+    later stages, whose quantized convs are differentiable once only), and
+    its map carries a graph through ``feats[stage]``.
 
     Args:
         feats (Sequence[Tensor]): The backbone's outputs, ``(N, C, H, W)``
@@ -235,14 +238,19 @@ def stage_attribution_maps(feats: Sequence[Tensor],
                                         logits=logits,
                                         create_graph=create_graph))
             continue
-        # Earlier stages: the gradient runs through the later stages.
+        # Earlier stages: the gradient runs through the later stages. Their
+        # quantized convs are differentiable once only (custom autograd
+        # functions with a hand-written backward), so the channel weights
+        # ``w_c`` are taken as constants (no graph); the map stays
+        # differentiable through ``feat``, i.e. the loss trains every layer
+        # up to this stage (and its alphas) to move the map.
         feat = feats[stage]
         cls = logits.detach().argmax(dim=1)
         picked = logits.gather(1, cls[:, None]).sum()
-        grad, = torch.autograd.grad(
-            picked, feat, create_graph=create_graph, retain_graph=True)
-        weights = grad.sum(dim=(2, 3), keepdim=True)
-        maps.append(F.relu((weights * feat).sum(dim=1)))
+        grad, = torch.autograd.grad(picked, feat, retain_graph=True)
+        weights = grad.detach().sum(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * feat).sum(dim=1))
+        maps.append(cam if create_graph else cam.detach())
     return maps
 
 

@@ -1,0 +1,156 @@
+"""tools/analysis/policy_study.py on its tiny preset, and its pieces."""
+import json
+import os
+
+import pytest
+
+
+def test_tiny_in_domain_study_writes_table_picture_and_resumes(
+        tmp_path, run_tool):
+    work = tmp_path / 'study'
+    cmd = ['tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
+           '--settings', 'in_domain']
+    out = run_tool(cmd, timeout=600).output
+    runs = sorted(p.name for p in (work / 'runs').iterdir())
+    # the `all` teacher, GMPQ and aw=0 searches, (W2A2, 1 random, 2
+    # searched) policies x 1 seed
+    assert len(runs) == 1 + 2 + 4, runs
+    assert all((work / 'runs' / r / 'result.json').is_file() for r in runs)
+    md = (work / 'study.md').read_text()
+    assert 'PARTIAL' not in md and '## Transfer' not in md
+    for text in ('## In-domain', '| GMPQ search', '| same search, aw = 0',
+                 '| random policy 0', '| uniform W2A2', 'GMPQ - random:',
+                 'attribution on - off:', 'FP teacher, split `all`'):
+        assert text in md, text
+    png = (work / 'study.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10000
+    # every searched policy spends 98-100% of its budget
+    for method in ('gmpq', 'aw0'):
+        r = json.loads((work / 'runs' / f'search_in_domain_b2_{method}' /
+                        'result.json').read_text())
+        assert 0.98 * r['budget'] <= r['bitops'] <= r['budget']
+        assert 0 < r['entropy'] <= 1
+    assert 'written:' in out
+
+    # Resume: nothing reruns; a deleted run comes back with the same figure
+    # (the runs are seeded).
+    ft = work / 'runs' / 'ft_in_domain_b2_random0_s0' / 'result.json'
+    before = json.loads(ft.read_text())
+    ft.unlink()
+    out = run_tool(cmd, timeout=600).output
+    assert out.count(': skipped') == len(runs) - 1
+    assert 'ft_in_domain_b2_random0_s0: done' in out
+    assert json.loads(ft.read_text())['top1'] == before['top1']
+
+
+@pytest.mark.slow
+def test_tiny_study_both_settings(tmp_path, run_tool):
+    work = tmp_path / 'study'
+    run_tool(['tools/analysis/policy_study.py', 'tiny', '--work-dir', work],
+             timeout=1200)
+    runs = sorted(p.name for p in (work / 'runs').iterdir())
+    assert len(runs) == 3 + 4 + 8, runs
+    md = (work / 'study.md').read_text()
+    assert 'PARTIAL' not in md
+    assert 'FP teacher, split `a`' in md and 'FP teacher, split `b`' in md
+    for method in ('gmpq', 'aw0'):
+        r = json.loads((work / 'runs' / f'search_transfer_b2_{method}' /
+                        'result.json').read_text())
+        assert 0.98 * r['budget'] <= r['bitops'] <= r['budget']
+
+
+def test_partial_report(tmp_path, run_tool):
+    """--report-only on a work dir with no finished run says so."""
+    work = tmp_path / 'study'
+    run_tool(['tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
+              '--report-only'])
+    md = (work / 'study.md').read_text()
+    assert '**PARTIAL: 0 of 15 runs finished.**' in md
+    assert '(not run yet)' in md
+    assert (work / 'study.png').is_file()
+
+
+def test_stats_by_hand():
+    from gmpq_mm.utils.policy_study import stats
+    s = stats([80.0, 82.0, 84.0])
+    assert s == dict(n=3, mean=82.0, std=2.0, min=80.0, max=84.0)
+    assert stats([75.0])['std'] == 0.0
+    assert stats([]) == dict(n=0)
+
+
+def test_verdict_reports_gaps():
+    from gmpq_mm.utils.policy_study import verdict
+    block = dict(budget=100, rows=[
+        dict(kind='gmpq', top1=[90.0, 91.0, 92.0], bitops=99),
+        dict(kind='aw0', top1=[85.0, 85.0, 85.0], bitops=99),
+        dict(kind='random_pooled', top1=[80.0, 82.0, 84.0],
+             policy_means=[81.0, 83.0], bitops=None),
+        dict(kind='uniform', label='uniform W2A2', top1=[90.0, 92.0],
+             bitops=60),
+    ])
+    lines = '\n'.join(verdict(block))
+    # 91 - 82 = 9 > max(2, 1)
+    assert 'GMPQ - random: +9.00 points' in lines
+    assert 'beats random by more than the spread' in lines
+    # 91 - 91 = 0: no win over uniform
+    assert 'GMPQ - uniform W2A2: +0.00 points' in lines
+    assert 'does NOT beat it' in lines
+    assert 'attribution on - off: +6.00 points' in lines
+    assert 'on beats off' in lines
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_random_policy_near_budget(seed):
+    from gmpq_mm.quantization.budget import (policy_cost,
+                                             random_policy_near_budget)
+    macs = {f'l{i}': m for i, m in enumerate(
+        [147456, 147456, 73728, 147456, 8192, 147456, 147456, 73728,
+         147456, 4096, 147456, 147456])}
+    budget = 6.5 * sum(macs.values())
+    policy = random_policy_near_budget(macs, [2, 3, 4, 6], [2, 3, 4, 6],
+                                       budget, seed=seed)
+    assert list(policy) == list(macs)
+    assert 0.98 * budget <= policy_cost(macs, policy) <= budget
+    # deterministic per seed, different across seeds
+    assert policy == random_policy_near_budget(
+        macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed)
+    other = random_policy_near_budget(macs, [2, 3, 4, 6], [2, 3, 4, 6],
+                                      budget, seed=seed + 10)
+    assert other != policy
+    # not a uniform policy: several different pairs
+    assert len(set(policy.values())) > 2
+    with pytest.raises(ValueError, match='no policy of these 12 layers'):
+        random_policy_near_budget(macs, [2, 3], [2, 3], 40 * sum(
+            macs.values()), seed=0)
+
+
+def test_min_bitops_makes_the_policy_spend_the_budget():
+    from gmpq_mm.quantization.budget import (best_policy_under_budget,
+                                             policy_cost)
+    macs = {'a': 100, 'b': 100}
+    # both layers prefer 2 bits: the argmax (800 BitOPs) fits 2000
+    logp = {n: ([0., -1.], [0., -1.]) for n in macs}
+    free = best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000)
+    assert policy_cost(macs, free) == 800
+    banded = best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
+                                      min_bitops=1900)
+    # only (4, 4) + (2, 2) -> 1600 + 400 = 2000 lies in [1900, 2000]
+    assert policy_cost(macs, banded) == 2000
+    with pytest.raises(ValueError, match='above the largest reachable'):
+        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 5000,
+                                 min_bitops=4000)
+    with pytest.raises(ValueError, match='min_bitops 2100 is above'):
+        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
+                                 min_bitops=2100)
+
+
+def test_study_figure(tmp_path):
+    from gmpq_mm.visualization.study_plot import study_figure
+    rows = [dict(kind='gmpq', top1=[80., 82.], bitops=6e6),
+            dict(kind='random', top1=[78., 79.], bitops=5.9e6),
+            dict(kind='random_pooled', top1=[78., 79.], bitops=None),
+            dict(kind='uniform', top1=[], bitops=4e6)]
+    data = {s: dict(blocks=[dict(budget=6e6, rows=rows)])
+            for s in ('in_domain', 'transfer')}
+    path = study_figure(data, os.fspath(tmp_path / 'f.png'))
+    assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
