@@ -516,8 +516,12 @@ def run_onnxruntime(path: str,
         if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         opts.intra_op_num_threads = int(threads)
-    sess = ort.InferenceSession(
-        str(path), opts, providers=['CPUExecutionProvider'])
+    try:
+        sess = ort.InferenceSession(
+            str(path), opts, providers=['CPUExecutionProvider'])
+    except Exception as err:  # onnxruntime's own error types
+        raise RuntimeError(
+            f'{path}: onnxruntime cannot load this model: {err}') from None
     name = sess.get_inputs()[0].name
     return sess.run(None, {name: np.ascontiguousarray(inputs, np.float32)})[0]
 

@@ -265,7 +265,8 @@ def test_wrong_graph_is_refused(demo, tmp_path, monkeypatch):
         dq = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
               and n.input[0].endswith('layer1.0.conv1.weight_quantized')][0]
         scale = consts[dq.input[1]].attribute[0].t
-        value = numpy_helper.to_array(scale) * 1.5
+        value = numpy_helper.to_array(scale)
+        value = (value * 1.5).astype(value.dtype)  # numpy 1.x: 0-d -> f64
         scale.CopyFrom(numpy_helper.from_array(value, scale.name))
         return proto
 
