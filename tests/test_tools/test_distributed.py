@@ -20,8 +20,6 @@ import time
 
 import pytest
 
-from gmpq_mm.compat import TORCH_VERSION
-
 CONFIG = 'configs/gmpq/pretrain_r18_cifar10.py'
 
 _SCRIPT = textwrap.dedent('''
@@ -58,16 +56,10 @@ def _torchrun(script, port, nproc=2):
             f'--nproc_per_node={nproc}', f'--master_port={port}', script]
 
 
-# The script registers gmpq_mm as the tools do: without that (mmengine's
-# modules not imported) all gloo threads outlived the call even on torch
-# 2.14 (after=4). Seen in CI before the script registered: on torch 2.1 one
-# thread outlived finish_distributed (after=2), on 2.15 all did (after=4).
-# Only torch 2.14 is shown to end the group inside the call; not strict, so
-# a stack where it holds passes.
-@pytest.mark.xfail(
-    TORCH_VERSION[:2] != (2, 14), strict=False,
-    reason='the gloo group is shown to die inside finish_distributed only '
-    'on torch 2.14; on 2.1 and 2.15 threads outlive it (open)')
+# The script registers gmpq_mm as the tools do. Without that (mmengine's
+# modules never imported) the gloo threads outlived the call on torch 2.1
+# (after=2), 2.14 and 2.15 (after=4); with it, the group dies inside the
+# call on all three (CI's oldest and newest stacks, and 2.14).
 def test_group_dies_inside_finish(tmp_path, repo_root, free_tcp_port,
                                   run_tool):
     """The gloo group's native threads are gone when finish_distributed
