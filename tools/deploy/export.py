@@ -77,6 +77,8 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    # Export reads CHECKPOINT, never the config's training start point.
+    cfg.load_from = None
     try:  # the policy file, if the model names one
         check_paths(cfg, phases=(), config_file=args.config)
     except FileNotFoundError as err:
