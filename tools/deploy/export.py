@@ -112,10 +112,15 @@ def main(argv=None):
                      f'checkpoint logits| = {summary["max_abs_diff"]:.3g}')
     lines.append(f'done in {summary["seconds"]:.2f} s')
     print('\n'.join(lines))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(summary, f, indent=2)
+    write_json(args.json, summary)
     return summary
+
+
+def write_json(path, summary) -> None:
+    """``--json``: the summary as JSON, when a path was given."""
+    if path:
+        with open(path, 'w') as f:
+            json.dump(summary, f, indent=2)
 
 
 def is_onnx(path) -> bool:
@@ -163,9 +168,7 @@ def export_onnx(cfg, args):
             f'{tol["min_top1_agreement"]:.0%}')
     lines.append(f'done in {summary["seconds"]:.2f} s')
     print('\n'.join(lines))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(summary, f, indent=2)
+    write_json(args.json, summary)
     return summary
 
 
