@@ -10,7 +10,6 @@ import os
 import os.path as osp
 import shutil
 import sys
-
 from setuptools import find_packages, setup
 
 HERE = osp.dirname(osp.abspath(__file__))
@@ -61,8 +60,10 @@ if __name__ == '__main__':
     setup(
         packages=find_packages(exclude=('configs', 'tools', 'tests', 'demo')),
         include_package_data=True,
-        package_data={'gmpq_mm': ['.mim/configs/**/*', '.mim/tools/**/*',
-                                  '.mim/model-index.yml']},
+        package_data={
+            'gmpq_mm':
+            ['.mim/configs/**/*', '.mim/tools/**/*', '.mim/model-index.yml']
+        },
         install_requires=read_requirements('runtime'),
         extras_require={
             # CPU / no-CUDA machines: the pure-python mmcv build. Users who

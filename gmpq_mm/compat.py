@@ -21,8 +21,9 @@ be dropped when the oldest supported release no longer does:
 
 :func:`check_versions` runs when this module is imported;
 :func:`apply_compat_patches` applies the patches, and
-:func:`gmpq_mm.utils.register_all_modules` calls it. This module imports only torch and numpy at the top: the
-pure-PyTorch layer (:mod:`gmpq_mm.quantization`) uses it too.
+:func:`gmpq_mm.utils.register_all_modules` calls it. This module imports
+only torch and numpy at the top: the pure-PyTorch layer
+(:mod:`gmpq_mm.quantization`) uses it too.
 
 Trust assumption: checkpoints given to gmpq_mm (``load_from``, ``resume``,
 ``init_cfg``, the search teacher) are trusted files -- your own work_dirs or
@@ -158,7 +159,6 @@ def print_log(msg, logger='current', level=logging.INFO):
 
 STRICT_LOAD_ENV = 'GMPQ_MM_STRICT_LOAD'
 
-
 # mmengine's MessageHub pickles HistoryBuffer's statistic methods as
 # ``getattr(HistoryBuffer, 'min')``; only those look-ups are allowed.
 _HISTORY_BUFFER_METHODS = ('min', 'max', 'mean', 'current')
@@ -182,14 +182,18 @@ def _safe_globals():
     """
     from mmengine.logging import HistoryBuffer
     multiarray = (np._core if hasattr(np, '_core') else np.core).multiarray
-    allowed = [HistoryBuffer, np.dtype, np.ndarray,
-               (_history_buffer_getattr, 'builtins.getattr')]
+    allowed = [
+        HistoryBuffer, np.dtype, np.ndarray,
+        (_history_buffer_getattr, 'builtins.getattr')
+    ]
     for core in ('numpy.core', 'numpy._core'):
         allowed += [(multiarray.scalar, f'{core}.multiarray.scalar'),
                     (multiarray._reconstruct,
                      f'{core}.multiarray._reconstruct')]
-    allowed += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64',
-                                            'int32', 'bool')]
+    allowed += [
+        type(np.dtype(t))
+        for t in ('float64', 'float32', 'int64', 'int32', 'bool')
+    ]
     return allowed
 
 
@@ -331,8 +335,8 @@ def _load_http(filename, map_location=None, model_dir=None):
 def patch_checkpoint_loading():
     """Route mmengine's local and http checkpoint loading through ours."""
     from mmengine.runner.checkpoint import CheckpointLoader
-    CheckpointLoader.register_scheme(prefixes='', loader=_load_local,
-                                     force=True)
+    CheckpointLoader.register_scheme(
+        prefixes='', loader=_load_local, force=True)
     CheckpointLoader.register_scheme(
         prefixes=('http://', 'https://'), loader=_load_http, force=True)
 
@@ -392,9 +396,10 @@ def patch_mmengine_package_lookup() -> bool:
     import mmengine.config.config as config_module
     import mmengine.utils as utils
     import mmengine.utils.package_utils as package_utils
-    replacements = dict(is_installed=_is_installed,
-                        get_installed_path=_get_installed_path,
-                        package2module=_package2module)
+    replacements = dict(
+        is_installed=_is_installed,
+        get_installed_path=_get_installed_path,
+        package2module=_package2module)
     for module in (package_utils, utils, config_module):
         for name, fn in replacements.items():
             if hasattr(module, name):
@@ -410,8 +415,12 @@ def patch_mmengine_package_lookup() -> bool:
 # ---------------------------------------------------------------------------
 def _in1d(ar1, ar2, assume_unique=False, invert=False, **kwargs):
     """numpy's removed ``in1d``: ``isin`` of the flattened first array."""
-    return np.isin(np.asarray(ar1).ravel(), ar2, assume_unique=assume_unique,
-                   invert=invert, **kwargs)
+    return np.isin(
+        np.asarray(ar1).ravel(),
+        ar2,
+        assume_unique=assume_unique,
+        invert=invert,
+        **kwargs)
 
 
 class _NumpyWithRemovedApis(types.ModuleType):
@@ -471,8 +480,9 @@ def patch_numpy_removed_apis() -> list:
         patched.append(name)
         if name in sys.modules:
             _give_removed_numpy(sys.modules[name])
-        elif not any(isinstance(f, _AfterImport) and f.name == name
-                     for f in sys.meta_path):
+        elif not any(
+                isinstance(f, _AfterImport) and f.name == name
+                for f in sys.meta_path):
             sys.meta_path.insert(0, _AfterImport(name, _give_removed_numpy))
     return patched
 

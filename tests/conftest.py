@@ -175,16 +175,20 @@ def write_cifar10(root, n_per_batch=8, n_test=10, seed=0):
         labels = [(j + i) % 10 for j in range(n)]
         images = class_images(labels, 32, seed + i)  # N, H, W, C
         data = images.transpose(0, 3, 1, 2).reshape(n, 3072)
-        label = ('testing batch 1 of 1' if name == 'test_batch' else
-                 f'training batch {i + 1} of 5')
+        label = ('testing batch 1 of 1'
+                 if name == 'test_batch' else f'training batch {i + 1} of 5')
         _dump_py2(
             {
-                _s('batch_label'): _s(label),
-                _s('labels'): labels,
-                _s('data'): np.ascontiguousarray(data, dtype=np.uint8),
-                _s('filenames'):
-                [_s(f'{CIFAR10_CLASSES[c]}_s_{i:02d}{j:04d}.png')
-                 for j, c in enumerate(labels)],
+                _s('batch_label'):
+                _s(label),
+                _s('labels'):
+                labels,
+                _s('data'):
+                np.ascontiguousarray(data, dtype=np.uint8),
+                _s('filenames'): [
+                    _s(f'{CIFAR10_CLASSES[c]}_s_{i:02d}{j:04d}.png')
+                    for j, c in enumerate(labels)
+                ],
             }, osp.join(folder, name))
     _dump_py2(
         {
@@ -203,8 +207,12 @@ def cifar10_root(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- ImageNet --
-def write_imagenet(root, classes=IMAGENET_CLASSES, n_train=4, n_val=2,
-                   size=32, seed=0):
+def write_imagenet(root,
+                   classes=IMAGENET_CLASSES,
+                   n_train=4,
+                   n_val=2,
+                   size=32,
+                   seed=0):
     """Write an ImageNet-style folder under ``root``.
 
     Layout (what :class:`mmpretrain.datasets.ImageNet` reads with
@@ -267,8 +275,11 @@ IMAGENET_32PX_TEST_PIPELINE = [
 ]
 
 
-def imagenet_dataset_cfg(data_root, split='train', pipeline=None,
-                         classes=IMAGENET_CLASSES, use_ann_file=True,
+def imagenet_dataset_cfg(data_root,
+                         split='train',
+                         pipeline=None,
+                         classes=IMAGENET_CLASSES,
+                         use_ann_file=True,
                          **kwargs):
     """Dataset config dict for a folder written by :func:`write_imagenet`.
 
@@ -284,8 +295,9 @@ def imagenet_dataset_cfg(data_root, split='train', pipeline=None,
         **kwargs: More dataset arguments.
     """
     if pipeline is None:
-        pipeline = (IMAGENET_32PX_TRAIN_PIPELINE if split == 'train' else
-                    IMAGENET_32PX_TEST_PIPELINE)
+        pipeline = (
+            IMAGENET_32PX_TRAIN_PIPELINE
+            if split == 'train' else IMAGENET_32PX_TEST_PIPELINE)
     cfg = dict(
         type='ImageNet',
         data_root=str(data_root),
@@ -370,8 +382,9 @@ def tiny_cifar_cfg(work_dir, data_root, config=CIFAR10_CONFIG, **overrides):
     those of :func:`tiny_cifar_options`. For ``tools/test.py`` insert the
     checkpoint after ``args[0]``.
     """
-    return [str(config), '--work-dir', str(work_dir), '--cfg-options'
-            ] + tiny_cifar_options(data_root, **overrides)
+    return [str(config), '--work-dir',
+            str(work_dir), '--cfg-options'] + tiny_cifar_options(
+                data_root, **overrides)
 
 
 @pytest.fixture(name='tiny_cifar_cfg')
@@ -409,9 +422,13 @@ def tool_env(**extra):
     env['PYTHONPATH'] = os.pathsep.join(
         [str(REPO_ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
     env['PATH'] = os.pathsep.join(
-        [osp.dirname(sys.executable), env.get('PATH', '')])
-    env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1',
-               CUDA_VISIBLE_DEVICES='', PYTHONUNBUFFERED='1')
+        [osp.dirname(sys.executable),
+         env.get('PATH', '')])
+    env.update(
+        OMP_NUM_THREADS='1',
+        MKL_NUM_THREADS='1',
+        CUDA_VISIBLE_DEVICES='',
+        PYTHONUNBUFFERED='1')
     env.pop('LOCAL_RANK', None)
     env.pop('RANK', None)
     env.pop('WORLD_SIZE', None)
@@ -529,16 +546,21 @@ def png_check():
     return assert_png
 
 
-def write_search_configs(tmp_path, repo_root, data_root, teacher_ckpt,
+def write_search_configs(tmp_path,
+                         repo_root,
+                         data_root,
+                         teacher_ckpt,
                          base='configs/gmpq/search_r18_cifar10.py',
-                         extra_text='', **extra):
+                         extra_text='',
+                         **extra):
     """A tiny teacher config and a tiny search config inheriting ``base``:
     8..64-channel ResNet-18, batch 4, a log (and scalars) line every
     iteration, 2 epochs. ``extra`` adds ``key = value`` lines, and
     ``extra_text`` verbatim config text, at the end."""
     import textwrap
     teacher = Path(tmp_path) / 'teacher.py'
-    teacher.write_text(textwrap.dedent(f'''
+    teacher.write_text(
+        textwrap.dedent(f'''
         _base_ = ['{repo_root}/configs/gmpq/pretrain_r18_cifar10.py']
         model = dict(backbone=dict(stem_channels=8, base_channels=8),
                      head=dict(in_channels=64))

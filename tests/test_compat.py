@@ -76,7 +76,8 @@ def test_old_torch_with_numpy_2_is_refused(monkeypatch):
     found = {'torch': '2.1.2+cu121', 'numpy': '2.4.6'}
     monkeypatch.setattr(compat, '_installed_version', found.get)
     assert compat.unsupported_versions() == [
-        'numpy 2.4.6 with torch 2.1.2+cu121 (torch<2.3 needs numpy<2)']
+        'numpy 2.4.6 with torch 2.1.2+cu121 (torch<2.3 needs numpy<2)'
+    ]
     found.update(torch='2.3.0')
     assert compat.unsupported_versions() == []
     found.update(torch='2.1.2', numpy='1.26.4')
@@ -88,11 +89,14 @@ def test_import_fails_in_one_line_on_old_torch():
     numerics (or anything that touches torch) fails."""
     code = ('import torch; torch.__version__ = "2.0.1"; '
             'import gmpq_mm.quantization')
-    env = {k: v for k, v in os.environ.items()
-           if k != compat.SKIP_CHECK_ENV}
+    env = {k: v for k, v in os.environ.items() if k != compat.SKIP_CHECK_ENV}
     env['PYTHONPATH'] = ROOT
-    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, '-c', code],
+                          cwd=ROOT,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith('ImportError: gmpq_mm does not support torch '
@@ -140,8 +144,12 @@ def test_mmpretrain_config_bases_without_pkg_resources():
         'print(cfg.model.backbone.type, cfg.default_scope)',
     ])
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, '-c', code],
+                          cwd=ROOT,
+                          env=env,
+                          capture_output=True,
+                          text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == 'mmpretrain'
 
@@ -155,9 +163,11 @@ def test_retrieval_metrics_on_any_numpy():
     ap = retrieval._calculateAp_for_sample(
         torch.tensor([3, 1, 2]), torch.tensor([1, 2]), 'IR')
     assert ap == pytest.approx((1 / 2 + 2 / 3) / 2 * 100)
-    recall = retrieval.RetrievalRecall.calculate(
-        [torch.tensor([3, 1, 2])], [torch.tensor([1])], topk=(1, 2),
-        pred_indices=True, target_indices=True)
+    recall = retrieval.RetrievalRecall.calculate([torch.tensor([3, 1, 2])],
+                                                 [torch.tensor([1])],
+                                                 topk=(1, 2),
+                                                 pred_indices=True,
+                                                 target_indices=True)
     assert [float(r) for r in recall] == [0.0, 100.0]
     if not hasattr(np, 'in1d'):
         assert isinstance(retrieval.np, compat._NumpyWithRemovedApis)
@@ -167,5 +177,5 @@ def test_retrieval_metrics_on_any_numpy():
 def test_in1d_matches_isin():
     a = np.array([[1, 5], [2, 7]])
     assert compat._in1d(a, [2, 5]).tolist() == [False, True, True, False]
-    assert compat._in1d(a, [2, 5], invert=True).tolist() == [
-        True, False, False, True]
+    assert compat._in1d(
+        a, [2, 5], invert=True).tolist() == [True, False, False, True]

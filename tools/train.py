@@ -75,8 +75,10 @@ def enable_amp(optim_wrapper) -> None:
     built by SearchOptimWrapperConstructor or an OptimWrapperDict): each of
     them becomes an AmpOptimWrapper; a plain config changes its own type.
     """
-    subs = [sub for sub in optim_wrapper.values()
-            if isinstance(sub, dict) and 'optimizer' in sub]
+    subs = [
+        sub for sub in optim_wrapper.values()
+        if isinstance(sub, dict) and 'optimizer' in sub
+    ]
     for sub in subs or [optim_wrapper]:
         sub['type'] = 'AmpOptimWrapper'
         sub.setdefault('loss_scale', 'dynamic')

@@ -9,4 +9,3 @@ model = dict(
     teacher='{{ fileDirname }}/pretrain_r50_cifar10.py',
     teacher_checkpoint='work_dirs/pretrain_r50_cifar10/epoch_200.pth',
     complexity_loss=dict(loss_weight=1e-5))
-

@@ -37,9 +37,8 @@ from mmengine.registry import init_default_scope
 from torch import nn
 
 from gmpq_mm.compat import load_trusted_checkpoint
-from gmpq_mm.models.backbones.mixed_precision_backbone import \
-    stem_in_channels
-from gmpq_mm.models.utils import (classifier_attribution_maps, match_map_size)
+from gmpq_mm.models.backbones.mixed_precision_backbone import stem_in_channels
+from gmpq_mm.models.utils import classifier_attribution_maps, match_map_size
 from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.registry import MODELS, TRANSFORMS
 from gmpq_mm.utils import register_all_modules

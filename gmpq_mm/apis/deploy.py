@@ -42,14 +42,13 @@ __all__ = [
 # would load its teacher's config and checkpoint). Extend it for a new
 # backbone after checking that building it reads no outside file.
 DEPLOYABLE_TYPES = frozenset({
-    'ImageClassifier', 'ClsDataPreprocessor', 'QuantizedBackbone',
-    'ResNet', 'ResNet_CIFAR', 'ResNetV1c', 'ResNetV1d', 'ResNeXt',
-    'SEResNet', 'SEResNeXt', 'MobileNetV2', 'MobileNetV3', 'ShuffleNetV2',
-    'RegNet', 'GlobalAveragePooling', 'LinearClsHead', 'ClsHead',
-    'StackedLinearClsHead', 'CrossEntropyLoss', 'LabelSmoothLoss',
-    'BN', 'BN1d', 'BN2d', 'SyncBN', 'GN', 'LN', 'ReLU', 'ReLU6', 'HSwish',
-    'HSigmoid', 'Sigmoid', 'GELU', 'SiLU', 'Swish', 'Conv2d', 'Conv',
-    'Linear'
+    'ImageClassifier', 'ClsDataPreprocessor', 'QuantizedBackbone', 'ResNet',
+    'ResNet_CIFAR', 'ResNetV1c', 'ResNetV1d', 'ResNeXt', 'SEResNet',
+    'SEResNeXt', 'MobileNetV2', 'MobileNetV3', 'ShuffleNetV2', 'RegNet',
+    'GlobalAveragePooling', 'LinearClsHead', 'ClsHead', 'StackedLinearClsHead',
+    'CrossEntropyLoss', 'LabelSmoothLoss', 'BN', 'BN1d', 'BN2d', 'SyncBN',
+    'GN', 'LN', 'ReLU', 'ReLU6', 'HSwish', 'HSigmoid', 'Sigmoid', 'GELU',
+    'SiLU', 'Swish', 'Conv2d', 'Conv', 'Linear'
 })
 # Keys that name outside files or another model: never in an artifact.
 _FORBIDDEN_KEYS = ('teacher', 'teacher_checkpoint', 'init_cfg', 'pretrained',
@@ -123,8 +122,12 @@ def load_model(config,
     model = MODELS.build(model_config(cfg))
     if checkpoint is not None:
         try:
-            loaded = load_checkpoint(model, checkpoint, map_location='cpu',
-                                     strict=True, logger='silent')
+            loaded = load_checkpoint(
+                model,
+                checkpoint,
+                map_location='cpu',
+                strict=True,
+                logger='silent')
         except RuntimeError as err:
             raise RuntimeError(f'{checkpoint}: does not fit the model of '
                                f'the config: {err}') from None
@@ -252,8 +255,8 @@ def export_checkpoint(config,
     shape = tuple(infer_input_shape(cfg, model, input_shape))
     complexity = model_complexity(model, cfg, input_shape=shape)
     model_cfg = deploy_model_config(cfg, model)
-    check_deployable_config(model_cfg, getattr(cfg, 'filename', None) or
-                            '<config>')
+    check_deployable_config(model_cfg,
+                            getattr(cfg, 'filename', None) or '<config>')
     policy = _policy_of(model, input_shape=shape)
     extra = dict(
         source_config=getattr(cfg, 'filename', None),
@@ -267,8 +270,8 @@ def export_checkpoint(config,
                       'fp_size_mb', 'compression', 'compression_quantized',
                       'mean_w_bits', 'mean_a_bits')
         }
-    summary = save_artifact(out, model, config=model_cfg, policy=policy,
-                            extra=extra)
+    summary = save_artifact(
+        out, model, config=model_cfg, policy=policy, extra=extra)
     summary['size_mb'] = summary['bytes'] / 1e6
     summary['input_shape'] = list(shape)
     if complexity is not None:

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.quantization.onnx_qdq import (ONNX_OPSET, check_qdq_model,
                                            finalize_qdq_model,
                                            missing_deploy_packages,
                                            qdq_layer_info, qdq_module,
                                            run_onnxruntime, set_metadata)
-from gmpq_mm.quantization.convert import policy_from_model
 
 __all__ = [
     'ONNX_TOLERANCES', 'LogitsOnly', 'check_finetuned_checkpoint',
@@ -99,8 +99,7 @@ def _compare(ref: np.ndarray, got: np.ndarray, tol: dict) -> dict:
     samples agree to float precision (``exact``: within 1e-4 of the
     largest logit)."""
     per_sample = np.abs(ref - got).reshape(len(ref), -1).max(1)
-    rel_l2 = float(
-        np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))
+    rel_l2 = float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))
     agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
     exact = float(np.mean(per_sample <= 1e-4 * np.abs(ref).max()))
     return dict(
@@ -108,8 +107,7 @@ def _compare(ref: np.ndarray, got: np.ndarray, tol: dict) -> dict:
         max_abs_diff=float(per_sample.max()),
         exact=exact,
         top1_agreement=agree,
-        ok=rel_l2 <= tol['max_rel_l2']
-        and agree >= tol['min_top1_agreement'])
+        ok=rel_l2 <= tol['max_rel_l2'] and agree >= tol['min_top1_agreement'])
 
 
 def _metadata(cfg, model, checkpoint, shape) -> dict:
@@ -201,7 +199,14 @@ def export_onnx_checkpoint(config,
                 opset_version=ONNX_OPSET,
                 input_names=['input'],
                 output_names=['logits'],
-                dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}},
+                dynamic_axes={
+                    'input': {
+                        0: 'batch'
+                    },
+                    'logits': {
+                        0: 'batch'
+                    }
+                },
                 do_constant_folding=True)
         proto = onnx.load(tmp)
         finalize_qdq_model(proto, layers)
@@ -216,7 +221,10 @@ def export_onnx_checkpoint(config,
             got = run_onnxruntime(tmp, x.numpy())
             cmp = _compare(ref, got, ONNX_TOLERANCES)
             summary['verify'] = dict(
-                {k: v for k, v in cmp.items() if k != 'ok'},
+                {
+                    k: v
+                    for k, v in cmp.items() if k != 'ok'
+                },
                 batch_size=batch_size,
                 tolerances=dict(ONNX_TOLERANCES))
             if not cmp['ok']:
@@ -240,4 +248,3 @@ def export_onnx_checkpoint(config,
         input_shape=list(shape),
         quantized_layers=len(layers))
     return summary
-

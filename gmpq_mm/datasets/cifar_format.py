@@ -68,8 +68,10 @@ def load_plain_pickle(path):
         raise pickle.UnpicklingError(
             f'{path}: a CIFAR file holds a dict, got {type(obj).__name__}')
     # Python 2 wrote str keys; a Python 3 re-export may hold bytes keys.
-    return {k.decode('latin1') if isinstance(k, bytes) else k: v
-            for k, v in obj.items()}
+    return {
+        k.decode('latin1') if isinstance(k, bytes) else k: v
+        for k, v in obj.items()
+    }
 
 
 class _CIFARFormatMixin:
@@ -158,8 +160,10 @@ class _CIFARFormatMixin:
         imgs = np.vstack(imgs).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
         if self.CLASSES is None:
             self._load_meta()
-        return [{'img': img, 'gt_label': int(label)}
-                for img, label in zip(imgs, gt_labels)]
+        return [{
+            'img': img,
+            'gt_label': int(label)
+        } for img, label in zip(imgs, gt_labels)]
 
     def _load_meta(self):
         # Same as mmpretrain's, minus the md5 requirement on the meta file.

@@ -44,8 +44,7 @@ class SearchOptimWrapperConstructor:
                             'arch_parameters(): the search needs a '
                             'GMPQSearchClassifier')
         params = dict(
-            weights=module.weight_parameters(),
-            arch=module.arch_parameters())
+            weights=module.weight_parameters(), arch=module.arch_parameters())
         wrappers = {}
         for key in SEARCH_OPTIMIZERS:
             cfg = dict(self.cfgs[key])

@@ -31,20 +31,43 @@ from .quantizers import SUPPORTED_BITS, quantize_activation, quantize_weight
 
 __all__ = [
     # Convert a model: a searchable supernet, or fixed bits from a policy.
-    'select_layers', 'to_mixed_precision', 'to_quantized',
-    'detect_signed_inputs', 'policy_from_model',
+    'select_layers',
+    'to_mixed_precision',
+    'to_quantized',
+    'detect_signed_inputs',
+    'policy_from_model',
     # Policies: the JSON file, loaded, checked and saved.
-    'Policy', 'make_policy', 'load_policy', 'save_policy', 'validate_policy',
+    'Policy',
+    'make_policy',
+    'load_policy',
+    'save_policy',
+    'validate_policy',
     'policy_layers',
     # Count: MACs, BitOPs, size, compression.
-    'count_macs', 'bitops', 'expected_bitops', 'complexity_report',
-    'format_table', 'LayerMacs',
+    'count_macs',
+    'bitops',
+    'expected_bitops',
+    'complexity_report',
+    'format_table',
+    'LayerMacs',
     # Budget: the most likely policy within a BitOPs budget.
-    'best_policy_under_budget', 'log_probs_from_model', 'policy_cost',
+    'best_policy_under_budget',
+    'log_probs_from_model',
+    'policy_cost',
     # Calibrate and export a fixed-bit network.
-    'calibrate_model', 'save_artifact', 'load_artifact', 'ArtifactError',
+    'calibrate_model',
+    'save_artifact',
+    'load_artifact',
+    'ArtifactError',
     # The building blocks.
-    'MixedPrecisionConv2d', 'MixedPrecisionLinear', 'QuantizedConv2d',
-    'QuantizedLinear', 'is_mixed_layer', 'is_quantized_layer',
-    'quantize_weight', 'quantize_activation', 'SUPPORTED_BITS', 'eval_mode',
+    'MixedPrecisionConv2d',
+    'MixedPrecisionLinear',
+    'QuantizedConv2d',
+    'QuantizedLinear',
+    'is_mixed_layer',
+    'is_quantized_layer',
+    'quantize_weight',
+    'quantize_activation',
+    'SUPPORTED_BITS',
+    'eval_mode',
 ]

@@ -30,8 +30,7 @@ def _remove_stale(folder: str, name: str, suffix: str) -> None:
                          re.escape(suffix) + '$')
     for entry in os.listdir(folder):
         match = pattern.match(entry)
-        if match and not (match.group(1)
-                          and _pid_alive(int(match.group(1)))):
+        if match and not (match.group(1) and _pid_alive(int(match.group(1)))):
             try:
                 os.remove(osp.join(folder, entry))
             except OSError:
@@ -55,7 +54,8 @@ def atomic_path(path: str, suffix: str = '.tmp') -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     _remove_stale(folder, osp.basename(path), suffix)
     fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.{os.getpid()}.',
+        dir=folder,
+        prefix=f'.{osp.basename(path)}.{os.getpid()}.',
         suffix=suffix)
     os.close(fd)
     try:

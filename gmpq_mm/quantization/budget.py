@@ -79,7 +79,8 @@ def log_probs_from_model(model: nn.Module) -> 'OrderedDict[str, tuple]':
 
 def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
                                                            Sequence[float]]],
-                             macs: Mapping, w_candidates: Sequence[int],
+                             macs: Mapping,
+                             w_candidates: Sequence[int],
                              a_candidates: Sequence[int],
                              budget: float,
                              min_bitops: float = 0) -> Dict[str, Bits]:
@@ -198,9 +199,9 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
             bounds=Bounds(0, 1),
             constraints=[
                 LinearConstraint(one_hot.tocsr(), 1, 1),
-                LinearConstraint(flat_costs[None, :] / scale,
-                                 min_bitops / scale if min_bitops > 0 else
-                                 -np.inf, rhs)
+                LinearConstraint(
+                    flat_costs[None, :] / scale,
+                    min_bitops / scale if min_bitops > 0 else -np.inf, rhs)
             ],
             options={'mip_rel_gap': 0.0})
         if not result.success or result.x is None:

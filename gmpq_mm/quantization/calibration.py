@@ -53,12 +53,10 @@ from .quantizers import weight_threshold as current_weight_threshold
 
 __all__ = [
     'DEFAULT_BINS', 'DEFAULT_ACT_CAP', 'DEFAULT_LOW_BITS', 'DEFAULT_METHOD',
-    'METHODS',
-    'magnitude_histogram', 'kl_threshold', 'mse_threshold',
+    'METHODS', 'magnitude_histogram', 'kl_threshold', 'mse_threshold',
     'release_threshold', 'histogram_threshold', 'activation_range',
-    'weight_calibration',
-    'quantization_mse', 'float_forward', 'quantized_layers',
-    'collect_activation_stats', 'calibrate_model'
+    'weight_calibration', 'quantization_mse', 'float_forward',
+    'quantized_layers', 'collect_activation_stats', 'calibrate_model'
 ]
 
 DEFAULT_BINS = 2048
@@ -102,8 +100,8 @@ def magnitude_histogram(x: Tensor,
         return hist
     mag = mag.clamp_max(max_value)
     # On the activation's own device: only the counts travel.
-    return torch.histc(mag, bins=bins, min=0.0,
-                       max=float(max_value)).double().cpu()
+    return torch.histc(
+        mag, bins=bins, min=0.0, max=float(max_value)).double().cpu()
 
 
 @contextlib.contextmanager
@@ -172,8 +170,9 @@ def _kl_search(hist: Tensor, total: float, nq: int, cum: Tensor,
         # Q: the kept (unclipped) bins merged into nq chunks (chunk
         # j = floor(k * nq / i) starts at ceil(j * i / nq)), each chunk's
         # mass spread evenly over its non-empty bins.
-        starts = torch.div(jj.unsqueeze(0) * i + nq - 1, nq,
-                           rounding_mode='floor')  # (C, nq + 1)
+        starts = torch.div(
+            jj.unsqueeze(0) * i + nq - 1, nq,
+            rounding_mode='floor')  # (C, nq + 1)
         mass = cum[starts[:, 1:]] - cum[starts[:, :-1]]
         count = cum_nz[starts[:, 1:]] - cum_nz[starts[:, :-1]]
         j = torch.div(k * nq, i, rounding_mode='floor').clamp_max(nq - 1)
@@ -229,9 +228,10 @@ def _mse_search(hist: Tensor, width: float, centres: Tensor, levels: int,
     """The bin edge of least histogram quantization error."""
     nbins = hist.numel()
     # Suffix sums of h, h*c, h*c^2: the clipped bins' error in closed form.
-    tail = [torch.cat([torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0]),
-                       zero]) for v in (hist, hist * centres,
-                                        hist * centres * centres)]
+    tail = [
+        torch.cat([torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0]), zero])
+        for v in (hist, hist * centres, hist * centres * centres)
+    ]
     best_err, best_t = math.inf, max_value
     for chunk in torch.arange(1, nbins + 1).split(_CHUNK * 2):
         kmax = int(chunk[-1])
@@ -244,8 +244,9 @@ def _mse_search(hist: Tensor, width: float, centres: Tensor, levels: int,
                           zero).sum(1)
         # The bins k >= i (centres above t = i * width) clip to t.
         t1 = t.squeeze(1)
-        err = err + (tail[2][chunk] - 2 * t1 * tail[1][chunk] +
-                     t1 * t1 * tail[0][chunk])
+        err = err + (
+            tail[2][chunk] - 2 * t1 * tail[1][chunk] +
+            t1 * t1 * tail[0][chunk])
         value, idx = torch.min(err, 0)
         if float(value) < best_err:
             best_err, best_t = float(value), float(t1[idx])
@@ -292,9 +293,10 @@ def _release_search(cdf: Tensor, n: int) -> int:
     one = torch.ones((), dtype=torch.float64)
     # Bins at or past i score (c - 1) * log2(c) (q = 1 there): suffix sums.
     tail_terms = _divergence_terms(cdf, one.expand_as(cdf))
-    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(tail_terms, [0]),
-                                              0), [0]),
-                      torch.zeros(1, dtype=torch.float64)])
+    tail = torch.cat([
+        torch.flip(torch.cumsum(torch.flip(tail_terms, [0]), 0), [0]),
+        torch.zeros(1, dtype=torch.float64)
+    ])
     x_n = torch.linspace(0, 1, n, dtype=torch.float64) if n > 1 else \
         torch.zeros(1, dtype=torch.float64)
     best_d, best_i = math.inf, nbins
@@ -320,8 +322,7 @@ def _release_search(cdf: Tensor, n: int) -> int:
         else:
             q = p_n.expand(-1, kmax)
         inside = _divergence_terms(cdf[:kmax].unsqueeze(0), q)
-        d = torch.where(k < i, inside, torch.zeros((),
-                                                   dtype=torch.float64))
+        d = torch.where(k < i, inside, torch.zeros((), dtype=torch.float64))
         d = d.sum(1) + tail[chunk]
         d = torch.nan_to_num(d, nan=math.inf)
         value, idx = torch.min(d, 0)
@@ -342,8 +343,8 @@ def histogram_threshold(hist: Tensor,
     activations, ``2^b - 1`` for unsigned activations; the KL quantizer
     has ``levels + 1`` magnitudes.
     """
-    levels = (weight_levels(bits)
-              if for_weight else activation_levels(bits, signed))
+    levels = (
+        weight_levels(bits) if for_weight else activation_levels(bits, signed))
     if method == 'kl':
         return kl_threshold(hist, max_value, levels + 1)
     if method == 'mse':
@@ -377,8 +378,9 @@ def activation_range(hist: Tensor,
     _check_method(method)
     value = float(max_value)
     if bits < low_bits and method != 'max':
-        value = min(value, histogram_threshold(hist, max_value, method,
-                                               bits, signed=signed))
+        value = min(
+            value,
+            histogram_threshold(hist, max_value, method, bits, signed=signed))
     if cap is not None:
         value = min(value, float(cap))
     return value
@@ -407,8 +409,8 @@ def weight_calibration(weight: Tensor,
     for row in rows:
         top = float(row.abs().max())
         hist = magnitude_histogram(row, top, bins, signed=True)
-        out.append(histogram_threshold(hist, top, method, bits,
-                                       for_weight=True))
+        out.append(
+            histogram_threshold(hist, top, method, bits, for_weight=True))
     t = torch.tensor(out, dtype=weight.dtype)
     return t if per_channel else t.reshape(())
 
@@ -526,7 +528,8 @@ def collect_activation_stats(
         for handle in handles:
             handle.remove()
     return {
-        name: dict(
+        name:
+        dict(
             max=float(maxima[i]),
             hist=hists[i].clone(),
             count=int(hists[i].sum()),
@@ -589,14 +592,23 @@ def calibrate_model(model: nn.Module,
     stats = {}
     if activations:
         stats = collect_activation_stats(
-            model, batches, forward, bins,
-            reduce_max=reduce_max, reduce_sum=reduce_sum)
+            model,
+            batches,
+            forward,
+            bins,
+            reduce_max=reduce_max,
+            reduce_sum=reduce_sum)
     results = OrderedDict()
     for name, module in layers.items():
         w_bits, a_bits = module.bits
-        row = dict(w_bits=w_bits, a_bits=a_bits, signed=bool(module.signed),
-                   act_max=None, act_range=None, w_max=None,
-                   w_threshold=None)
+        row = dict(
+            w_bits=w_bits,
+            a_bits=a_bits,
+            signed=bool(module.signed),
+            act_max=None,
+            act_range=None,
+            w_max=None,
+            w_threshold=None)
         if name in stats:
             st = stats[name]
             r = activation_range(st['hist'], st['max'], a_bits, module.signed,
@@ -604,15 +616,16 @@ def calibrate_model(model: nn.Module,
             if r <= 0:  # a dead input: keep any positive range
                 r = float(act_cap) if act_cap is not None else 1.0
             module.calibrate_activation(r)
-            row.update(act_max=st['max'],
-                       act_range=float(module.act_range.detach()))
+            row.update(
+                act_max=st['max'], act_range=float(module.act_range.detach()))
         if weights and w_bits != FP_BITS:
             t = weight_calibration(module.weight, w_bits, weight_method,
                                    low_bits, bins, module.per_channel)
             module.calibrate_weight(t)
             with torch.no_grad():
-                current = current_weight_threshold(
-                    module.weight, module.w_threshold, module.per_channel)
+                current = current_weight_threshold(module.weight,
+                                                   module.w_threshold,
+                                                   module.per_channel)
                 row['w_max'] = float(module.weight.detach().abs().max())
             row['w_threshold'] = (None if t is None else
                                   [float(v) for v in current.reshape(-1)])

@@ -179,8 +179,7 @@ def weight_codes(module: nn.Module) -> Tuple[Tensor, Tensor]:
         w = module.weight.detach().float()
         t = weight_threshold(w, module.w_threshold, module.per_channel)
         safe = torch.where(t > 0, t, torch.ones_like(t))
-        codes = torch.round(torch.clamp((w / safe) * n, -n, n)).to(
-            torch.int64)
+        codes = torch.round(torch.clamp((w / safe) * n, -n, n)).to(torch.int64)
         t_flat = t.reshape(-1).clone()
         expected = quantize_weight(w, bits, module.w_threshold,
                                    module.per_channel)
@@ -197,8 +196,8 @@ def weight_codes(module: nn.Module) -> Tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------
-def export_quantized(model: nn.Module) -> Tuple['OrderedDict[str, Tensor]',
-                                                 Dict[str, str]]:
+def export_quantized(
+        model: nn.Module) -> Tuple['OrderedDict[str, Tensor]', Dict[str, str]]:
     """The tensors and metadata of an artifact of ``model``.
 
     Args:
@@ -246,8 +245,10 @@ def export_quantized(model: nn.Module) -> Tuple['OrderedDict[str, Tensor]',
     for key, value in replaced.items():
         if value is not None:
             tensors[key] = value.contiguous().clone()
-    metadata = dict(format=ARTIFACT_FORMAT, version=str(ARTIFACT_VERSION),
-                    layers=json.dumps(layers))
+    metadata = dict(
+        format=ARTIFACT_FORMAT,
+        version=str(ARTIFACT_VERSION),
+        layers=json.dumps(layers))
     return tensors, metadata
 
 
@@ -259,8 +260,11 @@ def _tensor_bytes(t: Tensor) -> bytes:
 
 
 def _metadata_digest(meta: Mapping[str, str]) -> str:
-    body = json.dumps({k: v for k, v in meta.items()
-                       if k != 'metadata_sha256'}, sort_keys=True)
+    body = json.dumps({
+        k: v
+        for k, v in meta.items() if k != 'metadata_sha256'
+    },
+                      sort_keys=True)
     return hashlib.sha256(body.encode('utf-8')).hexdigest()
 
 
@@ -301,7 +305,8 @@ def save_artifact(path: PathLike,
     metadata['policy'] = json.dumps(policy if policy is not None else None)
     metadata['extra'] = json.dumps(extra if extra is not None else {})
     metadata['tensors_sha256'] = json.dumps({
-        name: hashlib.sha256(_tensor_bytes(t)).hexdigest()
+        name:
+        hashlib.sha256(_tensor_bytes(t)).hexdigest()
         for name, t in tensors.items()
     })
     metadata['metadata_sha256'] = _metadata_digest(metadata)
@@ -330,10 +335,15 @@ def save_artifact(path: PathLike,
 # Loading
 # ---------------------------------------------------------------------------
 _DTYPES = {
-    'F64': (torch.float64, 8), 'F32': (torch.float32, 4),
-    'F16': (torch.float16, 2), 'BF16': (torch.bfloat16, 2),
-    'I64': (torch.int64, 8), 'I32': (torch.int32, 4),
-    'I16': (torch.int16, 2), 'I8': (torch.int8, 1), 'U8': (torch.uint8, 1),
+    'F64': (torch.float64, 8),
+    'F32': (torch.float32, 4),
+    'F16': (torch.float16, 2),
+    'BF16': (torch.bfloat16, 2),
+    'I64': (torch.int64, 8),
+    'I32': (torch.int32, 4),
+    'I16': (torch.int16, 2),
+    'I8': (torch.int8, 1),
+    'U8': (torch.uint8, 1),
     'BOOL': (torch.bool, 1)
 }
 
@@ -347,12 +357,14 @@ def _parse(path: str, data: bytes) -> Tuple[dict, dict, int]:
     checked against the file size."""
     size = len(data)
     if size < 8:
-        raise _fail(path, f'truncated: {size} bytes, too short for a '
-                    f'safetensors header')
+        raise _fail(
+            path, f'truncated: {size} bytes, too short for a '
+            f'safetensors header')
     (header_len, ) = struct.unpack('<Q', data[:8])
     if 8 + header_len > size:
-        raise _fail(path, f'truncated: the header needs {8 + header_len} '
-                    f'bytes, the file has {size}')
+        raise _fail(
+            path, f'truncated: the header needs {8 + header_len} '
+            f'bytes, the file has {size}')
     try:
         header = json.loads(data[8:8 + header_len].decode('utf-8'))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -375,33 +387,39 @@ def _parse(path: str, data: bytes) -> Tuple[dict, dict, int]:
         for s in shape:
             numel *= int(s)
         if stop - begin != numel * _DTYPES[dtype][1] or begin > stop:
-            raise _fail(path, f'tensor {name!r}: byte range [{begin}, '
-                        f'{stop}) does not match {dtype} {shape}')
+            raise _fail(
+                path, f'tensor {name!r}: byte range [{begin}, '
+                f'{stop}) does not match {dtype} {shape}')
         end = max(end, stop)
     offset = 8 + header_len
     if offset + end > size:
-        raise _fail(path, f'truncated: the tensors need {offset + end} '
-                    f'bytes, the file has {size} (missing '
-                    f'{offset + end - size})')
+        raise _fail(
+            path, f'truncated: the tensors need {offset + end} '
+            f'bytes, the file has {size} (missing '
+            f'{offset + end - size})')
     if offset + end < size:
-        raise _fail(path, f'{size - offset - end} unexpected bytes after '
-                    f'the last tensor (altered or concatenated file)')
+        raise _fail(
+            path, f'{size - offset - end} unexpected bytes after '
+            f'the last tensor (altered or concatenated file)')
     return header, meta, offset
 
 
 def _check_metadata(path: str, meta: Mapping) -> dict:
     if meta.get('format') != ARTIFACT_FORMAT:
-        raise _fail(path, f'not a gmpq artifact (metadata "format" is '
-                    f'{meta.get("format")!r}, expected {ARTIFACT_FORMAT!r})')
+        raise _fail(
+            path, f'not a gmpq artifact (metadata "format" is '
+            f'{meta.get("format")!r}, expected {ARTIFACT_FORMAT!r})')
     if meta.get('version') != str(ARTIFACT_VERSION):
-        raise _fail(path, f'unsupported artifact version '
-                    f'{meta.get("version")!r} (expected {ARTIFACT_VERSION})')
+        raise _fail(
+            path, f'unsupported artifact version '
+            f'{meta.get("version")!r} (expected {ARTIFACT_VERSION})')
     stored = meta.get('metadata_sha256')
     if stored is None:
         raise _fail(path, 'metadata has no "metadata_sha256" checksum')
     if _metadata_digest(meta) != stored:
-        raise _fail(path, 'metadata checksum mismatch: the metadata was '
-                    'altered or corrupted')
+        raise _fail(
+            path, 'metadata checksum mismatch: the metadata was '
+            'altered or corrupted')
     parsed = dict(meta)
     for key in _JSON_KEYS:
         try:
@@ -452,15 +470,17 @@ def load_artifact(path: PathLike) -> Tuple['OrderedDict[str, Tensor]', dict]:
     missing = sorted(set(sums) - set(header))
     unexpected = sorted(set(header) - set(sums))
     if missing or unexpected:
-        raise _fail(path, f'tensors do not match the checksum table '
-                    f'(missing {missing}, unexpected {unexpected})')
+        raise _fail(
+            path, f'tensors do not match the checksum table '
+            f'(missing {missing}, unexpected {unexpected})')
     view = memoryview(data)
     for name, entry in header.items():
         begin, stop = entry['data_offsets']
         digest = hashlib.sha256(view[offset + begin:offset + stop]).hexdigest()
         if digest != sums[name]:
-            raise _fail(path, f'checksum mismatch for tensor {name!r}: the '
-                        f'file was altered or corrupted')
+            raise _fail(
+                path, f'checksum mismatch for tensor {name!r}: the '
+                f'file was altered or corrupted')
     try:
         tensors = st_load(bytes(data))
     except Exception as err:  # noqa: BLE001 - safetensors' own error types
@@ -501,10 +521,12 @@ def load_artifact(path: PathLike) -> Tuple['OrderedDict[str, Tensor]', dict]:
         prefix = f'{name}.' if name else ''
         if info['w_bits'] == FP_BITS:
             state[prefix + 'w_threshold'] = torch.empty(0)
-    leftovers = [k for k in tensors
-                 if k.endswith((PACKED, THRESHOLD, SCALE))
-                 and k not in consumed]
+    leftovers = [
+        k for k in tensors
+        if k.endswith((PACKED, THRESHOLD, SCALE)) and k not in consumed
+    ]
     if leftovers:
-        raise _fail(path, f'packed tensors {leftovers} belong to no layer '
-                    f'of the metadata')
+        raise _fail(
+            path, f'packed tensors {leftovers} belong to no layer '
+            f'of the metadata')
     return state, meta

@@ -130,8 +130,8 @@ class _QDQMixin:
             self.act_range = float(r)
             self.act_scale = float(r / n)  # the float32 r / n, exactly
         # int8 holds [-n, n] (signed) and [0, n] for n <= 127.
-        self.act_qrange = (0, 255) if (self.act_levels or 0) > 127 else (
-            -128, 127)
+        self.act_qrange = (0, 255) if (self.act_levels or 0) > 127 else (-128,
+                                                                         127)
 
     def _quant_input(self, x: Tensor) -> Tensor:
         if self.act_levels is None:
@@ -146,12 +146,14 @@ class _QDQMixin:
             return self.weight
         if self.w_per_channel:
             zero = torch.zeros(
-                self.w_scale.numel(), dtype=torch.int32,
+                self.w_scale.numel(),
+                dtype=torch.int32,
                 device=self.weight.device)
             return torch.fake_quantize_per_channel_affine(
                 self.weight, self.w_scale, zero, 0, -128, 127)
-        return torch.fake_quantize_per_tensor_affine(
-            self.weight, self.w_scale_value, 0, -128, 127)
+        return torch.fake_quantize_per_tensor_affine(self.weight,
+                                                     self.w_scale_value, 0,
+                                                     -128, 127)
 
     def extra_repr(self) -> str:
         return (f'{self.layer_name}: w_bits={self.w_bits}, '
@@ -173,8 +175,8 @@ class QDQConv2d(_QDQMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(
-            self._quant_input(x), self._quant_weight(), self.bias,
-            self.stride, self.padding, self.dilation, self.groups)
+            self._quant_input(x), self._quant_weight(), self.bias, self.stride,
+            self.padding, self.dilation, self.groups)
 
 
 class QDQLinear(_QDQMixin, nn.Module):
@@ -185,8 +187,7 @@ class QDQLinear(_QDQMixin, nn.Module):
         self._init_qdq(layer, name)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(
-            self._quant_input(x), self._quant_weight(), self.bias)
+        return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
 
 
 def qdq_layer(layer: nn.Module, name: str = '') -> nn.Module:
@@ -326,9 +327,11 @@ def finalize_qdq_model(model_proto, layers: Mapping[str, dict]):
             raise RuntimeError(
                 f'{lname}: the exported weight quantizer does not reproduce '
                 f'the layer\'s integer codes')
-        if not np.allclose(scale.reshape(-1),
-                           info['w_scale'].numpy().reshape(-1), rtol=0,
-                           atol=0):
+        if not np.allclose(
+                scale.reshape(-1),
+                info['w_scale'].numpy().reshape(-1),
+                rtol=0,
+                atol=0):
             raise RuntimeError(f'{lname}: exported weight scale differs '
                                'from the layer\'s')
         qname = f'{wname}_quantized'
@@ -349,8 +352,10 @@ def finalize_qdq_model(model_proto, layers: Mapping[str, dict]):
     for node in drop:
         graph.node.remove(node)
     still_used = {name for node in graph.node for name in node.input}
-    keep = [t for t in graph.initializer
-            if t.name not in folded or t.name in still_used]
+    keep = [
+        t for t in graph.initializer
+        if t.name not in folded or t.name in still_used
+    ]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return model_proto
@@ -390,8 +395,10 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     inits = {t.name: t for t in graph.initializer}
     consts = _constants(graph)
-    dq_of = {n.input[0]: n for n in graph.node
-             if n.op_type == 'DequantizeLinear'}
+    dq_of = {
+        n.input[0]: n
+        for n in graph.node if n.op_type == 'DequantizeLinear'
+    }
     summary = OrderedDict()
     for lname, info in layers.items():
         row = dict(w_bits=info['w_bits'], a_bits=info['a_bits'])
@@ -407,10 +414,11 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
             dq = dq_of[qname]
             scale = consts[dq.input[1]].astype(np.float32)
             values = codes.astype(np.float32) * (
-                scale.reshape((-1, ) + (1, ) * (codes.ndim - 1))
-                if scale.size > 1 else scale)
-            per = (values.reshape(values.shape[0], -1)
-                   if scale.size > 1 else values.reshape(1, -1))
+                scale.reshape((-1, ) + (1, ) *
+                              (codes.ndim - 1)) if scale.size > 1 else scale)
+            per = (
+                values.reshape(values.shape[0], -1)
+                if scale.size > 1 else values.reshape(1, -1))
             most = max(len(np.unique(r)) for r in per)
             n = weight_levels(info['w_bits'])
             top = int(np.abs(codes.astype(np.int64)).max(initial=0))
@@ -422,8 +430,9 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
                 raise RuntimeError(
                     f'{lname}: {most} distinct weight values per scale, '
                     f'more than the 2^{info["w_bits"]} of its grid')
-            row.update(distinct_weights=int(len(np.unique(values))),
-                       max_distinct_per_scale=int(most))
+            row.update(
+                distinct_weights=int(len(np.unique(values))),
+                max_distinct_per_scale=int(most))
         summary[lname] = row
     # The exporter may merge identical Clip -> Q -> DQ chains (two layers
     # reading the same tensor with the same range): count the layers they
@@ -444,8 +453,10 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
         if info['codes'] is None:
             continue
         dq = dq_of[info['weight'] + '_quantized']
-        op = [n for n in consumers.get(dq.output[0], [])
-              if n.op_type in ('Conv', 'Gemm')]
+        op = [
+            n for n in consumers.get(dq.output[0], [])
+            if n.op_type in ('Conv', 'Gemm')
+        ]
         if len(op) != 1:
             raise RuntimeError(f'{lname}: its dequantized weight feeds '
                                f'{len(op)} Conv / Gemm nodes, not 1')

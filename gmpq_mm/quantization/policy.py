@@ -38,8 +38,8 @@ from .atomic_file import write_text_atomic
 from .quantizers import check_bits, check_candidates
 
 __all__ = [
-    'POLICY_FORMAT', 'POLICY_VERSION', 'Policy', 'make_policy',
-    'save_policy', 'load_policy', 'validate_policy', 'policy_layers'
+    'POLICY_FORMAT', 'POLICY_VERSION', 'Policy', 'make_policy', 'save_policy',
+    'load_policy', 'validate_policy', 'policy_layers'
 ]
 
 POLICY_FORMAT = 'gmpq-policy'
@@ -241,8 +241,7 @@ def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
     return policy
 
 
-def _check_layer_counts(counts, layers: Mapping, key: str,
-                        where: str) -> dict:
+def _check_layer_counts(counts, layers: Mapping, key: str, where: str) -> dict:
     """``layer_macs`` / ``layer_params``: one non-negative int a layer."""
     if not isinstance(counts, Mapping):
         raise ValueError(f'{where}: "{key}" must be an object name -> int')
@@ -254,8 +253,8 @@ def _check_layer_counts(counts, layers: Mapping, key: str,
     out = {}
     for name in layers:
         value = counts[name]
-        if (not isinstance(value, numbers.Integral)
-                or isinstance(value, bool) or value < 0):
+        if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+                or value < 0):
             raise ValueError(f'{where}: {key}[{name}] must be a '
                              f'non-negative int, got {value!r}')
         out[name] = int(value)
@@ -283,14 +282,17 @@ def _check_probabilities(probs, layers: Mapping, cands: Mapping,
             count = len(cands.get(f'{kind}_candidates', values))
             if (not isinstance(values, Sequence) or isinstance(values, str)
                     or len(values) != count or not all(
-                        isinstance(v, numbers.Real) and not isinstance(
-                            v, bool) and 0 <= v <= 1 for v in values)):
+                        isinstance(v, numbers.Real)
+                        and not isinstance(v, bool) and 0 <= v <= 1
+                        for v in values)):
                 raise ValueError(
                     f'{where}: probabilities[{name}][{kind!r}] must be '
                     f'{count} numbers in [0, 1], one per {kind}_candidate, '
                     f'got {values!r}')
-        out[name] = {kind: [float(v) for v in entry[kind]]
-                     for kind in ('w', 'a')}
+        out[name] = {
+            kind: [float(v) for v in entry[kind]]
+            for kind in ('w', 'a')
+        }
     return out
 
 
@@ -415,8 +417,8 @@ class Policy(Mapping):
         return OrderedDict((name, (e['w_bits'], e['a_bits']))
                            for name, e in self._data['layers'].items())
 
-    def validate(self, layer_names: Sequence[str], **kwargs) -> Dict[str,
-                                                                     Bits]:
+    def validate(self, layer_names: Sequence[str],
+                 **kwargs) -> Dict[str, Bits]:
         """:func:`validate_policy` of this policy against a model's layers."""
         return validate_policy(self._data, layer_names, **kwargs)
 

@@ -53,7 +53,9 @@ def bit_width_record(model: nn.Module) -> dict:
             record[name] = {
                 'w_candidates': [int(b) for b in module.w_candidates],
                 'a_candidates': [int(b) for b in module.a_candidates],
-                'w_bits': w, 'a_bits': a}
+                'w_bits': w,
+                'a_bits': a
+            }
         elif is_quantized_layer(module):
             w, a = (int(b) for b in module.bits)
             record[name] = {'w_bits': w, 'a_bits': a}
@@ -82,8 +84,9 @@ def _same(saved, built) -> bool:
     if 'w_candidates' in built or 'w_candidates' in saved:
         # A supernet's weights belong to its candidate sets; the argmax
         # moves during the search and is not part of the contract.
-        return all(saved.get(k) == built.get(k)
-                   for k in ('w_candidates', 'a_candidates'))
+        return all(
+            saved.get(k) == built.get(k)
+            for k in ('w_candidates', 'a_candidates'))
     return (saved['w_bits'], saved['a_bits']) == \
         (built['w_bits'], built['a_bits'])
 
@@ -116,7 +119,8 @@ def check_bit_widths(model: nn.Module,
                 'trained with (written before gmpq_mm stored them, or by '
                 'another tool): cannot check that they match '
                 f'{policy_file or "the model"}.',
-                logger='current', level=logging.WARNING)
+                logger='current',
+                level=logging.WARNING)
         return
     if not saved:
         return  # a full-precision checkpoint: a valid start for any bits
@@ -160,7 +164,8 @@ def add_bit_record_hook(cfg) -> None:
     """Make sure the Runner built from ``cfg`` records and checks bit widths
     (``BitWidthRecordHook`` appended to ``custom_hooks`` unless present)."""
     hooks = list(cfg.get('custom_hooks') or [])
-    if not any(str(h.get('type', '')).endswith('BitWidthRecordHook')
-               for h in hooks if isinstance(h, dict)):
+    if not any(
+            str(h.get('type', '')).endswith('BitWidthRecordHook')
+            for h in hooks if isinstance(h, dict)):
         hooks.append(dict(type='mmpretrain.BitWidthRecordHook'))
     cfg.custom_hooks = hooks

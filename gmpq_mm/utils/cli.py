@@ -20,6 +20,6 @@ class DictAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         from mmengine.config import DictAction as MMEngineDictAction
-        action = MMEngineDictAction(self.option_strings, self.dest,
-                                    nargs=self.nargs)
+        action = MMEngineDictAction(
+            self.option_strings, self.dest, nargs=self.nargs)
         action(parser, namespace, values, option_string)

@@ -16,8 +16,8 @@ DOWNLOADABLE = ('CIFAR10', 'CIFAR100', 'CIFAR10Format', 'CIFAR100Format',
 
 
 def _is_local(path):
-    return isinstance(path, str) and path and not path.startswith(
-        REMOTE_PREFIXES)
+    return isinstance(path,
+                      str) and path and not path.startswith(REMOTE_PREFIXES)
 
 
 def _dataset_problems(dataset, where):
@@ -30,8 +30,8 @@ def _dataset_problems(dataset, where):
     for i, sub in enumerate(dataset.get('datasets', []) or []):
         yield from _dataset_problems(sub, f'{where}.datasets[{i}]')
     data_root = dataset.get('data_root', '') or ''
-    may_download = (dataset.get('type') in DOWNLOADABLE
-                    and dataset.get('download', True))
+    may_download = (
+        dataset.get('type') in DOWNLOADABLE and dataset.get('download', True))
     if _is_local(data_root) and not osp.exists(data_root):
         if not may_download:
             yield f'{where}.data_root', data_root
@@ -63,7 +63,9 @@ SPLIT_FILES = {
         'train': [('cars_annos.mat', 'devkit/cars_train_annos.mat')],
         'test': [('cars_annos.mat', 'devkit/cars_test_annos_withlabels.mat')],
     },
-    'Flowers102': {'*': ['imagelabels.mat', 'setid.mat', 'jpg']},
+    'Flowers102': {
+        '*': ['imagelabels.mat', 'setid.mat', 'jpg']
+    },
     'FGVCAircraft': {
         s: [f'data/images_variant_{s}.txt', 'data/images']
         for s in ('train', 'val', 'trainval', 'test')

@@ -31,9 +31,11 @@ def _head(items: List[str], count: int = 3) -> str:
     return f'{items[:count]}{more}'
 
 
-def state_dict_mismatch(state: Mapping,
-                        expected: Mapping,
-                        optional: Iterable[str] = ()) -> List[str]:
+def state_dict_mismatch(
+        state: Mapping,
+        expected: Mapping,
+        optional: Iterable[str] = (),
+) -> List[str]:
     """What keeps ``state`` (a checkpoint's) from loading strictly where
     ``expected`` (a module's ``state_dict()``) is: one phrase per kind of
     problem, an empty list if it fits.
@@ -59,8 +61,10 @@ def state_dict_mismatch(state: Mapping,
         ["1 missing keys, e.g. ['w']"]
     """
     optional = tuple(optional)
-    missing = [k for k in expected if k not in state
-               and not (optional and k.endswith(optional))]
+    missing = [
+        k for k in expected
+        if k not in state and not (optional and k.endswith(optional))
+    ]
     unexpected = [k for k in state if k not in expected]
     shapes = [
         f'{k} {tuple(state[k].shape)} vs {tuple(v.shape)}'

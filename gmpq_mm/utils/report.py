@@ -163,10 +163,10 @@ def _complete(shape, channels) -> Tuple[int, ...]:
     return shape
 
 
-def infer_input_shape(cfg=None,
-                      model: Optional[nn.Module] = None,
-                      input_shape: Optional[Sequence[int]] = None
-                      ) -> Tuple[int, int, int]:
+def infer_input_shape(
+        cfg=None,
+        model: Optional[nn.Module] = None,
+        input_shape: Optional[Sequence[int]] = None) -> Tuple[int, int, int]:
     """The ``(C, H, W)`` a config's test data has (see the module doc)."""
     channels = stem_channels(model) if model is not None else None
     if input_shape is not None:
@@ -187,8 +187,9 @@ def infer_input_shape(cfg=None,
             continue
         outer = loader.get('dataset')
         # A wrapper may carry the pipeline; the innermost one otherwise.
-        pipeline = (outer.get('pipeline') if isinstance(outer, Mapping)
-                    and outer.get('pipeline') else dataset.get('pipeline'))
+        pipeline = (
+            outer.get('pipeline') if isinstance(outer, Mapping)
+            and outer.get('pipeline') else dataset.get('pipeline'))
         hw = _pipeline_hw(pipeline)
         if hw is not None:
             return (channels or 3, ) + hw
@@ -219,8 +220,7 @@ def summarize_report(report: Mapping) -> dict:
         mean_w_bits=t['mean_w_bits'],
         mean_a_bits=t['mean_a_bits'],
         num_quantized=t['num_quantized'],
-        units=dict(
-            macs='G (1e9)', bitops='G (1e9)', size='MB (1e6 bytes)'),
+        units=dict(macs='G (1e9)', bitops='G (1e9)', size='MB (1e6 bytes)'),
         layers=[dict(row) for row in report['layers']])
 
 

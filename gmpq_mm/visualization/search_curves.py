@@ -242,8 +242,8 @@ def search_curves_figure_size(n_layers: int) -> tuple:
     """``(width, height)`` in inches of the figure for ``n_layers``
     layer panels."""
     rows = math.ceil(n_layers / _columns(n_layers))
-    return FIG_WIDTH, whole_pixels(
-        HEAD_HEIGHT + TOP_HEIGHT + TOP_GAP + rows * ROW_HEIGHT + BOTTOM_MARGIN)
+    return FIG_WIDTH, whole_pixels(HEAD_HEIGHT + TOP_HEIGHT + TOP_GAP +
+                                   rows * ROW_HEIGHT + BOTTOM_MARGIN)
 
 
 def draw_search_curves(epochs: Sequence[int],

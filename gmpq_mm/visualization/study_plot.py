@@ -36,8 +36,13 @@ def study_figure(data: Mapping, path: str) -> str:
                 if kw['label'] in seen:
                     kw['label'] = None
                 seen.add(style['label'])
-                ax.errorbar(row['bitops'] / 1e6, mean, yerr=err, ls='none',
-                            capsize=3, **kw)
+                ax.errorbar(
+                    row['bitops'] / 1e6,
+                    mean,
+                    yerr=err,
+                    ls='none',
+                    capsize=3,
+                    **kw)
         ax.set_title(setting.replace('_', '-'))
         ax.set_xlabel('BitOPs of the searched layers (M)')
         ax.set_ylabel('top-1 (%), mean and min-max over seeds')

@@ -10,10 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from gmpq_mm.quantization.calibration import (
-    activation_range, calibrate_model, collect_activation_stats,
-    float_forward, histogram_threshold, kl_threshold, magnitude_histogram,
-    mse_threshold, quantization_mse, release_threshold, weight_calibration)
+# yapf: disable
+from gmpq_mm.quantization.calibration import (activation_range,
+                                              calibrate_model,
+                                              collect_activation_stats,
+                                              float_forward,
+                                              histogram_threshold,
+                                              kl_threshold,
+                                              magnitude_histogram,
+                                              mse_threshold, quantization_mse,
+                                              release_threshold,
+                                              weight_calibration)
+# yapf: enable
 from gmpq_mm.quantization.convert import to_quantized
 from gmpq_mm.quantization.quantizers import activation_levels
 
@@ -116,7 +124,7 @@ def test_release_threshold_matches_the_released_code():
 
 
 def test_mse_threshold_is_the_best_clip():
-    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
     x = torch.distributions.Laplace(0., 1.).sample((20000, )).clamp_min(0)
     top = float(x.max())
     hist = magnitude_histogram(x, top, 512, signed=False)
@@ -142,7 +150,8 @@ def test_mse_beats_spec_threshold_on_heavy_tails():
     for bits in (2, 3):
         levels = activation_levels(bits)
         err = {
-            m: quantization_mse(
+            m:
+            quantization_mse(
                 held_out,
                 activation_range(hist, top, bits, method=m, cap=None), levels)
             for m in ('kl', 'release', 'mse')
@@ -206,9 +215,11 @@ def test_float_forward_turns_quantizers_off():
     model = _tiny()
     x = torch.randn(2, 3, 8, 8)
     fp = _Tiny()
-    fp.load_state_dict(
-        {k: v for k, v in model.state_dict().items()
-         if not k.endswith(('act_range', 'w_threshold'))})
+    fp.load_state_dict({
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.endswith(('act_range', 'w_threshold'))
+    })
     with float_forward(model):
         assert torch.allclose(model(x), fp(x), atol=1e-6)
     assert not torch.allclose(model(x), fp(x), atol=1e-3)
@@ -271,12 +282,15 @@ def test_statistics_reduce_to_the_same_ranges():
                 with float_forward(model), torch.no_grad():
                     model(other)
                 h.remove()
-                t[i] += magnitude_histogram(seen[0], float(top[i]), 64,
-                                            signed=False)
+                t[i] += magnitude_histogram(
+                    seen[0], float(top[i]), 64, signed=False)
 
-        ranks.append(collect_activation_stats(
-            _tiny(), [mine], bins=64, reduce_max=reduce_max,
-            reduce_sum=reduce_sum))
+        ranks.append(
+            collect_activation_stats(
+                _tiny(), [mine],
+                bins=64,
+                reduce_max=reduce_max,
+                reduce_sum=reduce_sum))
     for name in both:
         for st in ranks:
             assert st[name]['max'] == both[name]['max']
@@ -288,7 +302,10 @@ def _runner(model, work_dir, batches, resume=False):
     logs = []
     logger = types.SimpleNamespace(info=logs.append)
     return types.SimpleNamespace(
-        model=model, work_dir=str(work_dir), logger=logger, _resume=resume,
+        model=model,
+        work_dir=str(work_dir),
+        logger=logger,
+        _resume=resume,
         train_dataloader=[dict(inputs=b, data_samples=None) for b in batches],
         logs=logs)
 
@@ -337,8 +354,8 @@ def test_hook_calibrates_records_and_skips(tmp_path):
         ckpt['meta']['gmpq_calibration']
 
     # Resuming never recalibrates, even from a checkpoint without the flag.
-    runner3 = _runner(_Classifier(), tmp_path, [torch.randn(2, 3, 8, 8)],
-                      resume=True)
+    runner3 = _runner(
+        _Classifier(), tmp_path, [torch.randn(2, 3, 8, 8)], resume=True)
     hook3 = CalibrationHook(bins=64, save_file=None)
     hook3.after_load_checkpoint(runner3, {'meta': {}})
     hook3.before_train(runner3)
@@ -359,27 +376,41 @@ def _tiny_resnet_cfg(checkpoint, base=8):
         backbone=dict(
             type='QuantizedBackbone',
             backbone=dict(
-                type='ResNet', depth=18, stem_channels=base,
-                base_channels=base, out_indices=(3, ),
-                init_cfg=dict(type='Pretrained', checkpoint=str(checkpoint),
-                              prefix='backbone')),
-            w_bits=4, a_bits=4),
+                type='ResNet',
+                depth=18,
+                stem_channels=base,
+                base_channels=base,
+                out_indices=(3, ),
+                init_cfg=dict(
+                    type='Pretrained',
+                    checkpoint=str(checkpoint),
+                    prefix='backbone')),
+            w_bits=4,
+            a_bits=4),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=3, in_channels=base * 8))
 
 
 def _fp_checkpoint(path, base=8, depth=18):
     from mmengine.registry import init_default_scope
+
     from gmpq_mm.registry import MODELS
     init_default_scope('mmpretrain')
     torch.manual_seed(1)
-    fp = MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=depth, stem_channels=base,
-                      base_channels=base, out_indices=(3, )),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=3,
-                  in_channels=base * (32 if depth >= 50 else 8))))
+    fp = MODELS.build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(
+                type='ResNet',
+                depth=depth,
+                stem_channels=base,
+                base_channels=base,
+                out_indices=(3, )),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(
+                type='LinearClsHead',
+                num_classes=3,
+                in_channels=base * (32 if depth >= 50 else 8))))
     for p in fp.parameters():  # not an init a fresh model could reproduce
         p.data.uniform_(-1, 1)
     torch.save({'state_dict': fp.state_dict(), 'meta': {}}, path)

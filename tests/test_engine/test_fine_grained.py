@@ -22,8 +22,8 @@ def _jpeg(path, label, size=(40, 30)):
     os.makedirs(osp.dirname(path), exist_ok=True)
     rng = np.random.RandomState(label)
     colour = rng.randint(0, 256, 3)
-    pixels = np.clip(colour + rng.randint(-20, 20, (size[1], size[0], 3)),
-                     0, 255).astype(np.uint8)
+    pixels = np.clip(colour + rng.randint(-20, 20, (size[1], size[0], 3)), 0,
+                     255).astype(np.uint8)
     Image.fromarray(pixels).save(path, quality=90)
 
 
@@ -38,16 +38,15 @@ def _cars(root, n_train, n_test):
     class 1-based, fname) + cars_train/ and cars_test/ images."""
     dt = [(k, 'O') for k in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2',
                              'class', 'fname')]
-    for split, n, ann in (
-            ('train', n_train, 'cars_train_annos.mat'),
-            ('test', n_test, 'cars_test_annos_withlabels.mat')):
+    for split, n, ann in (('train', n_train, 'cars_train_annos.mat'),
+                          ('test', n_test, 'cars_test_annos_withlabels.mat')):
         table = np.zeros((1, n), dtype=dt)
         for i in range(n):
             label = i % 3
             name = f'{i + 1:05d}.jpg'
-            table[0, i] = tuple(np.array([[v]], np.uint16)
-                                for v in (1, 1, 39, 29, label + 1)) + (
-                                    np.array([name]), )
+            table[0, i] = tuple(
+                np.array([[v]], np.uint16)
+                for v in (1, 1, 39, 29, label + 1)) + (np.array([name]), )
             _jpeg(osp.join(root, f'cars_{split}', name), label)
         _savemat(osp.join(root, 'devkit', ann), annotations=table)
 
@@ -59,10 +58,11 @@ def _flowers(root, n_train, n_test):
     labels = np.array([[(i % 3) + 1 for i in range(total)]], np.float64)
     ids = np.arange(1, total + 1)
     _savemat(osp.join(root, 'imagelabels.mat'), labels=labels)
-    _savemat(osp.join(root, 'setid.mat'),
-             trnid=ids[None, :n_train - 2].astype(np.uint16),
-             valid=ids[None, n_train - 2:n_train].astype(np.uint16),
-             tstid=ids[None, n_train:n_train + n_test].astype(np.uint16))
+    _savemat(
+        osp.join(root, 'setid.mat'),
+        trnid=ids[None, :n_train - 2].astype(np.uint16),
+        valid=ids[None, n_train - 2:n_train].astype(np.uint16),
+        tstid=ids[None, n_train:n_train + n_test].astype(np.uint16))
     for i in ids:
         _jpeg(osp.join(root, 'jpg', f'image_{i:05d}.jpg'), (int(i) - 1) % 3)
 
@@ -72,14 +72,13 @@ def _aircraft(root, n_train, n_test):
     data/images/<id>.jpg."""
     from mmpretrain.datasets import FGVCAircraft
     classes = FGVCAircraft.METAINFO['classes']
-    for split, n, offset in (('trainval', n_train, 1000000),
-                             ('test', n_test, 2000000)):
+    for split, n, offset in (('trainval', n_train, 1000000), ('test', n_test,
+                                                              2000000)):
         lines = []
         for i in range(n):
             label = (i * 7) % len(classes)  # names with spaces too
             lines.append(f'{offset + i} {classes[label]}')
-            _jpeg(osp.join(root, 'data', 'images', f'{offset + i}.jpg'),
-                  label)
+            _jpeg(osp.join(root, 'data', 'images', f'{offset + i}.jpg'), label)
         path = osp.join(root, 'data', f'images_variant_{split}.txt')
         with open(path, 'w') as f:
             f.write('\n'.join(lines) + '\n')
@@ -92,7 +91,7 @@ def _pets(root, n_train, n_test):
     classes = OxfordIIITPet.METAINFO['classes']
     os.makedirs(osp.join(root, 'annotations'))
     for split, n, offset in (('trainval', n_train, 100), ('test', n_test,
-                                                           200)):
+                                                          200)):
         lines = []
         for i in range(n):
             label = i % 4
@@ -108,14 +107,14 @@ def _food(root, n_train, n_test):
     from mmpretrain.datasets import Food101
     classes = Food101.METAINFO['classes']
     os.makedirs(osp.join(root, 'meta'))
-    for split, n, offset in (('train', n_train, 1000), ('test', n_test,
-                                                        2000)):
+    for split, n, offset in (('train', n_train, 1000), ('test', n_test, 2000)):
         lines = []
         for i in range(n):
             label = i % 3
             lines.append(f'{classes[label]}/{offset + i}')
-            _jpeg(osp.join(root, 'images', classes[label],
-                           f'{offset + i}.jpg'), label)
+            _jpeg(
+                osp.join(root, 'images', classes[label], f'{offset + i}.jpg'),
+                label)
         with open(osp.join(root, 'meta', f'{split}.txt'), 'w') as f:
             f.write('\n'.join(lines) + '\n')
 
@@ -141,7 +140,8 @@ def _configs(tmp_path, repo_root, name, data_root):
 
     from gmpq_mm.registry import MODELS
     teacher = tmp_path / 'teacher.py'
-    teacher.write_text(textwrap.dedent(f'''
+    teacher.write_text(
+        textwrap.dedent(f'''
         _base_ = ['{repo_root}/configs/gmpq/pretrain_r18_{name}.py']
         model = dict(backbone=dict(stem_channels=8, base_channels=8,
                                    init_cfg=None),
@@ -155,7 +155,8 @@ def _configs(tmp_path, repo_root, name, data_root):
     loader = ("dict(batch_size=2, num_workers=0, persistent_workers=False, "
               f"dataset=dict(data_root='{data_root}'))")
     cfg = tmp_path / f'search_{name}.py'
-    cfg.write_text(textwrap.dedent(f'''
+    cfg.write_text(
+        textwrap.dedent(f'''
         _base_ = ['{repo_root}/configs/gmpq/search_r18_{name}.py']
         model = dict(
             backbone=dict(backbone=dict(stem_channels=8, base_channels=8)),
@@ -198,7 +199,8 @@ def test_missing_annotation_named_before_start(name, tmp_path, repo_root,
     cfg = _configs(tmp_path, repo_root, name, root)
     work = tmp_path / 'work'
     result = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                      check=False, timeout=300)
+                      check=False,
+                      timeout=300)
     assert result.returncode != 0
     assert str(root / needed) in result.output, result.tail()
     assert 'Traceback' not in result.output  # a clean message, not a crash
@@ -214,8 +216,8 @@ def test_loaded_samples_match_the_files(tmp_path):
     expect = {
         'cars': (StanfordCars, 'train', [0, 1, 2, 0, 1, 2, 0, 1]),
         'flowers102': (Flowers102, 'trainval', [0, 1, 2, 0, 1, 2, 0, 1]),
-        'aircraft': (FGVCAircraft, 'trainval',
-                     [(i * 7) % 100 for i in range(8)]),
+        'aircraft':
+        (FGVCAircraft, 'trainval', [(i * 7) % 100 for i in range(8)]),
         'pets': (OxfordIIITPet, 'trainval', [0, 1, 2, 3, 0, 1, 2, 3]),
         'food101': (Food101, 'train', [0, 1, 2, 0, 1, 2, 0, 1]),
     }
@@ -223,7 +225,9 @@ def test_loaded_samples_match_the_files(tmp_path):
         root = tmp_path / name
         SETS[name][0](str(root), N_TRAIN, N_TEST)
         dataset = cls(data_root=str(root), split=split)
-        assert [dataset.get_data_info(i)['gt_label']
-                for i in range(len(dataset))] == labels, name
-        assert all(osp.isfile(dataset.get_data_info(i)['img_path'])
-                   for i in range(len(dataset))), name
+        assert [
+            dataset.get_data_info(i)['gt_label'] for i in range(len(dataset))
+        ] == labels, name
+        assert all(
+            osp.isfile(dataset.get_data_info(i)['img_path'])
+            for i in range(len(dataset))), name

@@ -4,8 +4,8 @@ import json
 import shutil
 
 import pytest
-from conftest import write_search_configs  # one conftest.py
 import torch
+from conftest import write_search_configs  # one conftest.py
 
 # Network order: block 0 of stages 2-4 ends with its 1x1 downsample conv.
 R18_LAYERS = []
@@ -13,6 +13,8 @@ for s in range(1, 5):
     R18_LAYERS += [f'layer{s}.0.conv1', f'layer{s}.0.conv2']
     R18_LAYERS += [f'layer{s}.0.downsample.0'] if s > 1 else []
     R18_LAYERS += [f'layer{s}.1.conv1', f'layer{s}.1.conv2']
+
+CUSTOM_IMPORTS = "dict(imports=['gmpq_mm.register_all', 'alpha_dump_hook'])"
 
 ALPHA_DUMP_HOOK = '''
 import os.path as osp
@@ -135,7 +137,7 @@ def test_two_gloo_processes_keep_alphas_identical(tmp_path, repo_root,
         repo_root,
         cifar10_root,
         teacher_ckpt,
-        custom_imports="dict(imports=['gmpq_mm.register_all', 'alpha_dump_hook'])",
+        custom_imports=CUSTOM_IMPORTS,
         custom_hooks="[dict(type='PolicyExportHook'), "
         "dict(type='DumpAlphasHook')]")
     work = tmp_path / 'work'
@@ -230,8 +232,8 @@ def test_arch_warmup_freezes_alphas_first(tmp_path, repo_root, cifar10_root,
     ])
     first, second = alphas(work / 'epoch_1.pth'), alphas(work / 'epoch_2.pth')
     # warm-up epoch: every alpha still at its init 0.01 ...
-    assert all(torch.equal(v, torch.full_like(v, 0.01))
-               for v in first.values())
+    assert all(
+        torch.equal(v, torch.full_like(v, 0.01)) for v in first.values())
     # ... then they move
     assert any((v - 0.01).abs().max() > 0 for v in second.values())
 
@@ -244,7 +246,8 @@ def test_arch_warmup_must_leave_search_epochs(tmp_path, repo_root,
         'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
         '--cfg-options', 'train_cfg.max_epochs=2',
         'train_cfg.arch_warmup_epochs=2'
-    ], check=False)
+    ],
+                      check=False)
     assert result.returncode != 0
     assert 'arch_warmup_epochs must be an integer in [0, max_epochs=2)' in \
         result.output

@@ -25,7 +25,8 @@ def test_search_r18_cars_runs_at_224(tmp_path, repo_root, imagenet_root,
     # The cars config, reading an ImageNet-format folder in place of
     # StanfordCars (same pipelines: RandomResizedCrop 224 + flip).
     cfg = tmp_path / 'search_cars.py'
-    cfg.write_text(textwrap.dedent(f'''
+    cfg.write_text(
+        textwrap.dedent(f'''
         _base_ = ['{repo_root}/configs/gmpq/search_r18_cars.py']
         train_dataloader = dict(
             batch_size=2, num_workers=0, persistent_workers=False,

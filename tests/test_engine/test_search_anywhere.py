@@ -47,16 +47,17 @@ def test_search_config_runs_from_another_folder(tmp_path_factory, repo_root,
         options[f'{phase}_dataloader.dataset.data_root'] = cifar10_root
     work = elsewhere / 'work'
     result = run_tool(
-        [str(repo_root / 'tools/train.py'),
-         str(repo_root / CONFIG), '--work-dir', 'work', '--cfg-options'] +
-        [f'{k}={v}' for k, v in options.items()],
+        [
+            str(repo_root / 'tools/train.py'),
+            str(repo_root / CONFIG), '--work-dir', 'work', '--cfg-options'
+        ] + [f'{k}={v}' for k, v in options.items()],
         cwd=elsewhere)
 
     dumped = Config.fromfile(str(work / 'search_r18_cifar10.py'))
     teacher_path = dumped.model.teacher
     assert teacher_path.endswith('pretrain_r18_cifar10.py')
-    assert (repo_root / 'configs/gmpq/pretrain_r18_cifar10.py').samefile(
-        teacher_path)
+    assert (repo_root /
+            'configs/gmpq/pretrain_r18_cifar10.py').samefile(teacher_path)
     policy = json.loads((work / 'policy.json').read_text())
     assert policy['format'] == 'gmpq-policy'
     assert len(policy['layers']) == 19, result.tail(20)

@@ -22,12 +22,12 @@ R18_CIFAR = dict(type='ResNet_CIFAR', depth=18)
 R18_IMAGENET = dict(type='ResNet', depth=18)
 
 # The 19 searched convs of ResNet-18 (CIFAR and ImageNet stems alike).
-R18_LAYERS = (['layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1',
-               'layer1.1.conv2'] + [
-                   f'layer{s}.{name}' for s in (2, 3, 4)
-                   for name in ('0.conv1', '0.conv2', '0.downsample.0',
-                                '1.conv1', '1.conv2')
-               ])
+R18_LAYERS = ([
+    'layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1', 'layer1.1.conv2'
+] + [
+    f'layer{s}.{name}' for s in (2, 3, 4)
+    for name in ('0.conv1', '0.conv2', '0.downsample.0', '1.conv1', '1.conv2')
+])
 # Parameters / buffers the wrappers add to each quantized conv.
 MIXED_KEYS = ('alpha_w', 'alpha_a', 'act_ranges')
 QUANT_KEYS = ('act_range', 'w_threshold')
@@ -64,8 +64,11 @@ def w4a4_policy_file(tmp_path, names=R18_LAYERS, name='w4a4.json'):
 # ---------------------------------------------------------------------------
 def test_resnet18_cifar_supernet_layers():
     model = build(
-        dict(type='MixedPrecisionBackbone', backbone=R18_CIFAR,
-             w_bits=[2, 3, 4, 6], a_bits=[2, 3, 4, 6]))
+        dict(
+            type='MixedPrecisionBackbone',
+            backbone=R18_CIFAR,
+            w_bits=[2, 3, 4, 6],
+            a_bits=[2, 3, 4, 6]))
     assert type(model).__name__ == 'ResNet_CIFAR'  # a builder, not a wrapper
     assert mixed_names(model) == R18_LAYERS
     # Stem stays FP; every searched layer knows its name and candidates.
@@ -82,9 +85,12 @@ def test_resnet18_cifar_supernet_layers():
 
 def test_resnet50_supernet_has_52_layers():
     model = build(
-        dict(type='MixedPrecisionBackbone', backbone=dict(
-            type='ResNet', depth=50), w_bits=[2, 4], a_bits=[2, 4],
-             signed=False))
+        dict(
+            type='MixedPrecisionBackbone',
+            backbone=dict(type='ResNet', depth=50),
+            w_bits=[2, 4],
+            a_bits=[2, 4],
+            signed=False))
     names = mixed_names(model)
     assert len(names) == 52
     assert sum(n.endswith('downsample.0') for n in names) == 4
@@ -94,29 +100,35 @@ def test_resnet50_supernet_has_52_layers():
 
 @pytest.mark.parametrize('wrapper', ['MixedPrecisionBackbone', 'Quantized'])
 def test_resnet18_imagenet_stem_same_layers(wrapper):
-    cfg = dict(type='MixedPrecisionBackbone', backbone=R18_IMAGENET,
-               signed=False)
+    cfg = dict(
+        type='MixedPrecisionBackbone', backbone=R18_IMAGENET, signed=False)
     if wrapper == 'Quantized':
-        cfg = dict(type='QuantizedBackbone', backbone=R18_IMAGENET,
-                   w_bits=4, a_bits=3, signed=False)
+        cfg = dict(
+            type='QuantizedBackbone',
+            backbone=R18_IMAGENET,
+            w_bits=4,
+            a_bits=3,
+            signed=False)
     model = build(cfg)
     assert type(model).__name__ == 'ResNet'
-    names = (mixed_names(model)
-             if wrapper != 'Quantized' else quant_names(model))
+    names = (
+        mixed_names(model) if wrapper != 'Quantized' else quant_names(model))
     assert names == R18_LAYERS
-    assert type(model.conv1) is nn.Conv2d and model.conv1.kernel_size == (7,
-                                                                          7)
+    assert type(model.conv1) is nn.Conv2d and model.conv1.kernel_size == (7, 7)
     if wrapper == 'Quantized':
-        assert all(
-            model.get_submodule(n).bits == (4, 3) for n in R18_LAYERS)
+        assert all(model.get_submodule(n).bits == (4, 3) for n in R18_LAYERS)
     out = forward(model, (1, 3, 32, 32))
     assert out[-1].shape == (1, 512, 1, 1)
 
 
 def test_mobilenetv2_signed_auto():
     model = build(
-        dict(type='MixedPrecisionBackbone', backbone=dict(type='MobileNetV2'),
-             w_bits=[2, 4], a_bits=[2, 4], signed='auto'))
+        dict(
+            type='MixedPrecisionBackbone',
+            backbone=dict(type='MobileNetV2'),
+            w_bits=[2, 4],
+            a_bits=[2, 4],
+            signed='auto'))
     layers = {n: m for n, m in model.named_modules() if is_mixed_layer(m)}
     assert 'conv1.conv' not in layers and len(layers) == 51
     signed = {n for n, m in layers.items() if m.signed}
@@ -125,9 +137,8 @@ def test_mobilenetv2_signed_auto():
     # final 1x1 conv; every depthwise / projection conv follows a ReLU6.
     expected = {
         n
-        for n in layers
-        if re.fullmatch(r'layer\d+\.\d+\.conv\.0\.conv', n) and n.replace(
-            'conv.0.conv', 'conv.2.conv') in layers
+        for n in layers if re.fullmatch(r'layer\d+\.\d+\.conv\.0\.conv', n)
+        and n.replace('conv.0.conv', 'conv.2.conv') in layers
     } | {'conv2.conv'}
     assert len(expected) == 17
     assert signed == expected
@@ -142,8 +153,12 @@ def test_mobilenetv2_signed_auto():
 @pytest.mark.parametrize('cfg, keys', [
     (dict(type='MixedPrecisionBackbone', backbone=R18_CIFAR,
           signed=False), MIXED_KEYS),
-    (dict(type='QuantizedBackbone', backbone=R18_CIFAR, w_bits=4, a_bits=4,
-          signed=False), QUANT_KEYS),
+    (dict(
+        type='QuantizedBackbone',
+        backbone=R18_CIFAR,
+        w_bits=4,
+        a_bits=4,
+        signed=False), QUANT_KEYS),
 ])
 def test_fp_checkpoint_loads(tmp_path, cfg, keys):
     torch.manual_seed(0)
@@ -155,8 +170,7 @@ def test_fp_checkpoint_loads(tmp_path, cfg, keys):
     result = model.load_state_dict(
         torch.load(ckpt, weights_only=True), strict=False)
     assert result.unexpected_keys == []
-    assert sorted(result.missing_keys) == sorted(f'{n}.{k}'
-                                                 for n in R18_LAYERS
+    assert sorted(result.missing_keys) == sorted(f'{n}.{k}' for n in R18_LAYERS
                                                  for k in keys)
     state = model.state_dict()
     for key, value in fp.state_dict().items():
@@ -168,8 +182,12 @@ def test_fp_checkpoint_loads(tmp_path, cfg, keys):
 # ---------------------------------------------------------------------------
 def test_cifar_policy_applies_to_imagenet_stem(tmp_path):
     supernet = build(
-        dict(type='MixedPrecisionBackbone', backbone=R18_CIFAR,
-             w_bits=[2, 3, 4, 6], a_bits=[2, 3, 4, 6], signed=False))
+        dict(
+            type='MixedPrecisionBackbone',
+            backbone=R18_CIFAR,
+            w_bits=[2, 3, 4, 6],
+            a_bits=[2, 3, 4, 6],
+            signed=False))
     # A varied argmax choice per layer.
     with torch.no_grad():
         for i, name in enumerate(R18_LAYERS):
@@ -183,8 +201,11 @@ def test_cifar_policy_applies_to_imagenet_stem(tmp_path):
     assert len({(v['w_bits'], v['a_bits']) for v in layers.values()}) > 4
 
     model = build(
-        dict(type='QuantizedBackbone', backbone=R18_IMAGENET,
-             policy=str(path), signed=False))
+        dict(
+            type='QuantizedBackbone',
+            backbone=R18_IMAGENET,
+            policy=str(path),
+            signed=False))
     assert quant_names(model) == R18_LAYERS
     for name, bits in layers.items():
         layer = model.get_submodule(name)
@@ -192,11 +213,18 @@ def test_cifar_policy_applies_to_imagenet_stem(tmp_path):
         assert layer.bits == (bits['w_bits'], bits['a_bits']), name
     # A dict policy works the same.
     model = build(
-        dict(type='QuantizedBackbone', backbone=R18_IMAGENET,
-             policy=json.loads(path.read_text()), signed=False))
-    assert {n: model.get_submodule(n).bits
-            for n in R18_LAYERS} == {n: (b['w_bits'], b['a_bits'])
-                                     for n, b in layers.items()}
+        dict(
+            type='QuantizedBackbone',
+            backbone=R18_IMAGENET,
+            policy=json.loads(path.read_text()),
+            signed=False))
+    assert {
+        n: model.get_submodule(n).bits
+        for n in R18_LAYERS
+    } == {
+        n: (b['w_bits'], b['a_bits'])
+        for n, b in layers.items()
+    }
     out = forward(model, (1, 3, 32, 32))
     assert out[-1].shape == (1, 512, 1, 1)
 
@@ -258,5 +286,9 @@ def test_policy_xor_uniform_bits(tmp_path, kwargs):
 
 def test_uniform_bits_checked():
     with pytest.raises(ValueError, match='9'):
-        build(dict(type='QuantizedBackbone', backbone=R18_CIFAR, w_bits=9,
-                   a_bits=4))
+        build(
+            dict(
+                type='QuantizedBackbone',
+                backbone=R18_CIFAR,
+                w_bits=9,
+                a_bits=4))

@@ -14,12 +14,11 @@ import gmpq_mm.quantization as quantization
 import gmpq_mm.utils.cli
 import gmpq_mm.utils.model
 
-ENTRY_POINTS = (
-    'select_layers', 'to_mixed_precision', 'to_quantized',
-    'policy_from_model', 'Policy', 'make_policy', 'load_policy',
-    'validate_policy', 'count_macs', 'bitops', 'complexity_report',
-    'best_policy_under_budget', 'calibrate_model', 'save_artifact',
-    'eval_mode')
+ENTRY_POINTS = ('select_layers', 'to_mixed_precision', 'to_quantized',
+                'policy_from_model', 'Policy', 'make_policy', 'load_policy',
+                'validate_policy', 'count_macs', 'bitops', 'complexity_report',
+                'best_policy_under_budget', 'calibrate_model', 'save_artifact',
+                'eval_mode')
 MODULES = [quantization] + [
     importlib.import_module(f'gmpq_mm.quantization.{info.name}')
     for info in pkgutil.iter_modules(quantization.__path__)
@@ -42,6 +41,8 @@ def test_entry_point_has_an_example(name):
 @pytest.mark.parametrize('module', MODULES, ids=lambda m: m.__name__)
 def test_examples_pass(module):
     result = doctest.testmod(
-        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-        verbose=False, report=True)
+        module,
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+        verbose=False,
+        report=True)
     assert result.failed == 0, f'{result.failed} example(s) failed'

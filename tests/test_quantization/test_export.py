@@ -29,11 +29,10 @@ def test_pack_layout_by_hand():
     # 4 bits: two codes per byte, the first in the low nibble.
     assert pack_bits(torch.tensor([1, 2, 3, 4]), 4).tolist() == [0x21, 0x43]
     # 2 bits: four per byte.
-    assert pack_bits(torch.tensor([1, 2, 3, 0, 3]), 2).tolist() == [
-        0b00111001, 0b11]
+    assert pack_bits(torch.tensor([1, 2, 3, 0, 3]),
+                     2).tolist() == [0b00111001, 0b11]
     # 3 bits: a stream, LSB first: 5=101, 6=011 (LSB first), 1=100 ...
-    assert pack_bits(torch.tensor([5, 6, 1]), 3).tolist() == [
-        0b01110101, 0b0]
+    assert pack_bits(torch.tensor([5, 6, 1]), 3).tolist() == [0b01110101, 0b0]
     with pytest.raises(ValueError, match=r'\[0, 15\]'):
         pack_bits(torch.tensor([16]), 4)
     with pytest.raises(ValueError, match='cannot hold'):
@@ -65,8 +64,13 @@ def _quantized_net():
     torch.manual_seed(0)
     net = _Net()
     net.bn.running_mean.uniform_(-0.1, 0.1)
-    policy = {'a': (2, 3), 'b': (3, 4), 'c': (5, 2), 'd': (32, 4),
-              'fc': (8, 32)}
+    policy = {
+        'a': (2, 3),
+        'b': (3, 4),
+        'c': (5, 2),
+        'd': (32, 4),
+        'fc': (8, 32)
+    }
     to_quantized(net, policy, signed={'c': True})
     # Some calibrated thresholds (clipping), one per-channel, some max|W|.
     net.a.calibrate_weight(float(net.a.weight.detach().abs().max()) * 0.6)
@@ -84,19 +88,35 @@ def test_export_reload_reproduces_logits(tmp_path):
     with torch.no_grad():
         ref = net(x)
     path = tmp_path / 'net.safetensors'
-    info = save_artifact(path, net, config={'arch': '_Net'},
-                         policy={'note': 'by hand'}, extra={'k': 1})
+    info = save_artifact(
+        path,
+        net,
+        config={'arch': '_Net'},
+        policy={'note': 'by hand'},
+        extra={'k': 1})
     assert info['packed_layers'] == 4 and info['bytes'] == path.stat().st_size
     state, meta = load_artifact(path)
     assert meta['config'] == {'arch': '_Net'}
     assert meta['policy'] == {'note': 'by hand'} and meta['extra'] == {'k': 1}
     assert meta['layers']['c'] == dict(
-        w_bits=5, a_bits=2, signed=True, per_channel=False, kind='conv',
-        shape=[5, 6, 1, 1], act_levels=1, levels=15)
+        w_bits=5,
+        a_bits=2,
+        signed=True,
+        per_channel=False,
+        kind='conv',
+        shape=[5, 6, 1, 1],
+        act_levels=1,
+        levels=15)
     rebuilt = _Net()
-    to_quantized(rebuilt, {n: tuple(v[k] for k in ('w_bits', 'a_bits'))
-                           for n, v in meta['layers'].items()},
-                 signed={n: v['signed'] for n, v in meta['layers'].items()})
+    to_quantized(
+        rebuilt, {
+            n: tuple(v[k] for k in ('w_bits', 'a_bits'))
+            for n, v in meta['layers'].items()
+        },
+        signed={
+            n: v['signed']
+            for n, v in meta['layers'].items()
+        })
     rebuilt.load_state_dict(state, strict=True)
     with torch.no_grad():
         out = rebuilt.eval()(x)
@@ -132,15 +152,27 @@ def test_artifact_size_matches_model_size_resnet18(tmp_path):
     names = select_layers(MODELS.build(backbone))
     cycle = [(4, 4), (3, 4), (2, 3), (6, 4), (4, 6)]
     policy = {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
-    model = MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='QuantizedBackbone', backbone=backbone,
-                      policy={'format': 'gmpq-policy', 'version': 1,
-                              'layers': {n: {'w_bits': w, 'a_bits': a}
-                                         for n, (w, a) in policy.items()}},
-                      signed=False),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=1000, in_channels=512)))
+    model = MODELS.build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(
+                type='QuantizedBackbone',
+                backbone=backbone,
+                policy={
+                    'format': 'gmpq-policy',
+                    'version': 1,
+                    'layers': {
+                        n: {
+                            'w_bits': w,
+                            'a_bits': a
+                        }
+                        for n, (w, a) in policy.items()
+                    }
+                },
+                signed=False),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=1000,
+                      in_channels=512)))
     report = model_complexity(model, input_shape=(3, 32, 32), strict=True)
     info = save_artifact(tmp_path / 'r18.safetensors', model.eval())
     ratio = info['bytes'] / 1e6 / report['size_mb']
@@ -158,8 +190,8 @@ def test_truncated_artifact_is_rejected(artifact):
     data = artifact.read_bytes()
     for cut in (5, 100, len(data) - 10):
         artifact.write_bytes(data[:cut])
-        with pytest.raises(ArtifactError,
-                           match=r'art\.safetensors.*truncated'):
+        with pytest.raises(
+                ArtifactError, match=r'art\.safetensors.*truncated'):
             load_artifact(artifact)
     artifact.write_bytes(data + b'\0')
     with pytest.raises(ArtifactError, match=r'art\.safetensors.*unexpected'):
@@ -170,9 +202,10 @@ def test_altered_tensor_is_rejected(artifact):
     data = bytearray(artifact.read_bytes())
     data[-3] ^= 0x10  # a byte of the last tensor
     artifact.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError,
-                       match=r'art\.safetensors: checksum mismatch for '
-                       r'tensor'):
+    with pytest.raises(
+            ArtifactError,
+            match=r'art\.safetensors: checksum mismatch for '
+            r'tensor'):
         load_artifact(artifact)
 
 
@@ -182,8 +215,8 @@ def test_altered_metadata_is_rejected(artifact):
     old = b'{\\"a\\": {\\"w_bits\\": 2'  # layers JSON inside the header
     assert data[8:8 + n].count(old) == 1
     artifact.write_bytes(data.replace(old, old[:-1] + b'3'))
-    with pytest.raises(ArtifactError,
-                       match=r'art\.safetensors: metadata checksum'):
+    with pytest.raises(
+            ArtifactError, match=r'art\.safetensors: metadata checksum'):
         load_artifact(artifact)
 
 

@@ -5,23 +5,20 @@ import pytest
 import torch
 from torch import nn
 
+from gmpq_mm.compat import export_onnx
 from gmpq_mm.quantization.convert import to_mixed_precision, to_quantized
 from gmpq_mm.quantization.layers import is_quantized_layer
+from gmpq_mm.quantization.onnx_qdq import (ONNX_OPSET, check_qdq_model,
+                                           finalize_qdq_model, qdq_layer_info,
+                                           qdq_module, run_onnxruntime)
 
 onnx = pytest.importorskip(
     'onnx', reason='ONNX export needs the [deploy] extra: pip install onnx')
 ort = pytest.importorskip(
     'onnxruntime',
     reason='the ONNX check needs the [deploy] extra: pip install onnxruntime')
-
-from onnx import helper, numpy_helper  # noqa: E402
-
-from gmpq_mm.compat import export_onnx  # noqa: E402
-from gmpq_mm.quantization.onnx_qdq import (ONNX_OPSET,  # noqa: E402
-                                           check_qdq_model,
-                                           finalize_qdq_model,
-                                           qdq_layer_info, qdq_module,
-                                           run_onnxruntime)
+helper = onnx.helper
+numpy_helper = onnx.numpy_helper
 
 
 def _export(net, shape, path):
@@ -34,7 +31,14 @@ def _export(net, shape, path):
         opset_version=ONNX_OPSET,
         input_names=['input'],
         output_names=['out'],
-        dynamic_axes={'input': {0: 'batch'}, 'out': {0: 'batch'}})
+        dynamic_axes={
+            'input': {
+                0: 'batch'
+            },
+            'out': {
+                0: 'batch'
+            }
+        })
     proto = finalize_qdq_model(onnx.load(str(path)), layers)
     onnx.save(proto, str(path))
     return proto, layers
@@ -47,8 +51,7 @@ def _consts(proto):
     }
     for node in proto.graph.node:
         if node.op_type == 'Constant':
-            values[node.output[0]] = numpy_helper.to_array(
-                node.attribute[0].t)
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return values
 
 
@@ -69,8 +72,8 @@ def test_grid_by_hand(tmp_path, signed):
         net.conv.weight.copy_(torch.tensor([0.3, -0.9]).view(2, 1, 1, 1))
     # w: 3 bits, n = 3, T = max|W| = 0.9, scale 0.3: codes 1 and -3.
     # a: 2 bits unsigned (n = 3) or 3 bits signed (n = 3), r = 1.5: s = 0.5.
-    to_quantized(net, {'conv': (3, 3 if signed else 2)},
-                 signed={'conv': signed})
+    to_quantized(
+        net, {'conv': (3, 3 if signed else 2)}, signed={'conv': signed})
     net.conv.calibrate_activation(1.5)
     net.eval()
     proto, layers = _export(net, (1, 1, 6), tmp_path / 'one.onnx')
@@ -88,8 +91,10 @@ def test_grid_by_hand(tmp_path, signed):
     assert float(consts[clip.input[2]]) == 1.5
     assert float(consts[q.input[1]]) == 0.5
     assert consts[q.input[2]].dtype == np.int8 and consts[q.input[2]] == 0
-    dq_w = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
-            and n.input[0] == 'conv.weight_quantized'][0]
+    dq_w = [
+        n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
+        and n.input[0] == 'conv.weight_quantized'
+    ][0]
     assert np.isclose(float(consts[dq_w.input[1]]), 0.3, rtol=1e-7)
 
     x = np.array([-1.0, 0.2, 0.26, 0.74, 0.76, 2.0], np.float32)
@@ -132,8 +137,15 @@ class _Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-POLICY = {'a': (2, 3), 'b': (3, 4), 'c': (6, 2), 'd': (32, 8),
-          'g': (4, 8), 'e': (4, 32), 'fc': (8, 6)}
+POLICY = {
+    'a': (2, 3),
+    'b': (3, 4),
+    'c': (6, 2),
+    'd': (32, 8),
+    'g': (4, 8),
+    'e': (4, 32),
+    'fc': (8, 6)
+}
 
 
 def _quantized_net():
@@ -146,8 +158,8 @@ def _quantized_net():
     # calibrated thresholds: one clipping per tensor, one per channel, one
     # per-channel max|W| layer; the others max|W| of the tensor
     net.a.calibrate_weight(float(net.a.weight.detach().abs().max()) * 0.6)
-    net.b.calibrate_weight(
-        net.b.weight.detach().flatten(1).abs().amax(1) * 0.8)
+    net.b.calibrate_weight(net.b.weight.detach().flatten(1).abs().amax(1) *
+                           0.8)
     net.e.per_channel = True
     for name, m in net.named_modules():
         if is_quantized_layer(m):
@@ -178,8 +190,10 @@ def test_mixed_network_matches_pytorch(tmp_path):
     init = {t.name for t in proto.graph.initializer}
     assert 'd.weight' in init and 'a.weight' not in init  # d is FP
     # 8-bit unsigned activations need the uint8 container, the rest int8
-    q_zero = [_consts(proto)[n.input[2]].dtype for n in proto.graph.node
-              if n.op_type == 'QuantizeLinear']
+    q_zero = [
+        _consts(proto)[n.input[2]].dtype for n in proto.graph.node
+        if n.op_type == 'QuantizeLinear'
+    ]
     assert sorted(str(d) for d in q_zero) == ['int8'] * 4 + ['uint8']
 
     gen = torch.Generator().manual_seed(1)
@@ -211,8 +225,8 @@ def test_check_refuses_custom_domains_and_wide_grids(tmp_path):
             codes.reshape(-1)[0] = 2
             wide.graph.initializer[i].CopyFrom(
                 numpy_helper.from_array(codes, t.name))
-    with pytest.raises(RuntimeError,
-                       match=r'a: weight code 2 outside the \[-1, 1\]'):
+    with pytest.raises(
+            RuntimeError, match=r'a: weight code 2 outside the \[-1, 1\]'):
         check_qdq_model(wide, layers)
     # an activation range that is not the layer's
     moved = onnx.ModelProto()

@@ -208,9 +208,21 @@ def test_policy_names_apply_across_resnets():
 def test_policy_layer_stats_and_probabilities_checked():
     layers = {'a': (4, 4), 'b': (2, 3)}
     policy = make_policy(
-        layers, w_candidates=[2, 4], a_candidates=[3, 4],
-        layer_macs={'a': 10, 'b': 20}, layer_params={'a': 5, 'b': 6},
-        probabilities={'a': {'w': [0.25, 0.75], 'a': [0.5, 0.5]}})
+        layers,
+        w_candidates=[2, 4],
+        a_candidates=[3, 4],
+        layer_macs={
+            'a': 10,
+            'b': 20
+        },
+        layer_params={
+            'a': 5,
+            'b': 6
+        },
+        probabilities={'a': {
+            'w': [0.25, 0.75],
+            'a': [0.5, 0.5]
+        }})
     assert policy['layer_macs'] == {'a': 10, 'b': 20}
     assert policy['probabilities']['a']['w'] == [0.25, 0.75]
     with pytest.raises(ValueError, match=r'layer_macs.*missing \[\'b\'\]'):
@@ -218,8 +230,14 @@ def test_policy_layer_stats_and_probabilities_checked():
     with pytest.raises(ValueError, match=r'layer_params\[a\]'):
         make_policy(layers, layer_params={'a': -1, 'b': 2})
     with pytest.raises(ValueError, match=r"probabilities\[a\]\['w'\]"):
-        make_policy(layers, w_candidates=[2, 4], a_candidates=[3, 4],
-                    probabilities={'a': {'w': [1.0], 'a': [0.5, 0.5]}})
+        make_policy(
+            layers,
+            w_candidates=[2, 4],
+            a_candidates=[3, 4],
+            probabilities={'a': {
+                'w': [1.0],
+                'a': [0.5, 0.5]
+            }})
     with pytest.raises(ValueError, match='not in "layers"'):
         make_policy(layers, probabilities={'c': {'w': [1.0], 'a': [1.0]}})
 

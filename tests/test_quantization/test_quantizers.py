@@ -4,10 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from gmpq_mm.quantization.quantizers import (
-    FP_BITS, SUPPORTED_BITS, ActivationQuantizer, WeightQuantizer, check_bits,
-    check_candidates, get_kernel_backend, mixed_activation, mixed_weight,
-    quantize_activation, quantize_weight, set_kernel_backend)
+# yapf: disable
+from gmpq_mm.quantization.quantizers import (FP_BITS, SUPPORTED_BITS,
+                                             ActivationQuantizer,
+                                             WeightQuantizer, check_bits,
+                                             check_candidates,
+                                             get_kernel_backend,
+                                             mixed_activation, mixed_weight,
+                                             quantize_activation,
+                                             quantize_weight,
+                                             set_kernel_backend)
+
+# yapf: enable
 
 
 def t(values):

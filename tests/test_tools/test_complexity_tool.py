@@ -43,12 +43,12 @@ def conv(cin, cout, k, hw):
     return cin * cout * k * k * hw * hw, cin * cout * k * k
 
 
-R18_LAYERS = (['layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1',
-               'layer1.1.conv2'] + [
-                   f'layer{s}.{name}' for s in (2, 3, 4)
-                   for name in ('0.conv1', '0.conv2', '0.downsample.0',
-                                '1.conv1', '1.conv2')
-               ])
+R18_LAYERS = ([
+    'layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1', 'layer1.1.conv2'
+] + [
+    f'layer{s}.{name}' for s in (2, 3, 4)
+    for name in ('0.conv1', '0.conv2', '0.downsample.0', '1.conv1', '1.conv2')
+])
 
 
 def r18_cifar_searched(width=64, hw=32):
@@ -98,9 +98,8 @@ def _policy(path, names, bits=(4, 4)):
 
 def _r50_layer_names():
     names = [
-        f'layer{s + 1}.{b}.conv{c}'
-        for s, n in enumerate((3, 4, 6, 3)) for b in range(n)
-        for c in (1, 2, 3)
+        f'layer{s + 1}.{b}.conv{c}' for s, n in enumerate((3, 4, 6, 3))
+        for b in range(n) for c in (1, 2, 3)
     ]
     return names + [f'layer{s}.0.downsample.0' for s in (1, 2, 3, 4)]
 
@@ -119,22 +118,24 @@ def tool_runs(tmp_path_factory):
     }
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
     procs = {
-        key: subprocess.Popen([sys.executable, str(TOOL)] + argv,
-                              cwd=ROOT,
-                              env=env,
-                              stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              text=True)
+        key:
+        subprocess.Popen(
+            [sys.executable, str(TOOL)] + argv,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True)
         for key, (argv, _) in jobs.items()
     }
     runs = {}
     for key, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         out_file = jobs[key][1]
-        data = (json.loads(out_file.read_text())
-                if out_file is not None and out_file.exists() else None)
-        runs[key] = dict(rc=proc.returncode, stdout=out, stderr=err,
-                         json=data)
+        data = (
+            json.loads(out_file.read_text())
+            if out_file is not None and out_file.exists() else None)
+        runs[key] = dict(rc=proc.returncode, stdout=out, stderr=err, json=data)
     return runs
 
 
@@ -155,9 +156,8 @@ def test_tool_r18_fp(tool_runs):
     assert res['compression'] == 1.0 and res['compression_quantized'] is None
     assert res['size_mb'] == res['fp_size_mb']
     layers = {row['name']: row for row in res['layers']}
-    assert [f'backbone.{n}' for n in R18_LAYERS] == [
-        n for n in layers if n.startswith('backbone.layer')
-    ]
+    assert [f'backbone.{n}' for n in R18_LAYERS
+            ] == [n for n in layers if n.startswith('backbone.layer')]
     assert layers['head.fc']['macs'] == 5120
     assert all(row['w_bits'] == 32 for row in res['layers'])
     # The independent cross-check: mmengine's FlopAnalyzer agrees.
@@ -176,8 +176,8 @@ def test_tool_r18_w4a4_policy(tool_runs):
     res = _ok(run)
     assert res['model'] == 'quantized' and res['num_quantized'] == 19
     q_rows = [row for row in res['layers'] if row['quantized']]
-    assert [row['name'] for row in q_rows
-            ] == [f'backbone.{n}' for n in R18_LAYERS]
+    assert [row['name']
+            for row in q_rows] == [f'backbone.{n}' for n in R18_LAYERS]
     assert all((r['w_bits'], r['a_bits']) == (4, 4) for r in q_rows)
     assert sum(r['bitops'] for r in q_rows) == 16 * 553_648_128
     assert res['bitops_quantized'] == pytest.approx(16 * 553_648_128 / 1e9)
@@ -192,8 +192,7 @@ def test_tool_r18_w4a4_policy(tool_runs):
     assert res['macs'] * 1e9 == pytest.approx(R18_TOTAL_MACS, abs=1)
     # The check ran on the FP twin (the tracer cannot read quantizers).
     assert res['check']['match']
-    assert 'policy:' in run['stdout'] and 'compression 64.00x' in run[
-        'stdout']
+    assert 'policy:' in run['stdout'] and 'compression 64.00x' in run['stdout']
 
 
 def test_tool_missing_config_exit_code(tool_runs):
@@ -247,8 +246,9 @@ def test_tool_r50_fp(tool, at_root, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res['input_shape'] == [3, 32, 32]
     assert res['macs'] * 1e9 == pytest.approx(R50_TOTAL_MACS, abs=1)
-    assert len([r for r in res['layers']
-                if r['name'].startswith('backbone.layer')]) == 52
+    assert len([
+        r for r in res['layers'] if r['name'].startswith('backbone.layer')
+    ]) == 52
     assert res['check'] is None  # --no-check
     assert '1.30G total' in capsys.readouterr().out
 
@@ -296,8 +296,8 @@ def test_tool_search_config_and_policy(tool, at_root, tmp_path, capsys):
     e_w = sum(model_cfg.backbone.w_bits) / len(model_cfg.backbone.w_bits)
     e_a = sum(model_cfg.backbone.a_bits) / len(model_cfg.backbone.a_bits)
     assert res['mean_w_bits'] == pytest.approx(e_w)
-    assert res['bitops_quantized'] * 1e9 == pytest.approx(
-        R18_SEARCHED_MACS * e_w * e_a)
+    assert res['bitops_quantized'] * 1e9 == pytest.approx(R18_SEARCHED_MACS *
+                                                          e_w * e_a)
     assert res['macs'] * 1e9 == pytest.approx(R18_TOTAL_MACS, abs=1)
     assert 'teacher' in capsys.readouterr().out
 
@@ -317,17 +317,23 @@ def test_tool_search_config_and_policy(tool, at_root, tmp_path, capsys):
     first = conv(64, 64, 3, 32)[0]
     assert res['bitops_quantized'] * 1e9 == pytest.approx(
         first * 64 + (R18_SEARCHED_MACS - first) * 12)
-    assert [r['name'] for r in res['layers'] if r['quantized']
-            ] == [f'backbone.{n}' for n in R18_LAYERS]
+    assert [r['name'] for r in res['layers']
+            if r['quantized']] == [f'backbone.{n}' for n in R18_LAYERS]
 
 
 def test_policy_cfg_rewrite(tool):
     inner = dict(type='ResNet_CIFAR', depth=18)
     for backbone in (inner,
-                     dict(type='MixedPrecisionBackbone', backbone=inner,
-                          include=['layer*'], w_bits=[2, 4]),
-                     dict(type='QuantizedBackbone', backbone=inner,
-                          w_bits=4, a_bits=4)):
+                     dict(
+                         type='MixedPrecisionBackbone',
+                         backbone=inner,
+                         include=['layer*'],
+                         w_bits=[2, 4]),
+                     dict(
+                         type='QuantizedBackbone',
+                         backbone=inner,
+                         w_bits=4,
+                         a_bits=4)):
         cfg = tool.model_cfg_with_policy(
             dict(type='ImageClassifier', backbone=backbone), 'p.json')
         assert cfg['backbone']['type'] == 'QuantizedBackbone'
@@ -337,12 +343,18 @@ def test_policy_cfg_rewrite(tool):
         assert cfg['backbone'].get('include') == backbone.get('include')
         assert tool.fp_model_cfg(dict(backbone=backbone))['backbone'] == inner
     slim, dropped = tool.countable_model_cfg(
-        dict(type='GMPQSearchClassifier', backbone=inner, neck=None,
-             head=dict(type='LinearClsHead'), teacher='t.py',
-             teacher_checkpoint='t.pth'))
+        dict(
+            type='GMPQSearchClassifier',
+            backbone=inner,
+            neck=None,
+            head=dict(type='LinearClsHead'),
+            teacher='t.py',
+            teacher_checkpoint='t.pth'))
     assert dropped == 'GMPQSearchClassifier'
-    assert slim == dict(type='ImageClassifier', backbone=inner,
-                        head=dict(type='LinearClsHead'))
+    assert slim == dict(
+        type='ImageClassifier',
+        backbone=inner,
+        head=dict(type='LinearClsHead'))
     cfg = dict(type='ImageClassifier', backbone=inner)
     assert tool.countable_model_cfg(cfg) == (cfg, None)
 
@@ -373,8 +385,8 @@ def test_model_complexity_fp_classifier_and_modes():
     # Slim CIFAR ResNet-18 (16..128 channels) at 28x28, by hand.
     searched = r18_cifar_searched(width=16, hw=28)[0]
     stem = conv(1, 16, 3, 28)[0]
-    assert res['macs'] * 1e9 == pytest.approx(searched + stem + 128 * 10,
-                                              abs=1)
+    assert res['macs'] * 1e9 == pytest.approx(
+        searched + stem + 128 * 10, abs=1)
     assert res['num_quantized'] == 0 and res['compression'] == 1.0
     assert {n: m.training for n, m in model.named_modules()} == modes
     after = model.state_dict()
@@ -388,8 +400,11 @@ def test_model_complexity_fp_classifier_and_modes():
 def test_model_complexity_quantized_classifier():
     cfg = Config.fromfile(flat(DEMO))
     cfg.model.backbone = dict(
-        type='QuantizedBackbone', backbone=cfg.model.backbone, w_bits=4,
-        a_bits=2, signed=False)
+        type='QuantizedBackbone',
+        backbone=cfg.model.backbone,
+        w_bits=4,
+        a_bits=2,
+        signed=False)
     model = MODELS.build(cfg.model)
     res = model_complexity(model, cfg, input_shape=(32, 32))
     assert res['input_shape'] == [1, 32, 32]
@@ -412,8 +427,7 @@ class _Classifier(nn.Module):
 
     def __init__(self, head=None):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1),
-                                      nn.ReLU())
+        self.backbone = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
         self.neck = nn.AdaptiveAvgPool2d(1)
         self.head = head
 
@@ -451,24 +465,34 @@ def _loader_cfg(dataset):
      (3, 32, 32)),
     (_loader_cfg(dict(type='FashionMNIST')), (1, 28, 28)),
     (_loader_cfg(
-        dict(type='ImageNet', pipeline=[
-            dict(type='LoadImageFromFile'),
-            dict(type='ResizeEdge', scale=256, edge='short'),
-            dict(type='CenterCrop', crop_size=224),
-            dict(type='PackInputs')
-        ])), (3, 224, 224)),
-    (_loader_cfg(dict(type='CustomDataset', pipeline=[
-        dict(type='Resize', scale=(320, 240))])), (3, 240, 320)),
-    (_loader_cfg(dict(type='CustomDataset', pipeline=[
-        dict(type='RandomResizedCrop', scale=(200, 100))])), (3, 200, 100)),
-    (_loader_cfg(dict(type='CIFAR10', pipeline=[
-        dict(type='Resize', scale=64)])), (3, 64, 64)),
-    (dict(complexity_input_shape=(3, 48, 40), **_loader_cfg(
-        dict(type='CIFAR10'))), (3, 48, 40)),
+        dict(
+            type='ImageNet',
+            pipeline=[
+                dict(type='LoadImageFromFile'),
+                dict(type='ResizeEdge', scale=256, edge='short'),
+                dict(type='CenterCrop', crop_size=224),
+                dict(type='PackInputs')
+            ])), (3, 224, 224)),
+    (_loader_cfg(
+        dict(
+            type='CustomDataset',
+            pipeline=[dict(type='Resize', scale=(320, 240))])), (3, 240, 320)),
+    (_loader_cfg(
+        dict(
+            type='CustomDataset',
+            pipeline=[dict(type='RandomResizedCrop', scale=(200, 100))])),
+     (3, 200, 100)),
+    (_loader_cfg(
+        dict(type='CIFAR10', pipeline=[dict(type='Resize', scale=64)])),
+     (3, 64, 64)),
+    (dict(
+        complexity_input_shape=(3, 48, 40),
+        **_loader_cfg(dict(type='CIFAR10'))), (3, 48, 40)),
     (dict(val_dataloader=dict(dataset=dict(type='MNIST'))), (1, 28, 28)),
     (None, (3, 224, 224)),
-    (dict(model=dict(input_shape=(3, 40, 40)), **_loader_cfg(
-        dict(type='CIFAR10'))), (3, 40, 40)),
+    (dict(
+        model=dict(input_shape=(3, 40, 40)),
+        **_loader_cfg(dict(type='CIFAR10'))), (3, 40, 40)),
     (Config(dict(test_dataloader=dict(dataset=dict(type='CIFAR10')))),
      (3, 32, 32)),
 ])

@@ -38,18 +38,24 @@ def tree(tmp_path):
 # ------------------------------------------------------- dataset entries --
 def test_all_present_is_clean(tree):
     root = str(tree / 'root')
-    dataset = dict(type='CustomDataset', data_root=root,
-                   ann_file='meta/train.txt', data_prefix='train')
-    cfg = cfg_with(train=dataset, val=dataset, test=dataset,
-                   load_from=str(tree / 'ckpt.pth'))
+    dataset = dict(
+        type='CustomDataset',
+        data_root=root,
+        ann_file='meta/train.txt',
+        data_prefix='train')
+    cfg = cfg_with(
+        train=dataset,
+        val=dataset,
+        test=dataset,
+        load_from=str(tree / 'ckpt.pth'))
     assert find_missing_paths(cfg) == []
     check_paths(cfg)  # does not raise
 
 
 def test_missing_data_root(tmp_path):
     missing = str(tmp_path / 'nope')
-    cfg = cfg_with(train=dict(type='ImageNet', data_root=missing,
-                              split='train'))
+    cfg = cfg_with(
+        train=dict(type='ImageNet', data_root=missing, split='train'))
     assert find_missing_paths(cfg) == [('train_dataloader.dataset.data_root',
                                         missing)]
 
@@ -57,8 +63,12 @@ def test_missing_data_root(tmp_path):
 def test_missing_data_root_reported_once_not_its_children(tmp_path):
     """Under a missing data_root, ann_file / data_prefix are not listed."""
     missing = str(tmp_path / 'nope')
-    cfg = cfg_with(train=dict(type='CustomDataset', data_root=missing,
-                              ann_file='meta/train.txt', data_prefix='train'))
+    cfg = cfg_with(
+        train=dict(
+            type='CustomDataset',
+            data_root=missing,
+            ann_file='meta/train.txt',
+            data_prefix='train'))
     assert find_missing_paths(cfg) == [('train_dataloader.dataset.data_root',
                                         missing)]
 
@@ -66,8 +76,8 @@ def test_missing_data_root_reported_once_not_its_children(tmp_path):
 def test_ann_file_relative_and_absolute(tree):
     root = str(tree / 'root')
     cfg = cfg_with(
-        train=dict(type='CustomDataset', data_root=root,
-                   ann_file='meta/val.txt'),
+        train=dict(
+            type='CustomDataset', data_root=root, ann_file='meta/val.txt'),
         val=dict(type='CustomDataset', ann_file=str(tree / 'abs.txt')))
     assert find_missing_paths(cfg) == [
         ('train_dataloader.dataset.ann_file', osp.join(root, 'meta/val.txt')),
@@ -89,8 +99,9 @@ def test_data_prefix_str_and_dict(tree):
             type='CocoLike',
             data_root=root,
             data_prefix=dict(img_path='train', seg_map_path='masks')),
-        test=dict(type='CustomDataset', data_prefix=dict(
-            img_path=str(tree / 'abs_imgs'))))
+        test=dict(
+            type='CustomDataset',
+            data_prefix=dict(img_path=str(tree / 'abs_imgs'))))
     assert find_missing_paths(cfg) == [
         ('train_dataloader.dataset.data_prefix', osp.join(root, 'val')),
         ('val_dataloader.dataset.data_prefix.seg_map_path',
@@ -101,8 +112,12 @@ def test_data_prefix_str_and_dict(tree):
 
 
 def test_empty_and_none_entries_are_ignored():
-    cfg = cfg_with(train=dict(type='CustomDataset', data_root='',
-                              ann_file=None, data_prefix=dict(img_path='')))
+    cfg = cfg_with(
+        train=dict(
+            type='CustomDataset',
+            data_root='',
+            ann_file=None,
+            data_prefix=dict(img_path='')))
     cfg['val_dataloader'] = None
     cfg['test_dataloader'] = dict(batch_size=1)  # no dataset key
     assert find_missing_paths(cfg) == []
@@ -119,8 +134,10 @@ def test_dataset_wrappers(tmp_path):
             type='ConcatDataset',
             datasets=[
                 dict(type='ImageNet', data_root=str(tmp_path)),
-                dict(type='ClassBalancedDataset', oversample_thr=0.1,
-                     dataset=dict(type='ImageNet', data_root=b)),
+                dict(
+                    type='ClassBalancedDataset',
+                    oversample_thr=0.1,
+                    dataset=dict(type='ImageNet', data_root=b)),
                 dict(type='ImageNet', data_root=c),
             ]))
     assert find_missing_paths(cfg) == [
@@ -140,20 +157,21 @@ def test_downloadable_types(tmp_path, dataset_type):
     assert find_missing_paths(
         cfg_with(train=dict(type=dataset_type, data_root=missing))) == []
     assert find_missing_paths(
-        cfg_with(train=dict(type=dataset_type, data_root=missing,
-                            download=True))) == []
+        cfg_with(
+            train=dict(type=dataset_type, data_root=missing,
+                       download=True))) == []
     assert find_missing_paths(
-        cfg_with(train=dict(type=dataset_type, data_root=missing,
-                            download=False))) == [
-                                ('train_dataloader.dataset.data_root',
-                                 missing)
-                            ]
+        cfg_with(
+            train=dict(type=dataset_type, data_root=missing,
+                       download=False))) == [
+                           ('train_dataloader.dataset.data_root', missing)
+                       ]
 
 
 def test_download_flag_means_nothing_for_other_types(tmp_path):
     missing = str(tmp_path / 'nope')
-    cfg = cfg_with(train=dict(type='ImageNet', data_root=missing,
-                              download=True))
+    cfg = cfg_with(
+        train=dict(type='ImageNet', data_root=missing, download=True))
     assert find_missing_paths(cfg) == [('train_dataloader.dataset.data_root',
                                         missing)]
 
@@ -165,8 +183,11 @@ def test_download_flag_means_nothing_for_other_types(tmp_path):
 ])
 def test_remote_paths_are_ignored(url):
     cfg = cfg_with(
-        train=dict(type='ImageNet', data_root=url, ann_file='meta/t.txt',
-                   data_prefix='train'),
+        train=dict(
+            type='ImageNet',
+            data_root=url,
+            ann_file='meta/t.txt',
+            data_prefix='train'),
         val=dict(type='ImageNet', ann_file=url, data_prefix=url),
         load_from=url,
         resume=url,
@@ -178,9 +199,10 @@ def test_remote_paths_are_ignored(url):
 
 def test_phases_select_dataloaders(tmp_path):
     a, b, c = (str(tmp_path / n) for n in 'abc')
-    cfg = cfg_with(train=dict(type='ImageNet', data_root=a),
-                   val=dict(type='ImageNet', data_root=b),
-                   test=dict(type='ImageNet', data_root=c))
+    cfg = cfg_with(
+        train=dict(type='ImageNet', data_root=a),
+        val=dict(type='ImageNet', data_root=b),
+        test=dict(type='ImageNet', data_root=c))
     assert [p for _, p in find_missing_paths(cfg, phases=('test', ))] == [c]
     assert [p for _, p in find_missing_paths(cfg, phases=('train', 'val'))
             ] == [a, b]
@@ -207,8 +229,8 @@ def test_load_from_and_resume(tree):
     assert find_missing_paths(dict(load_from=None, resume=True)) == []
     assert find_missing_paths(dict(resume=False)) == []
     assert find_missing_paths(dict(resume=missing)) == [('resume', missing)]
-    assert find_missing_paths(dict(load_from=str(tree / 'ckpt.pth'),
-                                   resume=True)) == []
+    assert find_missing_paths(
+        dict(load_from=str(tree / 'ckpt.pth'), resume=True)) == []
 
 
 def test_model_checkpoint_keys(tree):
@@ -239,8 +261,10 @@ def test_model_checkpoint_keys(tree):
 
 def test_non_path_values_under_checkpoint_keys():
     """Only strings are paths (e.g. ``policy=dict(...)`` inline)."""
-    model = dict(policy=dict(w_bits=[4, 4]), checkpoint=None,
-                 backbone=dict(policy=[4, 4]))
+    model = dict(
+        policy=dict(w_bits=[4, 4]),
+        checkpoint=None,
+        backbone=dict(policy=[4, 4]))
     assert find_missing_paths(dict(model=model)) == []
 
 
@@ -248,8 +272,9 @@ def test_config_object_and_check_paths_message(tmp_path):
     missing_root = str(tmp_path / 'data')
     missing_ckpt = str(tmp_path / 'w.pth')
     cfg = Config(
-        cfg_with(train=dict(type='ImageNet', data_root=missing_root),
-                 load_from=missing_ckpt))
+        cfg_with(
+            train=dict(type='ImageNet', data_root=missing_root),
+            load_from=missing_ckpt))
     assert find_missing_paths(cfg) == [
         ('train_dataloader.dataset.data_root', missing_root),
         ('load_from', missing_ckpt),
@@ -292,12 +317,15 @@ def test_cifar10format_loads_fixture(cifar10_root, mm_log):
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
     train = DATASETS.build(
-        dict(type='CIFAR10Format', data_root=cifar10_root, split='train',
-             download=False))
+        dict(
+            type='CIFAR10Format',
+            data_root=cifar10_root,
+            split='train',
+            download=False))
     assert isinstance(train, CIFAR10Format)
     assert len(train) == 40
-    test = CIFAR10Format(data_root=cifar10_root, split='test',
-                         download=False, test_mode=True)
+    test = CIFAR10Format(
+        data_root=cifar10_root, split='test', download=False, test_mode=True)
     assert len(test) == 10
     assert len(train.metainfo['classes']) == 10
     # md5 differs from the official files: a warning naming them, no error.
@@ -367,8 +395,7 @@ class _Payload:
 
 
 @pytest.mark.parametrize('strict', ['0', '1', None])
-def test_cifar_payload_never_runs(tmp_path, cifar10_root, monkeypatch,
-                                  strict):
+def test_cifar_payload_never_runs(tmp_path, cifar10_root, monkeypatch, strict):
     from gmpq_mm.datasets import CIFAR10Format
     if strict is None:
         monkeypatch.delenv('GMPQ_MM_STRICT_LOAD', raising=False)

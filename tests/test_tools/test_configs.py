@@ -21,8 +21,9 @@ def _configs():
 
 
 CONFIGS = _configs()
-PRETRAIN_CONFIGS = [p for p in CONFIGS
-                    if osp.basename(p).startswith('pretrain_')]
+PRETRAIN_CONFIGS = [
+    p for p in CONFIGS if osp.basename(p).startswith('pretrain_')
+]
 
 
 def test_configs_found():
@@ -102,8 +103,9 @@ def test_pretrain_model_builds(path):
     from mmpretrain.registry import MODELS
     cfg = load(path)
     key = _model_key(cfg)
-    same = [p for p in PRETRAIN_CONFIGS
-            if p < path and _model_key(load(p)) == key]
+    same = [
+        p for p in PRETRAIN_CONFIGS if p < path and _model_key(load(p)) == key
+    ]
     if same:
         pytest.skip(f'same model as {same[0]} (but num_classes)')
     model = MODELS.build(cfg.model)
@@ -142,6 +144,8 @@ def test_first_line_states_the_scale(path):
     unit = 'CPU' if kind.startswith('CPU') else kind
     row = (f'](./{rel}) | ', f' | {gpus} {unit} x {batch} | '
            f'{int(gpus) * int(batch)} | {epochs} |')
-    lines = [line for line in zoo.splitlines() if row[0] in line
-             and line.startswith('| [')]
+    lines = [
+        line for line in zoo.splitlines()
+        if row[0] in line and line.startswith('| [')
+    ]
     assert any(line.endswith(row[1]) for line in lines), (path, lines)

@@ -53,8 +53,10 @@ _SCRIPT = textwrap.dedent('''
 
 
 def _torchrun(script, port, nproc=2):
-    return [sys.executable, '-m', 'torch.distributed.run',
-            f'--nproc_per_node={nproc}', f'--master_port={port}', script]
+    return [
+        sys.executable, '-m', 'torch.distributed.run',
+        f'--nproc_per_node={nproc}', f'--master_port={port}', script
+    ]
 
 
 # The script registers gmpq_mm as the tools do. Without that (mmengine's
@@ -88,7 +90,9 @@ def test_twenty_finished_runs_exit_zero(tmp_path, cifar10_root, run_tool,
         result = run_tool(
             ['tools/dist_train.sh', CONFIG, '2'] +
             tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=1)[1:],
-            env={'PORT': free_port()}, timeout=400, check=False)
+            env={'PORT': free_port()},
+            timeout=400,
+            check=False)
         if result.returncode != 0 or 'terminate called' in result.output \
                 or not (work_dir / 'epoch_1.pth').is_file():
             failures.append((i, result.returncode, result.tail(15)))
@@ -114,17 +118,17 @@ def _children(pid):
 def _local_rank(pid):
     try:
         with open(f'/proc/{pid}/environ', 'rb') as f:
-            env = dict(item.split(b'=', 1) for item in f.read().split(b'\0')
-                       if b'=' in item)
+            env = dict(
+                item.split(b'=', 1) for item in f.read().split(b'\0')
+                if b'=' in item)
     except OSError:
         return None
     value = env.get(b'LOCAL_RANK')
     return int(value) if value is not None else None
 
 
-def test_frozen_rank_ends_job_within_timeout(tmp_path, cifar10_root,
-                                             repo_root, tiny_cifar_cfg,
-                                             free_tcp_port):
+def test_frozen_rank_ends_job_within_timeout(tmp_path, cifar10_root, repo_root,
+                                             tiny_cifar_cfg, free_tcp_port):
     """SIGSTOP one rank mid-training: with dist_cfg.timeout=10 the other
     rank's collective fails after 10 s and torchrun ends the job (its grace
     for the stopped process is 30 s more) -- not after 30 minutes."""
@@ -132,13 +136,19 @@ def test_frozen_rank_ends_job_within_timeout(tmp_path, cifar10_root,
     timeout = 10
     args = tiny_cifar_cfg(tmp_path / 'wd', cifar10_root, max_epochs=200)
     cmd = _torchrun('tools/train.py', free_tcp_port) + [args[0]] + [
-        '--launcher', 'pytorch'] + args[1:] + [
+        '--launcher', 'pytorch'
+    ] + args[1:] + [
         f'env_cfg.dist_cfg.timeout={timeout}',
-        'default_hooks.checkpoint.interval=1000']
+        'default_hooks.checkpoint.interval=1000'
+    ]
     log = open(tmp_path / 'out.txt', 'w+')
-    proc = subprocess.Popen(cmd, cwd=str(repo_root), env=tool_env(),
-                            stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=str(repo_root),
+        env=tool_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:

@@ -45,11 +45,16 @@ def _options(data_root, policy, fp_checkpoint, classes):
     }
     for phase in ('train', 'val', 'test'):
         opts.update({
-            f'{phase}_dataloader.batch_size': 2,
-            f'{phase}_dataloader.num_workers': 0,
-            f'{phase}_dataloader.persistent_workers': False,
-            f'{phase}_dataloader.dataset.data_root': str(data_root),
-            f'{phase}_dataloader.dataset.metainfo.classes': list(classes),
+            f'{phase}_dataloader.batch_size':
+            2,
+            f'{phase}_dataloader.num_workers':
+            0,
+            f'{phase}_dataloader.persistent_workers':
+            False,
+            f'{phase}_dataloader.dataset.data_root':
+            str(data_root),
+            f'{phase}_dataloader.dataset.metainfo.classes':
+            list(classes),
         })
         if phase != 'train':
             opts[f'{phase}_dataloader.dataset.pipeline.1.scale'] = 36
@@ -66,9 +71,14 @@ def _build(cfg):
 
 
 def _backbone_cfg(**kw):
-    cfg = dict(type='QuantizedBackbone',
-               backbone=dict(type='ResNet', depth=18, stem_channels=BASE,
-                             base_channels=BASE, out_indices=(3, )))
+    cfg = dict(
+        type='QuantizedBackbone',
+        backbone=dict(
+            type='ResNet',
+            depth=18,
+            stem_channels=BASE,
+            base_channels=BASE,
+            out_indices=(3, )))
     cfg.update(kw)
     return cfg
 
@@ -80,21 +90,33 @@ def setup(tmp_path_factory, imagenet_root):
     from gmpq_mm.quantization.policy import make_policy, save_policy
     folder = tmp_path_factory.mktemp('finetune_setup')
     torch.manual_seed(0)
-    fp = _build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=18, stem_channels=BASE,
-                      base_channels=BASE, out_indices=(3, )),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=3,
-                  in_channels=BASE * 8)))
+    fp = _build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(
+                type='ResNet',
+                depth=18,
+                stem_channels=BASE,
+                base_channels=BASE,
+                out_indices=(3, )),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(
+                type='LinearClsHead', num_classes=3, in_channels=BASE * 8)))
     fp.init_weights()
-    torch.save({'state_dict': fp.state_dict(), 'meta': {}},
-               folder / 'fp_r18_tiny.pth')
+    torch.save({
+        'state_dict': fp.state_dict(),
+        'meta': {}
+    }, folder / 'fp_r18_tiny.pth')
     names = select_layers(fp.backbone)
     cands = [2, 3, 4, 6]
     policy = make_policy(
-        {n: (cands[i % 4], cands[(i + 1) % 4]) for i, n in enumerate(names)},
-        w_candidates=cands, a_candidates=cands, input_shape=[3, 32, 32])
+        {
+            n: (cands[i % 4], cands[(i + 1) % 4])
+            for i, n in enumerate(names)
+        },
+        w_candidates=cands,
+        a_candidates=cands,
+        input_shape=[3, 32, 32])
     save_policy(policy, folder / 'policy.json')
     from conftest import IMAGENET_CLASSES  # noqa: the fixture's classes
     opts = _options(imagenet_root, folder / 'policy.json',
@@ -106,8 +128,9 @@ def setup(tmp_path_factory, imagenet_root):
 def finetuned(setup, tmp_path_factory):
     from conftest import run_tool
     work_dir = tmp_path_factory.mktemp('finetune_r18')
-    result = run_tool(['tools/train.py', CONFIG, '--work-dir', work_dir,
-                       '--cfg-options'] + _cli(setup['options']))
+    result = run_tool(
+        ['tools/train.py', CONFIG, '--work-dir', work_dir, '--cfg-options'] +
+        _cli(setup['options']))
     (work_dir / 'train_output.txt').write_text(result.output)
     return work_dir
 
@@ -117,8 +140,8 @@ def test_finetune_calibrates_and_trains(setup, finetuned):
     assert 'load backbone in model from' in out
     assert 'CalibrationHook: 19 layers calibrated (method release' in out
     assert 'Epoch(train) [1][6/6]' in out and 'accuracy/top1' in out
-    ckpt = torch.load(finetuned / 'epoch_1.pth', map_location='cpu',
-                      weights_only=False)
+    ckpt = torch.load(
+        finetuned / 'epoch_1.pth', map_location='cpu', weights_only=False)
     record = ckpt['meta']['gmpq_calibration']
     assert record['world_size'] == 1 and record['images'] == 2
     saved = json.loads((finetuned / 'calibration.json').read_text())
@@ -129,16 +152,19 @@ def test_finetune_calibrates_and_trains(setup, finetuned):
         assert row['act_range'] < 6.0
         r = ckpt['state_dict'][f'backbone.{name}.act_range']
         assert torch.isfinite(r) and 0 < float(r) < 6.0
-    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values()
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in ckpt['state_dict'].values()
+        if v.is_floating_point())
 
 
 def test_test_tool_prints_accuracy_and_bitops(setup, finetuned):
     from conftest import run_tool
     out_json = finetuned / 'test_result.json'
-    result = run_tool(['tools/test.py', CONFIG, finetuned / 'epoch_1.pth',
-                       '--work-dir', finetuned / 'test', '--out', out_json,
-                       '--cfg-options'] + _cli(setup['options']))
+    result = run_tool([
+        'tools/test.py', CONFIG, finetuned /
+        'epoch_1.pth', '--work-dir', finetuned /
+        'test', '--out', out_json, '--cfg-options'
+    ] + _cli(setup['options']))
     assert 'accuracy/top1' in result.output and 'BitOPs' in result.output
     report = json.loads(out_json.read_text())
     assert {'accuracy/top1', 'accuracy/top2'} <= set(report['metrics'])
@@ -149,8 +175,8 @@ def test_test_tool_prints_accuracy_and_bitops(setup, finetuned):
 
 
 def _export_tool():
-    spec = importlib.util.spec_from_file_location(
-        'gmpq_export_tool', 'tools/deploy/export.py')
+    spec = importlib.util.spec_from_file_location('gmpq_export_tool',
+                                                  'tools/deploy/export.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -162,8 +188,10 @@ def test_export_reload_equals_fake_quant(setup, finetuned, repo_root,
     monkeypatch.chdir(repo_root)
     out = finetuned / 'r18_tiny.safetensors'
     summary = _export_tool().main([
-        CONFIG, str(finetuned / 'epoch_1.pth'), '--out', str(out),
-        '--json', str(finetuned / 'export.json'), '--cfg-options'
+        CONFIG,
+        str(finetuned / 'epoch_1.pth'), '--out',
+        str(out), '--json',
+        str(finetuned / 'export.json'), '--cfg-options'
     ] + _cli(setup['options']))
     assert summary['max_abs_diff'] <= 1e-5
     assert summary['bytes'] == out.stat().st_size
@@ -205,17 +233,20 @@ def test_dist_finetune_calibrates_identically(setup, tmp_path, free_tcp_port):
     from conftest import run_tool
     work_dir = tmp_path / 'dist'
     result = run_tool(
-        ['tools/dist_train.sh', CONFIG, 2, '--work-dir', work_dir,
-         '--cfg-options'] + _cli(setup['options']),
-        env={'PORT': free_tcp_port}, timeout=400)
+        [
+            'tools/dist_train.sh', CONFIG, 2, '--work-dir', work_dir,
+            '--cfg-options'
+        ] + _cli(setup['options']),
+        env={'PORT': free_tcp_port},
+        timeout=400)
     saved = json.loads((work_dir / 'calibration.json').read_text())
     assert saved['world_size'] == 2 and saved['images'] == 4
     digests = saved['rank_digests']
     assert len(digests) == 2 and digests[0] == digests[1] == saved['digest']
     assert f"on every rank: ['{digests[0]}', '{digests[0]}']" in \
         result.output
-    ckpt = torch.load(work_dir / 'epoch_1.pth', map_location='cpu',
-                      weights_only=False)
+    ckpt = torch.load(
+        work_dir / 'epoch_1.pth', map_location='cpu', weights_only=False)
     assert ckpt['meta']['gmpq_calibration']['digest'] == saved['digest']
 
 
@@ -232,8 +263,8 @@ def _policy_b(setup, tmp_path):
 
 
 def test_checkpoint_records_bit_widths(setup, finetuned):
-    ckpt = torch.load(finetuned / 'epoch_1.pth', map_location='cpu',
-                      weights_only=False)
+    ckpt = torch.load(
+        finetuned / 'epoch_1.pth', map_location='cpu', weights_only=False)
     record = ckpt['meta']['gmpq_bit_widths']
     want = {f'backbone.{n}': e for n, e in setup['policy']['layers'].items()}
     assert record == want
@@ -244,24 +275,30 @@ def test_test_tool_refuses_another_policy(setup, finetuned, tmp_path):
     layer, policy_b = _policy_b(setup, tmp_path)
     options = dict(setup['options'], **{'model.backbone.policy': policy_b})
     ckpt = finetuned / 'epoch_1.pth'
-    result = run_tool(['tools/test.py', CONFIG, ckpt, '--work-dir',
-                       tmp_path / 'test', '--cfg-options'] + _cli(options),
-                      check=False)
+    result = run_tool(
+        [
+            'tools/test.py', CONFIG, ckpt, '--work-dir', tmp_path / 'test',
+            '--cfg-options'
+        ] + _cli(options),
+        check=False)
     assert result.returncode != 0
     assert f"first difference at layer 'backbone.{layer}'" in result.output
     assert str(ckpt) in result.output and str(policy_b) in result.output
     assert 'accuracy/top1' not in result.output
 
 
-def test_export_refuses_another_policy(setup, finetuned, tmp_path,
-                                       repo_root, monkeypatch):
+def test_export_refuses_another_policy(setup, finetuned, tmp_path, repo_root,
+                                       monkeypatch):
     monkeypatch.chdir(repo_root)
     layer, policy_b = _policy_b(setup, tmp_path)
     options = dict(setup['options'], **{'model.backbone.policy': policy_b})
     out = tmp_path / 'b.safetensors'
     with pytest.raises(ValueError, match=rf"backbone\.{layer}.*w_bits") as e:
-        _export_tool().main([CONFIG, str(finetuned / 'epoch_1.pth'), '--out',
-                             str(out), '--cfg-options'] + _cli(options))
+        _export_tool().main([
+            CONFIG,
+            str(finetuned / 'epoch_1.pth'), '--out',
+            str(out), '--cfg-options'
+        ] + _cli(options))
     assert str(policy_b) in str(e.value) and 'epoch_1.pth' in str(e.value)
     assert not out.exists()
 
@@ -269,12 +306,17 @@ def test_export_refuses_another_policy(setup, finetuned, tmp_path,
 def test_load_from_refuses_another_policy(setup, finetuned, tmp_path):
     from conftest import run_tool
     layer, policy_b = _policy_b(setup, tmp_path)
-    options = dict(setup['options'], **{'model.backbone.policy': policy_b,
-                                        'load_from': finetuned /
-                                        'epoch_1.pth'})
-    result = run_tool(['tools/train.py', CONFIG, '--work-dir',
-                       tmp_path / 'wd', '--cfg-options'] + _cli(options),
-                      check=False)
+    options = dict(
+        setup['options'], **{
+            'model.backbone.policy': policy_b,
+            'load_from': finetuned / 'epoch_1.pth'
+        })
+    result = run_tool(
+        [
+            'tools/train.py', CONFIG, '--work-dir', tmp_path / 'wd',
+            '--cfg-options'
+        ] + _cli(options),
+        check=False)
     assert result.returncode != 0
     assert f"first difference at layer 'backbone.{layer}'" in result.output
     assert 'Epoch(train)' not in result.output
@@ -289,9 +331,10 @@ def test_attribution_refuses_another_policy(setup, finetuned, tmp_path,
     layer, policy_b = _policy_b(setup, tmp_path)
     options = dict(setup['options'], **{'model.backbone.policy': policy_b})
     cfg = Config.fromfile(CONFIG)
-    cfg.merge_from_dict(
-        {k: (str(v) if hasattr(v, 'is_file') else v)
-         for k, v in options.items()})
+    cfg.merge_from_dict({
+        k: (str(v) if hasattr(v, 'is_file') else v)
+        for k, v in options.items()
+    })
     teacher = tmp_path / 'teacher.py'
     teacher.write_text(
         "model = dict(type='ImageClassifier', backbone=dict(type='ResNet', "
@@ -301,7 +344,8 @@ def test_attribution_refuses_another_policy(setup, finetuned, tmp_path,
         f"in_channels={BASE * 8}))\n")
     with pytest.raises(ValueError, match=rf"backbone\.{layer}"):
         load_attribution_models(
-            cfg, str(finetuned / 'epoch_1.pth'),
+            cfg,
+            str(finetuned / 'epoch_1.pth'),
             teacher_config=str(teacher),
             teacher_checkpoint=str(setup['folder'] / 'fp_r18_tiny.pth'))
 
@@ -310,12 +354,13 @@ def test_checkpoint_without_record_warns_once(setup, finetuned, tmp_path):
     from mmengine.logging import MMLogger
 
     from gmpq_mm.utils.bit_record import check_bit_widths
-    model = _build(dict(
-        type='ImageClassifier',
-        backbone=_backbone_cfg(policy=setup['policy']),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=3,
-                  in_channels=BASE * 8)))
+    model = _build(
+        dict(
+            type='ImageClassifier',
+            backbone=_backbone_cfg(policy=setup['policy']),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(
+                type='LinearClsHead', num_classes=3, in_channels=BASE * 8)))
     logger = MMLogger.get_instance('bit_record_test')
     seen = []
     handler = __import__('logging').Handler()

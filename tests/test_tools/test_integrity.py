@@ -12,22 +12,37 @@ from gmpq_mm.utils import register_all_modules
 
 register_all_modules()
 
-BACKBONE = dict(type='ResNet_CIFAR', depth=18, stem_channels=8,
-                base_channels=8, out_indices=(3, ))
-HEAD = dict(type='LinearClsHead', num_classes=10, in_channels=64,
-            loss=dict(type='CrossEntropyLoss'))
-TEACHER = dict(type='ImageClassifier', backbone=BACKBONE,
-               neck=dict(type='GlobalAveragePooling'), head=HEAD)
+BACKBONE = dict(
+    type='ResNet_CIFAR',
+    depth=18,
+    stem_channels=8,
+    base_channels=8,
+    out_indices=(3, ))
+HEAD = dict(
+    type='LinearClsHead',
+    num_classes=10,
+    in_channels=64,
+    loss=dict(type='CrossEntropyLoss'))
+TEACHER = dict(
+    type='ImageClassifier',
+    backbone=BACKBONE,
+    neck=dict(type='GlobalAveragePooling'),
+    head=HEAD)
 
 
 def _quantized_classifier():
     from mmengine.registry import init_default_scope
     init_default_scope('mmpretrain')
-    return MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='QuantizedBackbone', backbone=BACKBONE,
-                      w_bits=4, a_bits=4),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD)).eval()
+    return MODELS.build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(
+                type='QuantizedBackbone',
+                backbone=BACKBONE,
+                w_bits=4,
+                a_bits=4),
+            neck=dict(type='GlobalAveragePooling'),
+            head=HEAD)).eval()
 
 
 # ------------------------------------------------ artifacts run no code ----
@@ -51,8 +66,10 @@ def test_artifact_with_search_config_runs_nothing(tmp_path, monkeypatch):
     search_cfg = dict(
         type='GMPQSearchClassifier',
         backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=str(config), teacher_checkpoint=str(ckpt))
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=str(config),
+        teacher_checkpoint=str(ckpt))
     path = tmp_path / 'evil.safetensors'
     save_artifact(path, _quantized_classifier(), config=search_cfg)
     for strict in ('0', '1'):
@@ -76,11 +93,18 @@ def test_artifact_config_allow_list(tmp_path, change, match):
     from gmpq_mm.apis import build_deployed_model, deploy_model_config
     from gmpq_mm.quantization.export import ArtifactError, save_artifact
     model = _quantized_classifier()
-    good = deploy_model_config(Config(dict(model=dict(
-        type='ImageClassifier',
-        backbone=dict(type='QuantizedBackbone', backbone=BACKBONE,
-                      w_bits=4, a_bits=4),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD))), model)
+    good = deploy_model_config(
+        Config(
+            dict(
+                model=dict(
+                    type='ImageClassifier',
+                    backbone=dict(
+                        type='QuantizedBackbone',
+                        backbone=BACKBONE,
+                        w_bits=4,
+                        a_bits=4),
+                    neck=dict(type='GlobalAveragePooling'),
+                    head=HEAD))), model)
     save_artifact(tmp_path / 'good.safetensors', model, config=good)
     rebuilt, _ = build_deployed_model(str(tmp_path / 'good.safetensors'))
     x = torch.randn(2, 3, 32, 32)
@@ -94,10 +118,12 @@ def test_artifact_config_allow_list(tmp_path, change, match):
 
 
 # ------------------------------------------------------- the strict flag ---
-@pytest.mark.parametrize('value, on', [
-    ('1', True), ('true', True), ('TRUE', True), ('yes', True), ('On', True),
-    ('0', False), ('false', False), ('no', False), ('OFF', False),
-    ('', False), (None, False)])
+@pytest.mark.parametrize('value, on', [('1', True), ('true', True),
+                                       ('TRUE', True), ('yes', True),
+                                       ('On', True), ('0', False),
+                                       ('false', False), ('no', False),
+                                       ('OFF', False), ('', False),
+                                       (None, False)])
 def test_strict_flag_values(monkeypatch, value, on):
     from gmpq_mm.compat import strict_load_enabled
     if value is None:
@@ -164,13 +190,20 @@ def test_unreadable_teacher_names_file(tmp_path):
 
 
 def _search_model(teacher_ckpt, **kw):
-    return MODELS.build(dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
-                      w_bits=[2, 4], a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32), **kw))
+    return MODELS.build(
+        dict(
+            type='GMPQSearchClassifier',
+            backbone=dict(
+                type='MixedPrecisionBackbone',
+                backbone=BACKBONE,
+                w_bits=[2, 4],
+                a_bits=[2, 4]),
+            neck=dict(type='GlobalAveragePooling'),
+            head=HEAD,
+            teacher=TEACHER,
+            teacher_checkpoint=teacher_ckpt,
+            input_shape=(3, 32, 32),
+            **kw))
 
 
 @pytest.mark.parametrize('bad', [float('nan'), float('inf')])
@@ -179,8 +212,10 @@ def test_non_finite_teacher_fails_at_build(tmp_path, bad):
     state['backbone.layer2.0.conv1.weight'][0, 0, 0, 0] = bad
     path = tmp_path / 'nan_teacher.pth'
     torch.save({'state_dict': state}, path)
-    with pytest.raises(ValueError, match=rf'{path}.*non-finite.*'
-                       r'backbone\.layer2\.0\.conv1\.weight'):
+    with pytest.raises(
+            ValueError,
+            match=rf'{path}.*non-finite.*'
+            r'backbone\.layer2\.0\.conv1\.weight'):
         _search_model(str(path))
 
 
@@ -200,10 +235,12 @@ def test_empty_imagenet_root_fails_before_start(tmp_path, run_tool):
     root = tmp_path / 'imagenet'
     root.mkdir()
     result = run_tool([
-        'tools/train.py', 'configs/gmpq/finetune_r18_fp_in1k.py',
-        '--work-dir', tmp_path / 'wd', '--cfg-options',
+        'tools/train.py', 'configs/gmpq/finetune_r18_fp_in1k.py', '--work-dir',
+        tmp_path / 'wd', '--cfg-options',
         f'train_dataloader.dataset.data_root={root}',
-        f'val_dataloader.dataset.data_root={root}'], check=False)
+        f'val_dataloader.dataset.data_root={root}'
+    ],
+                      check=False)
     assert result.returncode != 0
     assert str(root / 'train') in result.output
     assert 'Traceback' not in result.output
@@ -216,8 +253,9 @@ def test_empty_last_checkpoint_is_named(tmp_path):
     from gmpq_mm.utils import check_paths
     (tmp_path / 'last_checkpoint').write_text('\n')
     cfg = Config(dict(work_dir=str(tmp_path), resume=True, load_from=None))
-    with pytest.raises(FileNotFoundError,
-                       match=rf'{tmp_path / "last_checkpoint"} is empty'):
+    with pytest.raises(
+            FileNotFoundError,
+            match=rf'{tmp_path / "last_checkpoint"} is empty'):
         check_paths(cfg)
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'gone.pth'))
     with pytest.raises(FileNotFoundError, match='gone.pth'):
@@ -236,27 +274,30 @@ def test_failing_rerun_keeps_config_dump(tmp_path, trained_cifar_r18,
     bad_root = tmp_path / 'cifar'
     shutil.copytree(cifar10_root, bad_root)
     (bad_root / 'cifar-10-batches-py' / 'data_batch_3').write_bytes(b'x')
-    result = run_tool(['tools/train.py'] + tiny_cifar_cfg(
-        work, bad_root, max_epochs=5), check=False)
+    result = run_tool(
+        ['tools/train.py'] + tiny_cifar_cfg(work, bad_root, max_epochs=5),
+        check=False)
     assert result.returncode != 0
     assert 'data_batch_3' in result.output
     assert dump.read_bytes() == before
     assert sorted(p.name for p in work.glob('*.pth')) == ckpts
     # A fresh work_dir of a failed start is not left behind.
     fresh = tmp_path / 'fresh'
-    result = run_tool(['tools/train.py'] + tiny_cifar_cfg(fresh, bad_root),
-                      check=False)
+    result = run_tool(
+        ['tools/train.py'] + tiny_cifar_cfg(fresh, bad_root), check=False)
     assert result.returncode != 0 and not fresh.exists()
 
 
 def test_killed_writer_temp_file_is_cleaned(tmp_path):
     import subprocess
     import sys
+
     from gmpq_mm.quantization.atomic_file import write_text_atomic
     target = tmp_path / 'policy.json'
     # A writer killed mid-write (SIGKILL: no clean-up) leaves its temp file.
-    proc = subprocess.Popen([sys.executable, '-c', 'import time; '
-                             'time.sleep(30)'])
+    proc = subprocess.Popen(
+        [sys.executable, '-c', 'import time; '
+         'time.sleep(30)'])
     stale = tmp_path / f'.policy.json.{proc.pid}.abc123.tmp'
     stale.write_text('{"half": ')
     older = tmp_path / '.policy.json.q8z_lk2.tmp'  # pre-pid naming
@@ -282,11 +323,14 @@ def test_earlier_run_policy_epochs_removed(tmp_path, start_epoch, kept):
     for n in range(1, 6):
         (tmp_path / f'policy_epoch_{n}.json').write_text('{}')
     (tmp_path / 'policy.json').write_text('{}')
-    runner = SimpleNamespace(work_dir=str(tmp_path), epoch=start_epoch,
-                             logger=logging.getLogger('t'))
+    runner = SimpleNamespace(
+        work_dir=str(tmp_path),
+        epoch=start_epoch,
+        logger=logging.getLogger('t'))
     PolicyExportHook().before_train(runner)
-    left = sorted(int(p.stem.split('_')[-1])
-                  for p in tmp_path.glob('policy_epoch_*.json'))
+    left = sorted(
+        int(p.stem.split('_')[-1])
+        for p in tmp_path.glob('policy_epoch_*.json'))
     assert left == kept
     assert (tmp_path / 'policy.json').exists()
 
@@ -295,9 +339,10 @@ def test_artifact_scope_key(tmp_path):
     """``_scope_`` (mmengine adds it to inherited configs) may only name
     the OpenMMLab scopes the deployed network is built in."""
     from gmpq_mm.apis.deploy import check_deployable_config
-    cfg = dict(type='ImageClassifier', _scope_='mmpretrain',
-               backbone=dict(type='ResNet_CIFAR', depth=18,
-                             _scope_='mmpretrain'))
+    cfg = dict(
+        type='ImageClassifier',
+        _scope_='mmpretrain',
+        backbone=dict(type='ResNet_CIFAR', depth=18, _scope_='mmpretrain'))
     check_deployable_config(cfg, 'a.safetensors')
     cfg['backbone']['_scope_'] = 'mmdet'
     with pytest.raises(ValueError, match=r"a\.safetensors.*'mmdet'"):

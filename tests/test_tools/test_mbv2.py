@@ -41,8 +41,9 @@ def mbv2_convs():
     for i, (ratio, _, blocks, _) in enumerate(MobileNetV2.arch_settings):
         for block in range(blocks):
             convs = 2 if ratio == 1 else 3
-            names += [f'layer{i + 1}.{block}.conv.{k}.conv'
-                      for k in range(convs)]
+            names += [
+                f'layer{i + 1}.{block}.conv.{k}.conv' for k in range(convs)
+            ]
     return names + ['conv2.conv']
 
 
@@ -51,9 +52,11 @@ def signed_convs():
     linear bottleneck or a residual sum) and conv2 (after the last
     projection). Depthwise and projection convs follow a ReLU6."""
     names = mbv2_convs()
-    return {n for n in names
-            if n == 'conv2.conv' or (n.endswith('conv.0.conv')
-                                     and not n.startswith('layer1.'))}
+    return {
+        n
+        for n in names if n == 'conv2.conv' or (
+            n.endswith('conv.0.conv') and not n.startswith('layer1.'))
+    }
 
 
 def build(cfg):
@@ -66,7 +69,8 @@ def teacher(tmp_path_factory, repo_root):
     with BatchNorm statistics from a few random batches."""
     folder = tmp_path_factory.mktemp('mbv2_teacher')
     config = folder / 'teacher.py'
-    config.write_text(textwrap.dedent(f'''
+    config.write_text(
+        textwrap.dedent(f'''
         _base_ = ['{repo_root}/{PRETRAIN}']
         model = dict(backbone=dict(
             _delete_=True, type='MobileNetV2', widen_factor={WIDEN}))
@@ -89,7 +93,8 @@ def search_config(tmp_path_factory, repo_root, cifar10_root, teacher):
     loader = (f"dict(batch_size=4, num_workers=0, persistent_workers=False, "
               f"dataset=dict(data_root='{cifar10_root}'))")
     config = folder / 'search.py'
-    config.write_text(textwrap.dedent(f'''
+    config.write_text(
+        textwrap.dedent(f'''
         _base_ = ['{repo_root}/{SEARCH}']
         model = dict(
             backbone=dict(backbone=dict(widen_factor={WIDEN})),
@@ -188,8 +193,10 @@ def test_finetune_config_applies_the_policy(searched, tmp_path):
     cfg.model.backbone.backbone.init_cfg.checkpoint = str(fp_ckpt)
 
     model = build(cfg.model)
-    quant = {n: m for n, m in model.backbone.named_modules()
-             if is_quantized_layer(m)}
+    quant = {
+        n: m
+        for n, m in model.backbone.named_modules() if is_quantized_layer(m)
+    }
     assert list(quant) == mbv2_convs()
     policy = json.loads((work / 'policy.json').read_text())['layers']
     for name, m in quant.items():
@@ -205,5 +212,6 @@ def test_finetune_config_applies_the_policy(searched, tmp_path):
     # The uniform baseline of the guide.
     cfg.model.backbone.update(policy=None, w_bits=4, a_bits=4)
     uniform = build(cfg.model)
-    assert {(m.w_bits, m.a_bits) for m in uniform.backbone.modules()
+    assert {(m.w_bits, m.a_bits)
+            for m in uniform.backbone.modules()
             if is_quantized_layer(m)} == {(4, 4)}

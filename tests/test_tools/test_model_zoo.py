@@ -45,6 +45,8 @@ def test_readme_links_and_rows_are_real():
         assert osp.exists(osp.normpath(osp.join(ZOO, link))), link
     # Rows of runs not made say so instead of carrying a number.
     imagenet = readme.split('### ImageNet-1k')[1].split('###')[0]
-    rows = [line for line in imagenet.splitlines()
-            if line.startswith('| ') and 'GMPQ' in line]
+    rows = [
+        line for line in imagenet.splitlines()
+        if line.startswith('| ') and 'GMPQ' in line
+    ]
     assert rows and all('not run yet' in row for row in rows)

@@ -39,8 +39,9 @@ def _idx(name):
     with open(osp.join(DATA, name), 'rb') as f:
         raw = f.read()
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big')
-            for i in range(ndim)]
+    dims = [
+        int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)
+    ]
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -59,24 +60,32 @@ def _tool():
 
 
 def _mixed_policy():
-    names = ['layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1',
-             'layer1.1.conv2', 'layer2.0.conv1', 'layer2.0.conv2',
-             'layer2.0.downsample.0', 'layer2.1.conv1', 'layer2.1.conv2',
-             'layer3.0.conv1', 'layer3.0.conv2', 'layer3.0.downsample.0',
-             'layer3.1.conv1', 'layer3.1.conv2', 'layer4.0.conv1',
-             'layer4.0.conv2', 'layer4.0.downsample.0', 'layer4.1.conv1',
-             'layer4.1.conv2']
+    names = [
+        'layer1.0.conv1', 'layer1.0.conv2', 'layer1.1.conv1', 'layer1.1.conv2',
+        'layer2.0.conv1', 'layer2.0.conv2', 'layer2.0.downsample.0',
+        'layer2.1.conv1', 'layer2.1.conv2', 'layer3.0.conv1', 'layer3.0.conv2',
+        'layer3.0.downsample.0', 'layer3.1.conv1', 'layer3.1.conv2',
+        'layer4.0.conv1', 'layer4.0.conv2', 'layer4.0.downsample.0',
+        'layer4.1.conv1', 'layer4.1.conv2'
+    ]
     cycle = (2, 3, 4, 6)
-    layers = {n: {'w_bits': cycle[i % 4], 'a_bits': cycle[(i + 1) % 4]}
-              for i, n in enumerate(names)}
+    layers = {
+        n: {
+            'w_bits': cycle[i % 4],
+            'a_bits': cycle[(i + 1) % 4]
+        }
+        for i, n in enumerate(names)
+    }
     layers['layer4.1.conv1'] = {'w_bits': 32, 'a_bits': 6}
     layers['layer4.1.conv2'] = {'w_bits': 6, 'a_bits': 32}
     return {'format': 'gmpq-policy', 'version': 1, 'layers': layers}
 
 
 def _options(policy_file):
-    return ['--cfg-options', f'model.backbone.policy={policy_file}',
-            'load_from=None']
+    return [
+        '--cfg-options', f'model.backbone.policy={policy_file}',
+        'load_from=None'
+    ]
 
 
 def _run(argv):
@@ -89,25 +98,32 @@ def _run(argv):
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
+    from mmengine.config import Config
+
     from gmpq_mm.apis import load_model
     from gmpq_mm.quantization.calibration import calibrate_model
-    from mmengine.config import Config
 
     root = tmp_path_factory.mktemp('onnx_demo')
     policy_file = root / 'policy.json'
     policy_file.write_text(json.dumps(_mixed_policy()))
     cfg = Config.fromfile(CONFIG)
-    cfg.merge_from_dict({'model.backbone.policy': str(policy_file),
-                         'load_from': None})
+    cfg.merge_from_dict({
+        'model.backbone.policy': str(policy_file),
+        'load_from': None
+    })
     torch.manual_seed(0)
     model, _ = load_model(cfg)
     x_train, y_train = _images('train')
     with torch.no_grad():
-        calibrate_model(model.backbone, [torch.from_numpy(x_train[:64])],
-                        forward=lambda m, b: m(b), method='max')
+        calibrate_model(
+            model.backbone, [torch.from_numpy(x_train[:64])],
+            forward=lambda m, b: m(b),
+            method='max')
         feats = model.backbone(torch.from_numpy(x_train[:1000]))[-1]
-        feats = torch.cat([model.neck(feats) if model.with_neck else
-                           feats.mean((2, 3)), torch.ones(1000, 1)], 1)
+        feats = torch.cat([
+            model.neck(feats) if model.with_neck else feats.mean((2, 3)),
+            torch.ones(1000, 1)
+        ], 1)
         target = torch.nn.functional.one_hot(
             torch.from_numpy(y_train[:1000]), 10).float()
         sol = torch.linalg.solve(
@@ -117,14 +133,17 @@ def demo(tmp_path_factory):
         model.head.fc.bias.copy_(sol[-1])
     ckpt = root / 'mixed.pth'
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
-    return dict(root=root, policy=policy_file, ckpt=ckpt, model=model,
-                cfg=cfg)
+    return dict(root=root, policy=policy_file, ckpt=ckpt, model=model, cfg=cfg)
 
 
 def test_onnx_matches_pytorch_on_test_images(demo):
     root, out = demo['root'], demo['root'] / 'mixed.onnx'
-    summary = _run([CONFIG, str(demo['ckpt']), '--out', str(out), '--json',
-                    str(root / 'summary.json')] + _options(demo['policy']))
+    summary = _run([
+        CONFIG,
+        str(demo['ckpt']), '--out',
+        str(out), '--json',
+        str(root / 'summary.json')
+    ] + _options(demo['policy']))
     assert isinstance(summary, dict), summary
     assert out.is_file() and summary['bytes'] == out.stat().st_size
     assert summary['verify']['top1_agreement'] >= 0.95
@@ -152,8 +171,8 @@ def test_onnx_matches_pytorch_on_test_images(demo):
 def test_onnx_graph_is_standard_qdq(demo):
     out = demo['root'] / 'mixed.onnx'
     if not out.is_file():
-        _run([CONFIG, str(demo['ckpt']), '--out', str(out)] +
-             _options(demo['policy']))
+        _run([CONFIG, str(demo['ckpt']), '--out',
+              str(out)] + _options(demo['policy']))
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
     graph = proto.graph
@@ -177,8 +196,7 @@ def test_onnx_graph_is_standard_qdq(demo):
     consts = dict(inits)
     for node in graph.node:
         if node.op_type == 'Constant':
-            consts[node.output[0]] = numpy_helper.to_array(
-                node.attribute[0].t)
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     seen = set()
     for node in graph.node:
         if node.op_type != 'DequantizeLinear' or node.input[0] not in inits:
@@ -195,8 +213,9 @@ def test_onnx_graph_is_standard_qdq(demo):
         seen.add(layer)
     assert seen == {k for k, v in layers.items() if v['w_bits'] != 32}
     # a 32-bit weight stays a float initializer
-    floats = [n for n, v in inits.items() if v.dtype == np.float32
-              and v.ndim == 4]
+    floats = [
+        n for n, v in inits.items() if v.dtype == np.float32 and v.ndim == 4
+    ]
     assert floats  # the stem and the FP-weight layer
 
 
@@ -209,8 +228,8 @@ def _fp_and_search_checkpoints(root):
     fp, _ = load_model(pretrain)
     fp_ckpt = root / 'fp.pth'
     torch.save({'state_dict': fp.state_dict(), 'meta': {}}, fp_ckpt)
-    to_mixed_precision(fp.backbone, (2, 3, 4, 6), (2, 3, 4, 6),
-                       input_shape=(1, 28, 28))
+    to_mixed_precision(
+        fp.backbone, (2, 3, 4, 6), (2, 3, 4, 6), input_shape=(1, 28, 28))
     search_ckpt = root / 'search.pth'
     torch.save({'state_dict': fp.state_dict(), 'meta': {}}, search_ckpt)
     return fp_ckpt, search_ckpt
@@ -221,13 +240,14 @@ def test_bad_checkpoints_stop_and_write_nothing(demo, tmp_path):
     out = tmp_path / 'bad.onnx'
     for ckpt, what in ((search_ckpt, 'search (supernet) checkpoint'),
                        (fp_ckpt, 'full-precision checkpoint')):
-        msg = _run([CONFIG, str(ckpt), '--out', str(out)] +
-                   _options(demo['policy']))
+        msg = _run(
+            [CONFIG, str(ckpt), '--out', str(out)] + _options(demo['policy']))
         assert isinstance(msg, str) and msg.startswith('error: '), msg
         assert str(ckpt) in msg and what in msg, msg
         assert not out.exists()
-        assert [p.name for p in tmp_path.iterdir()
-                if p.suffix not in ('.pth', )] == []
+        assert [
+            p.name for p in tmp_path.iterdir() if p.suffix not in ('.pth', )
+        ] == []
 
 
 def test_policy_disagreeing_with_checkpoint(demo, tmp_path):
@@ -243,8 +263,7 @@ def test_policy_disagreeing_with_checkpoint(demo, tmp_path):
     other_file = tmp_path / 'other_policy.json'
     other_file.write_text(json.dumps(other))
     out = tmp_path / 'disagree.onnx'
-    msg = _run([CONFIG, str(saved), '--out', str(out)] +
-               _options(other_file))
+    msg = _run([CONFIG, str(saved), '--out', str(out)] + _options(other_file))
     assert isinstance(msg, str) and str(saved) in msg, msg
     assert 'layer1.0.conv1' in msg
     assert not out.exists()
@@ -260,10 +279,14 @@ def test_wrong_graph_is_refused(demo, tmp_path, monkeypatch):
 
     def broken(proto, layers):
         proto = finalize(proto, layers)
-        consts = {n.output[0]: n for n in proto.graph.node
-                  if n.op_type == 'Constant'}
-        dq = [n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
-              and n.input[0].endswith('layer1.0.conv1.weight_quantized')][0]
+        consts = {
+            n.output[0]: n
+            for n in proto.graph.node if n.op_type == 'Constant'
+        }
+        dq = [
+            n for n in proto.graph.node if n.op_type == 'DequantizeLinear'
+            and n.input[0].endswith('layer1.0.conv1.weight_quantized')
+        ][0]
         scale = consts[dq.input[1]].attribute[0].t
         value = numpy_helper.to_array(scale)
         value = (value * 1.5).astype(value.dtype)  # numpy 1.x: 0-d -> f64
@@ -272,8 +295,8 @@ def test_wrong_graph_is_refused(demo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(api, 'finalize_qdq_model', broken)
     out = tmp_path / 'wrong.onnx'
-    msg = _run([CONFIG, str(demo['ckpt']), '--out', str(out)] +
-               _options(demo['policy']))
+    msg = _run([CONFIG, str(demo['ckpt']), '--out',
+                str(out)] + _options(demo['policy']))
     assert isinstance(msg, str) and 'does not reproduce' in msg, msg
     assert str(demo['ckpt']) in msg
     assert os.listdir(tmp_path) == []

@@ -9,8 +9,10 @@ CONFIG = osp.join(REPO, 'configs/gmpq/demo/finetune_r18_fashion_mnist.py')
 
 def test_missing_deploy_packages_stop_the_tool(tmp_path, monkeypatch):
     import gmpq_mm.apis.onnx_export as api
-    monkeypatch.setattr(api, 'missing_deploy_packages',
-                        lambda with_runtime=True: ['onnx', 'onnxruntime'])
+    monkeypatch.setattr(
+        api,
+        'missing_deploy_packages',
+        lambda with_runtime=True: ['onnx', 'onnxruntime'])
     spec = importlib.util.spec_from_file_location(
         'export_tool', osp.join(REPO, 'tools/deploy/export.py'))
     tool = importlib.util.module_from_spec(spec)
@@ -19,9 +21,13 @@ def test_missing_deploy_packages_stop_the_tool(tmp_path, monkeypatch):
     ckpt.write_bytes(b'not read: the packages are checked first')
     out = tmp_path / 'm.onnx'
     try:
-        tool.main([CONFIG, str(ckpt), '--out', str(out), '--cfg-options',
-                   'load_from=None', 'model.backbone.policy=None',
-                   'model.backbone.w_bits=4', 'model.backbone.a_bits=4'])
+        tool.main([
+            CONFIG,
+            str(ckpt), '--out',
+            str(out), '--cfg-options', 'load_from=None',
+            'model.backbone.policy=None', 'model.backbone.w_bits=4',
+            'model.backbone.a_bits=4'
+        ])
     except SystemExit as err:
         msg = str(err)
     else:

@@ -8,8 +8,10 @@ import pytest
 def test_tiny_in_domain_study_writes_table_picture_and_resumes(
         tmp_path, run_tool):
     work = tmp_path / 'study'
-    cmd = ['tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
-           '--settings', 'in_domain']
+    cmd = [
+        'tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
+        '--settings', 'in_domain'
+    ]
     out = run_tool(cmd, timeout=600).output
     runs = sorted(p.name for p in (work / 'runs').iterdir())
     # the `all` teacher, GMPQ and aw=0 searches, (W2A2, 1 random, 2
@@ -62,8 +64,10 @@ def test_tiny_study_both_settings(tmp_path, run_tool):
 def test_partial_report(tmp_path, run_tool):
     """--report-only on a work dir with no finished run says so."""
     work = tmp_path / 'study'
-    run_tool(['tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
-              '--report-only'])
+    run_tool([
+        'tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
+        '--report-only'
+    ])
     md = (work / 'study.md').read_text()
     assert '**PARTIAL: 0 of 15 runs finished.**' in md
     assert '(not run yet)' in md
@@ -80,14 +84,22 @@ def test_stats_by_hand():
 
 def test_verdict_reports_gaps():
     from gmpq_mm.utils.policy_study import verdict
-    block = dict(budget=100, rows=[
-        dict(kind='gmpq', top1=[90.0, 91.0, 92.0], bitops=99),
-        dict(kind='aw0', top1=[85.0, 85.0, 85.0], bitops=99),
-        dict(kind='random_pooled', top1=[80.0, 82.0, 84.0],
-             policy_means=[81.0, 83.0], bitops=None),
-        dict(kind='uniform', label='uniform W2A2', top1=[90.0, 92.0],
-             bitops=60),
-    ])
+    block = dict(
+        budget=100,
+        rows=[
+            dict(kind='gmpq', top1=[90.0, 91.0, 92.0], bitops=99),
+            dict(kind='aw0', top1=[85.0, 85.0, 85.0], bitops=99),
+            dict(
+                kind='random_pooled',
+                top1=[80.0, 82.0, 84.0],
+                policy_means=[81.0, 83.0],
+                bitops=None),
+            dict(
+                kind='uniform',
+                label='uniform W2A2',
+                top1=[90.0, 92.0],
+                bitops=60),
+        ])
     lines = '\n'.join(verdict(block))
     # 91 - 82 = 9 > max(2, 1)
     assert 'GMPQ - random: +9.00 points' in lines
@@ -103,25 +115,29 @@ def test_verdict_reports_gaps():
 def test_random_policy_near_budget(seed):
     from gmpq_mm.quantization.budget import (policy_cost,
                                              random_policy_near_budget)
-    macs = {f'l{i}': m for i, m in enumerate(
-        [147456, 147456, 73728, 147456, 8192, 147456, 147456, 73728,
-         147456, 4096, 147456, 147456])}
+    macs = {
+        f'l{i}': m
+        for i, m in enumerate([
+            147456, 147456, 73728, 147456, 8192, 147456, 147456, 73728, 147456,
+            4096, 147456, 147456
+        ])
+    }
     budget = 6.5 * sum(macs.values())
-    policy = random_policy_near_budget(macs, [2, 3, 4, 6], [2, 3, 4, 6],
-                                       budget, seed=seed)
+    policy = random_policy_near_budget(
+        macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed)
     assert list(policy) == list(macs)
     assert 0.98 * budget <= policy_cost(macs, policy) <= budget
     # deterministic per seed, different across seeds
     assert policy == random_policy_near_budget(
         macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed)
-    other = random_policy_near_budget(macs, [2, 3, 4, 6], [2, 3, 4, 6],
-                                      budget, seed=seed + 10)
+    other = random_policy_near_budget(
+        macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed + 10)
     assert other != policy
     # not a uniform policy: several different pairs
     assert len(set(policy.values())) > 2
     with pytest.raises(ValueError, match='no policy of these 12 layers'):
-        random_policy_near_budget(macs, [2, 3], [2, 3], 40 * sum(
-            macs.values()), seed=0)
+        random_policy_near_budget(
+            macs, [2, 3], [2, 3], 40 * sum(macs.values()), seed=0)
 
 
 def test_min_bitops_makes_the_policy_spend_the_budget():
@@ -132,25 +148,29 @@ def test_min_bitops_makes_the_policy_spend_the_budget():
     logp = {n: ([0., -1.], [0., -1.]) for n in macs}
     free = best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000)
     assert policy_cost(macs, free) == 800
-    banded = best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
-                                      min_bitops=1900)
+    banded = best_policy_under_budget(
+        logp, macs, [2, 4], [2, 4], 2000, min_bitops=1900)
     # only (4, 4) + (2, 2) -> 1600 + 400 = 2000 lies in [1900, 2000]
     assert policy_cost(macs, banded) == 2000
     with pytest.raises(ValueError, match='above the largest reachable'):
-        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 5000,
-                                 min_bitops=4000)
+        best_policy_under_budget(
+            logp, macs, [2, 4], [2, 4], 5000, min_bitops=4000)
     with pytest.raises(ValueError, match='min_bitops 2100 is above'):
-        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
-                                 min_bitops=2100)
+        best_policy_under_budget(
+            logp, macs, [2, 4], [2, 4], 2000, min_bitops=2100)
 
 
 def test_study_figure(tmp_path):
     from gmpq_mm.visualization.study_plot import study_figure
-    rows = [dict(kind='gmpq', top1=[80., 82.], bitops=6e6),
-            dict(kind='random', top1=[78., 79.], bitops=5.9e6),
-            dict(kind='random_pooled', top1=[78., 79.], bitops=None),
-            dict(kind='uniform', top1=[], bitops=4e6)]
-    data = {s: dict(blocks=[dict(budget=6e6, rows=rows)])
-            for s in ('in_domain', 'transfer')}
+    rows = [
+        dict(kind='gmpq', top1=[80., 82.], bitops=6e6),
+        dict(kind='random', top1=[78., 79.], bitops=5.9e6),
+        dict(kind='random_pooled', top1=[78., 79.], bitops=None),
+        dict(kind='uniform', top1=[], bitops=4e6)
+    ]
+    data = {
+        s: dict(blocks=[dict(budget=6e6, rows=rows)])
+        for s in ('in_domain', 'transfer')
+    }
     path = study_figure(data, os.fspath(tmp_path / 'f.png'))
     assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'

@@ -44,10 +44,13 @@ def _tool():
     return module
 
 
-def write_search_config(tmp_path, data_root, teacher_ckpt,
-                        base=SEARCH_CONFIG, extra=''):
-    return write_search_configs(tmp_path, ROOT, data_root, teacher_ckpt,
-                                base=base, extra_text=extra)
+def write_search_config(tmp_path,
+                        data_root,
+                        teacher_ckpt,
+                        base=SEARCH_CONFIG,
+                        extra=''):
+    return write_search_configs(
+        tmp_path, ROOT, data_root, teacher_ckpt, base=base, extra_text=extra)
 
 
 def documented_tensorboard_block(repo_root):

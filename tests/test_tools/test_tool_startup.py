@@ -21,8 +21,10 @@ TOOLS = sorted(
 HEAVY = ('torch', 'mmengine', 'mmpretrain', 'mmcv', 'matplotlib', 'scipy')
 # This checkout's gmpq_mm, as an install of it would provide (a script's
 # own folder, not the working directory, starts sys.path).
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    [str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+ENV = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
 
 # Run a tool as ``python tools/x.py ARGS`` would (its folder first on
 # sys.path), then report the heavy packages loaded by the time it exits.
@@ -43,8 +45,11 @@ print('RESULT ' + json.dumps(dict(code=code, heavy=heavy)))
 
 def run_harness(tool, *args):
     out = subprocess.run([sys.executable, '-c', HARNESS, tool, *args],
-                         cwd=str(ROOT), env=ENV, capture_output=True,
-                         text=True, timeout=120)
+                         cwd=str(ROOT),
+                         env=ENV,
+                         capture_output=True,
+                         text=True,
+                         timeout=120)
     lines = [x for x in out.stdout.splitlines() if x.startswith('RESULT ')]
     assert lines, f'{tool}: {out.stdout[-2000:]}\n{out.stderr[-2000:]}'
     return json.loads(lines[-1][len('RESULT '):]), out
@@ -62,8 +67,8 @@ def test_help_imports_nothing_heavy(tool):
     assert result['heavy'] == [], f'{tool} --help imported {result["heavy"]}'
 
 
-@pytest.mark.parametrize('tool', ['tools/train.py', 'tools/test.py',
-                                  'tools/deploy/export.py'])
+@pytest.mark.parametrize(
+    'tool', ['tools/train.py', 'tools/test.py', 'tools/deploy/export.py'])
 def test_argument_error_imports_nothing_heavy(tool):
     result, out = run_harness(tool, '--no-such-option')
     assert result['code'] == 2, (result, out.stderr[-2000:])
@@ -73,8 +78,8 @@ def test_argument_error_imports_nothing_heavy(tool):
 
 def _seconds(cmd):
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=str(ROOT), env=ENV, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        cmd, cwd=str(ROOT), env=ENV, capture_output=True, timeout=120)
     return time.perf_counter() - start
 
 
@@ -82,8 +87,7 @@ def test_help_is_fast():
     """``--help`` costs at most about a bare interpreter start plus a second
     (on an idle machine: well under 2 s; importing torch alone takes
     several)."""
-    tools = ['tools/train.py', 'tools/test.py',
-             'tools/analysis/complexity.py']
+    tools = ['tools/train.py', 'tools/test.py', 'tools/analysis/complexity.py']
     for tool in tools:
         # Best of two, each against a fresh baseline: one slow start on a
         # busy machine must not decide.

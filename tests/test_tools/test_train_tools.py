@@ -24,13 +24,14 @@ ITERS_PER_EPOCH = 10
 
 def _train_epochs(output):
     """Epoch numbers that ran training iterations, in order of appearance."""
-    return sorted({int(e) for e in re.findall(r'Epoch\(train\)\s*\[(\d+)\]',
-                                              output)})
+    return sorted(
+        {int(e)
+         for e in re.findall(r'Epoch\(train\)\s*\[(\d+)\]', output)})
 
 
 def _last_iter_of_epoch(output, epoch):
-    found = re.findall(
-        rf'Epoch\(train\)\s*\[{epoch}\]\[\s*(\d+)/(\d+)\]', output)
+    found = re.findall(rf'Epoch\(train\)\s*\[{epoch}\]\[\s*(\d+)/(\d+)\]',
+                       output)
     assert found, f'no training log for epoch {epoch}'
     return found[-1]
 
@@ -60,8 +61,8 @@ def test_train_two_epochs(trained_cifar_r18):
     output = (work_dir / 'train_output.txt').read_text()
     for name in ('epoch_1.pth', 'epoch_2.pth', 'last_checkpoint'):
         assert (work_dir / name).is_file(), name
-    assert (work_dir / 'last_checkpoint').read_text().strip().endswith(
-        'epoch_2.pth')
+    assert (work_dir /
+            'last_checkpoint').read_text().strip().endswith('epoch_2.pth')
     assert _train_epochs(output) == [1, 2]
     assert _last_iter_of_epoch(output, 1) == (str(ITERS_PER_EPOCH),
                                               str(ITERS_PER_EPOCH))
@@ -69,8 +70,8 @@ def test_train_two_epochs(trained_cifar_r18):
     accs = [float(a) for a in re.findall(r'accuracy/top1: ([\d.]+)', output)]
     assert len(accs) == 2 and all(0 <= a <= 100 for a in accs)
     # The shrunk model really was used (the options reached the config).
-    ckpt = torch.load(work_dir / 'epoch_2.pth', map_location='cpu',
-                      weights_only=False)
+    ckpt = torch.load(
+        work_dir / 'epoch_2.pth', map_location='cpu', weights_only=False)
     assert ckpt['meta']['epoch'] == 2
     assert ckpt['state_dict']['head.fc.weight'].shape == (10, 64)
     # The md5 mismatch of the tiny CIFAR files is a warning, not an error.
@@ -80,28 +81,29 @@ def test_train_two_epochs(trained_cifar_r18):
 def test_resume_auto(trained_cifar_r18, cifar10_root, tmp_path, run_tool,
                      tiny_cifar_cfg):
     work_dir = _copy_work_dir(trained_cifar_r18, tmp_path / 'wd')
-    result = run_tool(['tools/train.py'] + tiny_cifar_cfg(
-        work_dir, cifar10_root, max_epochs=3) + ['--resume'])
+    result = run_tool(['tools/train.py'] +
+                      tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=3) +
+                      ['--resume'])
     out = result.output
     assert 'Auto resumed from the latest checkpoint' in out, result.tail()
     assert f'{osp.join(str(work_dir), "epoch_2.pth")}' in out
     assert 'resumed epoch: 2, iter: 20' in out, result.tail()
     assert _train_epochs(out) == [3], 'epochs 1-2 must not be retrained'
     assert (work_dir / 'epoch_3.pth').is_file()
-    ckpt = torch.load(work_dir / 'epoch_3.pth', map_location='cpu',
-                      weights_only=False)
+    ckpt = torch.load(
+        work_dir / 'epoch_3.pth', map_location='cpu', weights_only=False)
     assert ckpt['meta']['epoch'] == 3
     assert ckpt['meta']['iter'] == 3 * ITERS_PER_EPOCH
 
 
 @pytest.mark.slow
-def test_resume_from_path(trained_cifar_r18, cifar10_root, tmp_path,
-                          run_tool, tiny_cifar_cfg):
+def test_resume_from_path(trained_cifar_r18, cifar10_root, tmp_path, run_tool,
+                          tiny_cifar_cfg):
     """``--resume PATH`` resumes from that file, not from last_checkpoint."""
     work_dir = tmp_path / 'wd'
     ckpt = trained_cifar_r18 / 'epoch_1.pth'
-    result = run_tool(['tools/train.py'] + tiny_cifar_cfg(
-        work_dir, cifar10_root, max_epochs=2) +
+    result = run_tool(['tools/train.py'] +
+                      tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=2) +
                       ['--resume', str(ckpt)])
     out = result.output
     assert 'Auto resumed' not in out
@@ -116,15 +118,15 @@ def test_load_from_starts_fresh(trained_cifar_r18, cifar10_root, tmp_path,
     """``load_from`` takes the weights only: training restarts at epoch 1."""
     work_dir = tmp_path / 'wd'
     ckpt = trained_cifar_r18 / 'epoch_2.pth'
-    result = run_tool(['tools/train.py'] + tiny_cifar_cfg(
-        work_dir, cifar10_root, max_epochs=1) +
+    result = run_tool(['tools/train.py'] +
+                      tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=1) +
                       [f'load_from={ckpt}'])
     out = result.output
     assert f'Load checkpoint from {ckpt}' in out, result.tail()
     assert 'resumed epoch' not in out
     assert _train_epochs(out) == [1]
-    saved = torch.load(work_dir / 'epoch_1.pth', map_location='cpu',
-                       weights_only=False)
+    saved = torch.load(
+        work_dir / 'epoch_1.pth', map_location='cpu', weights_only=False)
     assert saved['meta']['epoch'] == 1
     assert saved['meta']['iter'] == ITERS_PER_EPOCH
 
@@ -146,8 +148,8 @@ def test_test_tool_writes_metrics(trained_cifar_r18, cifar10_root, tmp_path,
     ckpt = trained_cifar_r18 / 'epoch_2.pth'
     out_json = tmp_path / 'out' / 'result.json'
     result = run_tool([
-        'tools/test.py', CONFIG, ckpt, '--work-dir', tmp_path / 'wd',
-        '--out', out_json, '--cfg-options'
+        'tools/test.py', CONFIG, ckpt, '--work-dir', tmp_path /
+        'wd', '--out', out_json, '--cfg-options'
     ] + tiny_cifar_options(cifar10_root))
     out = result.output
     assert f'Load checkpoint from {ckpt}' in out
@@ -208,16 +210,20 @@ def test_mmengine_loader_is_patched(trained_cifar_r18):
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
     assert CheckpointLoader._schemes[''] is compat._load_local
-    ckpt = _load_checkpoint(str(trained_cifar_r18 / 'epoch_1.pth'),
-                            map_location='cpu')
+    ckpt = _load_checkpoint(
+        str(trained_cifar_r18 / 'epoch_1.pth'), map_location='cpu')
     assert ckpt['meta']['epoch'] == 1
 
 
 def test_strict_load_refuses_foreign_objects(tmp_path, monkeypatch):
     from gmpq_mm import compat
     path = tmp_path / 'foreign.pth'
-    torch.save({'state_dict': {'w': torch.ones(2)},
-                'extra': NotAllowListed(3)}, path)
+    torch.save({
+        'state_dict': {
+            'w': torch.ones(2)
+        },
+        'extra': NotAllowListed(3)
+    }, path)
     warnings = []
     monkeypatch.setattr(compat, 'print_log',
                         lambda msg, **kw: warnings.append(msg))
@@ -238,8 +244,14 @@ def test_strict_load_refuses_foreign_objects(tmp_path, monkeypatch):
 def test_strict_load_accepts_tensor_only_checkpoint(tmp_path, monkeypatch):
     from gmpq_mm import compat
     path = tmp_path / 'weights.pth'
-    torch.save({'state_dict': {'w': torch.arange(3.)}, 'meta': {'epoch': 1}},
-               path)
+    torch.save({
+        'state_dict': {
+            'w': torch.arange(3.)
+        },
+        'meta': {
+            'epoch': 1
+        }
+    }, path)
     monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')
     ckpt = compat.load_trusted_checkpoint(str(path))
     assert torch.equal(ckpt['state_dict']['w'], torch.arange(3.))
@@ -272,6 +284,7 @@ class _Payload:
 
 def test_strict_load_refuses_other_getattr(tmp_path, monkeypatch):
     import torch
+
     from gmpq_mm import compat
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {}, 'x': _Payload()}, path)
@@ -282,7 +295,7 @@ def test_strict_load_refuses_other_getattr(tmp_path, monkeypatch):
 
 # ------------------------------------------------------- dist_train.sh --
 def test_dist_train_two_processes_gloo(cifar10_root, tmp_path, run_tool,
-                                      tiny_cifar_cfg, free_tcp_port):
+                                       tiny_cifar_cfg, free_tcp_port):
     work_dir = tmp_path / 'wd'
     result = run_tool(
         ['tools/dist_train.sh', CONFIG, '2'] +

@@ -37,8 +37,10 @@ def parse_args(argv=None):
     parser.add_argument('--input-size', type=int, default=224)
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--amp', action='store_true',
-                        help='fp16 autocast with dynamic loss scaling')
+    parser.add_argument(
+        '--amp',
+        action='store_true',
+        help='fp16 autocast with dynamic loss scaling')
     parser.add_argument('--steps', nargs='+', choices=STEPS, default=STEPS)
     parser.add_argument('--json', help='write the numbers to this file')
     return parser.parse_args(argv)
@@ -58,13 +60,22 @@ def build(args, device):
     init_default_scope('mmpretrain')
     torch.manual_seed(0)
     backbone = dict(type='ResNet', depth=18)
-    head = dict(type='LinearClsHead', num_classes=1000, in_channels=512,
-                loss=dict(type='CrossEntropyLoss'))
-    preprocessor = dict(type='ClsDataPreprocessor', num_classes=1000,
-                        mean=[123.675, 116.28, 103.53],
-                        std=[58.395, 57.12, 57.375], to_rgb=False)
-    fp_cfg = dict(type='ImageClassifier', backbone=backbone,
-                  neck=dict(type='GlobalAveragePooling'), head=head)
+    head = dict(
+        type='LinearClsHead',
+        num_classes=1000,
+        in_channels=512,
+        loss=dict(type='CrossEntropyLoss'))
+    preprocessor = dict(
+        type='ClsDataPreprocessor',
+        num_classes=1000,
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        to_rgb=False)
+    fp_cfg = dict(
+        type='ImageClassifier',
+        backbone=backbone,
+        neck=dict(type='GlobalAveragePooling'),
+        head=head)
     wrapper = dict(type='AmpOptimWrapper', loss_scale='dynamic') \
         if args.amp else dict(type='OptimWrapper')
     sgd = dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -72,47 +83,63 @@ def build(args, device):
     def classifier(cfg):
         model = MODELS.build(dict(cfg, data_preprocessor=preprocessor))
         model.to(device).train()
-        return model, build_optim_wrapper(
-            model, dict(wrapper, optimizer=sgd))
+        return model, build_optim_wrapper(model, dict(wrapper, optimizer=sgd))
 
     steps = {}
     if 'fp' in args.steps:
         fp, fp_optim = classifier(fp_cfg)
         steps['fp'] = lambda b: fp.train_step(b, optim_wrapper=fp_optim)
     if 'w4a4' in args.steps:
-        q, q_optim = classifier(dict(
-            fp_cfg, backbone=dict(type='QuantizedBackbone', backbone=backbone,
-                                  w_bits=4, a_bits=4)))
+        q, q_optim = classifier(
+            dict(
+                fp_cfg,
+                backbone=dict(
+                    type='QuantizedBackbone',
+                    backbone=backbone,
+                    w_bits=4,
+                    a_bits=4)))
         steps['w4a4'] = lambda b: q.train_step(b, optim_wrapper=q_optim)
     if {'single', 'bilevel'} & set(args.steps):
         teacher = MODELS.build(dict(fp_cfg, data_preprocessor=preprocessor))
         ckpt = osp.join(tempfile.mkdtemp(), 'teacher.pth')
         torch.save({'state_dict': teacher.state_dict()}, ckpt)
-        search = MODELS.build(dict(
-            type='GMPQSearchClassifier',
-            backbone=dict(type='MixedPrecisionBackbone', backbone=backbone,
-                          w_bits=[2, 3, 4, 6], a_bits=[2, 3, 4, 6]),
-            neck=dict(type='GlobalAveragePooling'), head=head,
-            teacher=fp_cfg, teacher_checkpoint=ckpt,
-            input_shape=(3, args.input_size, args.input_size),
-            attribution_loss=dict(type='AttributionRankLoss',
-                                  loss_weight=40.),
-            complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
-            data_preprocessor=preprocessor)).to(device).train()
-        search_optim = build_optim_wrapper(search, dict(
-            constructor='SearchOptimWrapperConstructor',
-            weights=dict(wrapper, optimizer=sgd),
-            arch=dict(wrapper, optimizer=dict(sgd, lr=0.01))))
+        search = MODELS.build(
+            dict(
+                type='GMPQSearchClassifier',
+                backbone=dict(
+                    type='MixedPrecisionBackbone',
+                    backbone=backbone,
+                    w_bits=[2, 3, 4, 6],
+                    a_bits=[2, 3, 4, 6]),
+                neck=dict(type='GlobalAveragePooling'),
+                head=head,
+                teacher=fp_cfg,
+                teacher_checkpoint=ckpt,
+                input_shape=(3, args.input_size, args.input_size),
+                attribution_loss=dict(
+                    type='AttributionRankLoss', loss_weight=40.),
+                complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
+                data_preprocessor=preprocessor)).to(device).train()
+        search_optim = build_optim_wrapper(
+            search,
+            dict(
+                constructor='SearchOptimWrapperConstructor',
+                weights=dict(wrapper, optimizer=sgd),
+                arch=dict(wrapper, optimizer=dict(sgd, lr=0.01))))
         steps['single'] = lambda b: single_level_step(search, search_optim, b)
         steps['bilevel'] = lambda b: bilevel_step(search, search_optim, b, b)
 
     g = torch.Generator().manual_seed(0)
     size = args.input_size
     batch = dict(
-        inputs=torch.randint(0, 256, (args.batch_size, 3, size, size),
-                             generator=g, dtype=torch.uint8).to(device),
-        data_samples=[DataSample().set_gt_label(i % 1000)
-                      for i in range(args.batch_size)])
+        inputs=torch.randint(
+            0,
+            256, (args.batch_size, 3, size, size),
+            generator=g,
+            dtype=torch.uint8).to(device),
+        data_samples=[
+            DataSample().set_gt_label(i % 1000) for i in range(args.batch_size)
+        ])
     return {name: steps[name] for name in args.steps}, batch
 
 
@@ -146,7 +173,8 @@ def main(argv=None):
         images = args.batch_size * (2 if name == 'bilevel' else 1)
         median = statistics.median(times)
         results[name] = dict(
-            step_s=median, images_per_s=images / median,
+            step_s=median,
+            images_per_s=images / median,
             peak_gib=torch.cuda.max_memory_allocated() / 2**30,
             warmup_s=warmup_s)
     fp = results.get('fp')
@@ -161,9 +189,14 @@ def main(argv=None):
               f'{r["peak_gib"]:>8.2f} {m_ratio:>8.2f} {r["warmup_s"]:>9.1f}')
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(vars(args), backend=backend,
-                           device=torch.cuda.get_device_name(),
-                           results=results), f, indent=2)
+            json.dump(
+                dict(
+                    vars(args),
+                    backend=backend,
+                    device=torch.cuda.get_device_name(),
+                    results=results),
+                f,
+                indent=2)
 
 
 if __name__ == '__main__':

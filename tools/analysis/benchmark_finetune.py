@@ -40,11 +40,17 @@ def parse_args(argv=None):
         'ResNet-18 vs FP, and export + reload (CPU).')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--input-size', type=int, default=224)
-    parser.add_argument('--iters', type=int, default=3,
-                        help='timed rounds (one iteration of each network)')
+    parser.add_argument(
+        '--iters',
+        type=int,
+        default=3,
+        help='timed rounds (one iteration of each network)')
     parser.add_argument('--warmup', type=int, default=1)
-    parser.add_argument('--threads', type=int, default=None,
-                        help='torch threads (default: torch\'s choice)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=None,
+        help='torch threads (default: torch\'s choice)')
     parser.add_argument('--policy', help='policy JSON (default: W4A4)')
     parser.add_argument('--json', help='write the numbers to this file')
     return parser.parse_args(argv)
@@ -57,8 +63,8 @@ def build(quantized, policy=None):
     init_default_scope('mmpretrain')
     backbone = dict(type='ResNet', depth=18, out_indices=(3, ))
     if quantized:
-        backbone = dict(type='QuantizedBackbone', backbone=backbone,
-                        signed=False)
+        backbone = dict(
+            type='QuantizedBackbone', backbone=backbone, signed=False)
         if policy:
             backbone['policy'] = policy
         else:
@@ -75,8 +81,8 @@ def build(quantized, policy=None):
 def make_step(model, batch_size, size):
     import torch
     import torch.nn.functional as F
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
-                          weight_decay=4e-5)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, size, size, generator=gen)
     y = torch.randint(0, 1000, (batch_size, ), generator=gen)
@@ -110,13 +116,14 @@ def main(argv=None):
     # Calibrated ranges, as after the CalibrationHook (the cost of a step
     # does not depend on them, the export's thresholds do).
     calib = torch.randn(4, 3, args.input_size, args.input_size)
-    calibrate_model(quant, [calib], forward=lambda m, b: m(b, mode='tensor'),
-                    bins=512)
+    calibrate_model(
+        quant, [calib], forward=lambda m, b: m(b, mode='tensor'), bins=512)
     # Random weights at lr 0.01 may diverge within a few steps; export the
     # calibrated network as it was before them.
     snapshot = copy.deepcopy(quant.state_dict())
-    steps = dict(fp=make_step(fp, args.batch_size, args.input_size),
-                 quant=make_step(quant, args.batch_size, args.input_size))
+    steps = dict(
+        fp=make_step(fp, args.batch_size, args.input_size),
+        quant=make_step(quant, args.batch_size, args.input_size))
     for _ in range(args.warmup):
         for step in steps.values():
             step()
@@ -162,10 +169,10 @@ def main(argv=None):
     print(f'ResNet-18 finetune iteration (fwd + bwd + SGD), batch '
           f'{args.batch_size} at {args.input_size} px, '
           f'{result["threads"]} threads, {result["policy"]}:')
-    print(f'  FP     {result["fp_step_s"]:.3f} s  (rounds: '
-          + ', '.join(f'{t:.3f}' for t in times['fp']) + ')')
-    print(f'  quant  {result["quant_step_s"]:.3f} s  (rounds: '
-          + ', '.join(f'{t:.3f}' for t in times['quant']) + ')')
+    print(f'  FP     {result["fp_step_s"]:.3f} s  (rounds: ' +
+          ', '.join(f'{t:.3f}' for t in times['fp']) + ')')
+    print(f'  quant  {result["quant_step_s"]:.3f} s  (rounds: ' +
+          ', '.join(f'{t:.3f}' for t in times['quant']) + ')')
     print(f'  ratio quant / FP (median of rounds) {ratio:.3f}x '
           f'(target <= {TARGET_RATIO}x: '
           f'{"met" if ratio <= TARGET_RATIO else "NOT met"})')

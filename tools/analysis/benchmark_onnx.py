@@ -38,8 +38,7 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='finetuned checkpoint')
     parser.add_argument(
         '--work-dir', required=True, help='where the two .onnx files go')
-    parser.add_argument(
-        '--batch-sizes', type=int, nargs='+', default=[1, 32])
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument(
@@ -72,13 +71,14 @@ def float_copy(model):
         q = getattr(parent, attr)
         if isinstance(q, nn.Conv2d):
             new = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size,
-                            q.stride, q.padding, q.dilation, q.groups,
-                            q.bias is not None)
+                            q.stride, q.padding, q.dilation, q.groups, q.bias
+                            is not None)
         else:
             new = nn.Linear(q.in_features, q.out_features, q.bias is not None)
-        new.load_state_dict(
-            {k: v for k, v in q.state_dict().items()
-             if k in ('weight', 'bias')})
+        new.load_state_dict({
+            k: v
+            for k, v in q.state_dict().items() if k in ('weight', 'bias')
+        })
         setattr(parent, attr, new)
     return fp
 
@@ -89,8 +89,7 @@ def _session(path, threads):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(
-        path, opts, providers=['CPUExecutionProvider'])
+    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
 
 
 def _median_ms(sess, x, iters):
@@ -108,7 +107,6 @@ def main(argv=None):
     import numpy as np
     import onnxruntime
     import torch
-
     from mmengine.config import Config
 
     from gmpq_mm.apis import export_onnx_checkpoint, load_model
@@ -130,12 +128,20 @@ def main(argv=None):
     model, _ = load_model(cfg, args.checkpoint)
     with torch.no_grad():
         export_onnx(
-            LogitsOnly(float_copy(model)).eval(), (torch.zeros((2, ) + shape), ),
+            LogitsOnly(float_copy(model)).eval(),
+            (torch.zeros((2, ) + shape), ),
             fp_path,
             opset_version=ONNX_OPSET,
             input_names=['input'],
             output_names=['logits'],
-            dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}})
+            dynamic_axes={
+                'input': {
+                    0: 'batch'
+                },
+                'logits': {
+                    0: 'batch'
+                }
+            })
     results = dict(
         onnxruntime=onnxruntime.__version__,
         threads=args.threads or 'default',
@@ -144,8 +150,9 @@ def main(argv=None):
         verify=summary['verify'],
         bytes=dict(fp=osp.getsize(fp_path), qdq=osp.getsize(qdq_path)),
         batches={})
-    sessions = dict(fp=_session(fp_path, args.threads),
-                    qdq=_session(qdq_path, args.threads))
+    sessions = dict(
+        fp=_session(fp_path, args.threads),
+        qdq=_session(qdq_path, args.threads))
     rng = np.random.default_rng(0)
     for bs in args.batch_sizes:
         x = rng.standard_normal((bs, ) + shape).astype(np.float32)

@@ -30,10 +30,13 @@ import tempfile
 import time
 
 STEPS = ('fp', 'single', 'bilevel')
-TARGETS = dict(single=dict(time=1.6, mem=2.0), bilevel=dict(time=3.2,
-                                                              mem=2.0))
-BACKBONE = dict(type='ResNet_CIFAR', depth=18, num_stages=4,
-                out_indices=(3, ), style='pytorch')
+TARGETS = dict(single=dict(time=1.6, mem=2.0), bilevel=dict(time=3.2, mem=2.0))
+BACKBONE = dict(
+    type='ResNet_CIFAR',
+    depth=18,
+    num_stages=4,
+    out_indices=(3, ),
+    style='pytorch')
 
 
 def parse_args():
@@ -41,8 +44,8 @@ def parse_args():
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--iters', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--worker', choices=STEPS + ('time', ),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        '--worker', choices=STEPS + ('time', ), help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -61,40 +64,60 @@ def build(batch_size):
                                 single_level_step)
     init_default_scope('mmpretrain')
     torch.manual_seed(0)
-    head = dict(type='LinearClsHead', num_classes=10, in_channels=512,
-                loss=dict(type='CrossEntropyLoss'))
-    preprocessor = dict(type='ClsDataPreprocessor', num_classes=10,
-                        mean=[125.3, 123.0, 113.9], std=[63.0, 62.1, 66.7])
-    fp_cfg = dict(type='ImageClassifier', backbone=BACKBONE,
-                  neck=dict(type='GlobalAveragePooling'), head=head)
+    head = dict(
+        type='LinearClsHead',
+        num_classes=10,
+        in_channels=512,
+        loss=dict(type='CrossEntropyLoss'))
+    preprocessor = dict(
+        type='ClsDataPreprocessor',
+        num_classes=10,
+        mean=[125.3, 123.0, 113.9],
+        std=[63.0, 62.1, 66.7])
+    fp_cfg = dict(
+        type='ImageClassifier',
+        backbone=BACKBONE,
+        neck=dict(type='GlobalAveragePooling'),
+        head=head)
     fp = MODELS.build(dict(fp_cfg, data_preprocessor=preprocessor))
-    fp_optim = OptimWrapper(torch.optim.SGD(
-        fp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
+    fp_optim = OptimWrapper(
+        torch.optim.SGD(
+            fp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
     ckpt = osp.join(tempfile.mkdtemp(), 'teacher.pth')
     torch.save({'state_dict': fp.state_dict()}, ckpt)
-    search = MODELS.build(dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
-                      w_bits=[2, 3, 4, 6], a_bits=[2, 3, 4, 6]),
-        neck=dict(type='GlobalAveragePooling'), head=head,
-        teacher=fp_cfg, teacher_checkpoint=ckpt,
-        attribution_loss=dict(type='AttributionRankLoss', loss_weight=40.),
-        complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
-        data_preprocessor=preprocessor))
+    search = MODELS.build(
+        dict(
+            type='GMPQSearchClassifier',
+            backbone=dict(
+                type='MixedPrecisionBackbone',
+                backbone=BACKBONE,
+                w_bits=[2, 3, 4, 6],
+                a_bits=[2, 3, 4, 6]),
+            neck=dict(type='GlobalAveragePooling'),
+            head=head,
+            teacher=fp_cfg,
+            teacher_checkpoint=ckpt,
+            attribution_loss=dict(type='AttributionRankLoss', loss_weight=40.),
+            complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
+            data_preprocessor=preprocessor))
     sgd = dict(type='SGD', momentum=0.9, weight_decay=1e-4)
-    search_optim = SearchOptimWrapperConstructor(dict(
-        weights=dict(optimizer=dict(sgd, lr=0.1)),
-        arch=dict(optimizer=dict(sgd, lr=0.01))))(search)
+    search_optim = SearchOptimWrapperConstructor(
+        dict(
+            weights=dict(optimizer=dict(sgd, lr=0.1)),
+            arch=dict(optimizer=dict(sgd, lr=0.01))))(
+                search)
     fp.train()
     search.train()
 
     def batch(n=batch_size):
         g = torch.Generator().manual_seed(n)
         return dict(
-            inputs=[torch.randint(0, 256, (3, 32, 32), generator=g,
-                                  dtype=torch.uint8) for _ in range(n)],
-            data_samples=[DataSample().set_gt_label(i % 10)
-                          for i in range(n)])
+            inputs=[
+                torch.randint(
+                    0, 256, (3, 32, 32), generator=g, dtype=torch.uint8)
+                for _ in range(n)
+            ],
+            data_samples=[DataSample().set_gt_label(i % 10) for i in range(n)])
 
     return dict(
         fp=lambda b: fp.train_step(b, optim_wrapper=fp_optim),
@@ -137,9 +160,12 @@ def time_worker(args):
 
 
 def run_worker(kind, args):
-    cmd = [sys.executable, __file__, '--worker', kind, '--batch-size',
-           str(args.batch_size), '--iters', str(args.iters), '--threads',
-           str(args.threads)]
+    cmd = [
+        sys.executable, __file__, '--worker', kind, '--batch-size',
+        str(args.batch_size), '--iters',
+        str(args.iters), '--threads',
+        str(args.threads)
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

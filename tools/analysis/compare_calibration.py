@@ -70,16 +70,21 @@ def main(argv=None):
         def __init__(self):
             super().__init__()
             self.backbone = MODELS.build(
-                dict(type='ResNet_CIFAR', depth=18, in_channels=1,
-                     stem_channels=16, base_channels=16, out_indices=(3, )))
+                dict(
+                    type='ResNet_CIFAR',
+                    depth=18,
+                    in_channels=1,
+                    stem_channels=16,
+                    base_channels=16,
+                    out_indices=(3, )))
             self.fc = nn.Linear(128, 10)
 
         def forward(self, x):
             return self.fc(self.backbone(x)[-1].mean((2, 3)))
 
     net = Net()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9,
-                          weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     start = time.time()
     for _ in range(args.epochs):
         perm = torch.randperm(len(x_tr))
@@ -104,16 +109,21 @@ def main(argv=None):
             q = copy.deepcopy(net)
             names = ['backbone.' + n for n in select_layers(q.backbone)]
             to_quantized(q, bits, names=names, signed=False)
-            calibrate_model(q, calib, method=act_rule or weight_rule,
-                            weight_method=weight_rule)
+            calibrate_model(
+                q,
+                calib,
+                method=act_rule or weight_rule,
+                weight_method=weight_rule)
             q.eval()
             with torch.no_grad():
                 out = q(x_te)
             acc = float((out.argmax(1) == y_te).float().mean())
             rel = float((out - fp).norm() / fp.norm())
             cells.append(f'{acc:.3f} / {rel:.3f}')
-        print(f'W{bits[0]}A{bits[1]}     ' +
-              '  '.join(f'{c:>20}' for c in cells), flush=True)
+        print(
+            f'W{bits[0]}A{bits[1]}     ' + '  '.join(f'{c:>20}'
+                                                     for c in cells),
+            flush=True)
 
 
 if __name__ == '__main__':

@@ -175,8 +175,8 @@ def main(argv=None):
         cfg.merge_from_dict(args.cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
 
-    model_cfg = cfg.model.to_dict() if hasattr(cfg.model,
-                                               'to_dict') else dict(cfg.model)
+    model_cfg = cfg.model.to_dict() if hasattr(cfg.model, 'to_dict') else dict(
+        cfg.model)
     if args.policy is not None:
         if not isinstance(model_cfg.get('backbone'), dict):
             return _fail(f'{args.config}: model has no `backbone` config to '

@@ -21,9 +21,8 @@ import numpy as np
 from make_fashion_mnist_subset import read_idx
 from PIL import Image
 
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress',
-                         'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
-                         'Ankle boot')
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                         'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 
 
 def parse_args(argv=None):
@@ -31,8 +30,11 @@ def parse_args(argv=None):
     parser.add_argument('images', help='IDX images file (N x H x W)')
     parser.add_argument('labels', help='IDX labels file (N)')
     parser.add_argument('--out', required=True, help='folder for the PNGs')
-    parser.add_argument('--num', type=int, default=4,
-                        help='how many images (one per class, in order)')
+    parser.add_argument(
+        '--num',
+        type=int,
+        default=4,
+        help='how many images (one per class, in order)')
     parser.add_argument('--prefix', default='test')
     return parser.parse_args(argv)
 
@@ -60,8 +62,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     for index in pick_one_per_class(labels, args.num):
         label = int(labels[index])
-        name = (FASHION_MNIST_CLASSES[label]
-                if label < len(FASHION_MNIST_CLASSES) else str(label))
+        name = (
+            FASHION_MNIST_CLASSES[label]
+            if label < len(FASHION_MNIST_CLASSES) else str(label))
         name = re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')
         path = osp.join(args.out, f'{args.prefix}{index:04d}_{name}.png')
         Image.fromarray(images[index]).save(path)

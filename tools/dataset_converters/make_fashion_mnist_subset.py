@@ -100,7 +100,8 @@ def debian_version(pkg):
     try:
         return subprocess.check_output(
             ['dpkg-query', '-W', '-f=${Version}', pkg],
-            stderr=subprocess.DEVNULL, text=True).strip() or 'unknown'
+            stderr=subprocess.DEVNULL,
+            text=True).strip() or 'unknown'
     except (OSError, subprocess.CalledProcessError):
         return 'unknown'
 
@@ -115,16 +116,22 @@ def sha256(path):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--src', default='/usr/share/datasets/fashion-mnist',
-                   help='folder with the original Fashion-MNIST idx files '
-                   '(.gz or plain)')
-    p.add_argument('--out', default='data_demo/fashion_mnist_subset',
-                   help='output folder (used as data_root)')
+    p.add_argument(
+        '--src',
+        default='/usr/share/datasets/fashion-mnist',
+        help='folder with the original Fashion-MNIST idx files '
+        '(.gz or plain)')
+    p.add_argument(
+        '--out',
+        default='data_demo/fashion_mnist_subset',
+        help='output folder (used as data_root)')
     p.add_argument('--train-per-class', type=int, default=500)
     p.add_argument('--test-per-class', type=int, default=100)
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--license-file', default=DEBIAN_COPYRIGHT,
-                   help='licence text copied to OUT/LICENSE')
+    p.add_argument(
+        '--license-file',
+        default=DEBIAN_COPYRIGHT,
+        help='licence text copied to OUT/LICENSE')
     return p.parse_args()
 
 
@@ -146,7 +153,9 @@ def main():
         write_idx(osp.join(args.out, lbl_name), sub_labels)
         counts = np.bincount(sub_labels, minlength=len(CLASSES))
         stats[split] = dict(
-            total=len(keep), source_total=len(labels), counts=counts,
+            total=len(keep),
+            source_total=len(labels),
+            counts=counts,
             shape=sub_imgs.shape)
         print(f'{split}: {len(keep)} / {len(labels)} images, '
               f'per class {counts.tolist()}')
@@ -154,8 +163,10 @@ def main():
     if args.license_file and osp.exists(args.license_file):
         shutil.copyfile(args.license_file, osp.join(args.out, 'LICENSE'))
     else:
-        print(f'WARNING: licence file {args.license_file} not found; '
-              'LICENSE not written', file=sys.stderr)
+        print(
+            f'WARNING: licence file {args.license_file} not found; '
+            'LICENSE not written',
+            file=sys.stderr)
 
     write_readme(args, stats)
     print(f'Wrote {args.out}')

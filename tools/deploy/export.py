@@ -70,8 +70,8 @@ def main(argv=None):
     from gmpq_mm.utils import check_paths, register_all_modules
     register_all_modules()
 
-    for path, what in ((args.config, 'config'),
-                       (args.checkpoint, 'checkpoint')):
+    for path, what in ((args.config, 'config'), (args.checkpoint,
+                                                 'checkpoint')):
         if not osp.isfile(path):
             raise SystemExit(f'error: {what} file not found: {path}')
     cfg = Config.fromfile(args.config)
@@ -149,8 +149,7 @@ def export_onnx(cfg, args):
         f'ONNX model written to {summary["path"]}: {summary["bytes"]} bytes '
         f'({summary["size_mb"]:.3f} MB), opset {summary["opset"]}, input '
         f'(N, {", ".join(map(str, summary["input_shape"]))}) with a dynamic '
-        f'batch',
-        f'{summary["quantized_layers"]} quantized layers as QDQ: '
+        f'batch', f'{summary["quantized_layers"]} quantized layers as QDQ: '
         f'{summary["quantize_linear"]} QuantizeLinear, '
         f'{summary["dequantize_linear"]} DequantizeLinear; (w, a) bits '
         f'used: {bits}'

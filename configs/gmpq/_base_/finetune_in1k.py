@@ -28,6 +28,4 @@ auto_scale_lr = dict(base_batch_size=256)
 # Measured alternative (tools/analysis/compare_calibration.py: better
 # accuracy right after calibration at every width tried, most at 2-bit
 # activations): method='mse', weight_method='release'.
-custom_hooks = [
-    dict(type='CalibrationHook', num_batches=1, method='release')
-]
+custom_hooks = [dict(type='CalibrationHook', num_batches=1, method='release')]

@@ -31,7 +31,6 @@ param_scheduler = dict(type='CosineAnnealingLR', T_max=2, by_epoch=True)
 train_cfg = dict(by_epoch=True, max_epochs=2, val_interval=2)
 val_cfg = dict()
 test_cfg = dict()
-custom_hooks = [dict(type='CalibrationHook', num_batches=1,
-                     method='release')]
+custom_hooks = [dict(type='CalibrationHook', num_batches=1, method='release')]
 default_hooks = dict(logger=dict(interval=20))
 randomness = dict(seed=0)

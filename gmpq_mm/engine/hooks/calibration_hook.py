@@ -30,9 +30,8 @@ from mmengine.dist import (all_gather_object, all_reduce, broadcast,
 from mmengine.hooks import Hook
 
 from gmpq_mm.quantization.calibration import (DEFAULT_ACT_CAP, DEFAULT_BINS,
-                                              DEFAULT_LOW_BITS,
-                                              DEFAULT_METHOD, METHODS,
-                                              calibrate_model,
+                                              DEFAULT_LOW_BITS, DEFAULT_METHOD,
+                                              METHODS, calibrate_model,
                                               quantized_layers)
 from gmpq_mm.registry import HOOKS
 from gmpq_mm.utils.model import state_dict_mismatch, unwrap_model
@@ -54,8 +53,8 @@ def _pretrained_inits(model):
         for cfg in cfgs if isinstance(cfgs, (list, tuple)) else [cfgs]:
             if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' \
                     and cfg.get('checkpoint'):
-                found.append((name, module, cfg['checkpoint'],
-                              cfg.get('prefix')))
+                found.append(
+                    (name, module, cfg['checkpoint'], cfg.get('prefix')))
     return found
 
 
@@ -74,13 +73,14 @@ def check_pretrained_init(model, map_location='cpu'):
                                             _load_checkpoint_with_prefix)
     for name, module, checkpoint, prefix in _pretrained_inits(model):
         if prefix:
-            state = _load_checkpoint_with_prefix(prefix, checkpoint,
-                                                 map_location=map_location)
+            state = _load_checkpoint_with_prefix(
+                prefix, checkpoint, map_location=map_location)
         else:
             state = _load_checkpoint(checkpoint, map_location=map_location)
             state = state.get('state_dict', state)
         problems = state_dict_mismatch(
-            state, module.state_dict(),
+            state,
+            module.state_dict(),
             optional=QUANT_STATE + ('num_batches_tracked', ))
         if problems:
             where = f'{name or type(module).__name__}'
@@ -232,23 +232,27 @@ class CalibrationHook(Hook):
             reduce_max=reduce_max,
             reduce_sum=reduce_sum)
         flat = self._sync_from_rank0(layers)
-        digest = hashlib.sha256(
-            flat.numpy().tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
         digests = all_gather_object(digest)
         if len(set(digests)) != 1:
             raise RuntimeError(f'CalibrationHook: ranks disagree after '
                                f'calibration: {digests}')
         images = sum(int(b.shape[0]) for b in batches) * world_size
         self._record = dict(
-            method=self.method, weight_method=self.weight_method,
+            method=self.method,
+            weight_method=self.weight_method,
             num_batches=self.num_batches,
-            images=images, world_size=world_size, digest=digest,
-            act_cap=self.act_cap, low_bits=self.low_bits)
+            images=images,
+            world_size=world_size,
+            digest=digest,
+            act_cap=self.act_cap,
+            low_bits=self.low_bits)
         for name, module in layers.items():
             rows[name]['act_range'] = float(module.act_range.detach())
             if module.w_threshold.numel():
                 rows[name]['w_threshold'] = [
-                    float(v) for v in module.w_threshold.reshape(-1)]
+                    float(v) for v in module.w_threshold.reshape(-1)
+                ]
         runner.logger.info(
             f'CalibrationHook: {len(layers)} layers calibrated '
             f'(method {self.method}, {images} images on {world_size} '
@@ -257,8 +261,10 @@ class CalibrationHook(Hook):
         if self.save_file and is_main_process():
             path = osp.join(runner.work_dir, self.save_file)
             with open(path, 'w') as f:
-                json.dump(dict(self._record, rank_digests=digests,
-                               layers=rows), f, indent=2)
+                json.dump(
+                    dict(self._record, rank_digests=digests, layers=rows),
+                    f,
+                    indent=2)
 
     @staticmethod
     def _table(rows) -> str:
@@ -270,8 +276,10 @@ class CalibrationHook(Hook):
                 return f'{v[0]:.4g}' if len(v) == 1 else f'[{len(v)}]'
             return f'{v:.4g}'
 
-        lines = [f'{"layer":<28} {"W":>2} {"A":>2} {"max|x|":>8} '
-                 f'{"r":>8} {"max|W|":>8} {"T":>8}']
+        lines = [
+            f'{"layer":<28} {"W":>2} {"A":>2} {"max|x|":>8} '
+            f'{"r":>8} {"max|W|":>8} {"T":>8}'
+        ]
         for name, row in rows.items():
             w_t = row['w_threshold']
             lines.append(

@@ -15,8 +15,10 @@ from gmpq_mm.registry import HOOKS
 def format_policy(policy: dict) -> str:
     """A per-layer bits table and the policy's totals, for the log."""
     rows = [f'{"layer":<28} w_bits a_bits']
-    rows += [f'{name:<28} {e["w_bits"]:>6} {e["a_bits"]:>6}'
-             for name, e in policy['layers'].items()]
+    rows += [
+        f'{name:<28} {e["w_bits"]:>6} {e["a_bits"]:>6}'
+        for name, e in policy['layers'].items()
+    ]
     budget = policy.get('budget')
     rows.append(
         f'BitOPs {human_units(policy["bitops"])} (searched layers), mean '
@@ -81,8 +83,10 @@ class PolicyExportHook(Hook):
     @master_only
     def after_train_epoch(self, runner) -> None:
         if self.every_n_epochs(runner, self.interval):
-            self._export(runner, f'policy_epoch_{runner.epoch + 1}.json',
-                         epoch=runner.epoch + 1)
+            self._export(
+                runner,
+                f'policy_epoch_{runner.epoch + 1}.json',
+                epoch=runner.epoch + 1)
 
     @master_only
     def after_train(self, runner) -> None:

@@ -46,13 +46,14 @@ def QuantizedBackbone(backbone,
         if w_bits is None or a_bits is None:
             raise ValueError('QuantizedBackbone: uniform bits need both '
                              f'w_bits and a_bits, got {w_bits}, {a_bits}')
-        bits = {name: (check_bits(w_bits, 'QuantizedBackbone w_bits'),
-                       check_bits(a_bits, 'QuantizedBackbone a_bits'))
-                for name in names}
+        bits = {
+            name: (check_bits(w_bits, 'QuantizedBackbone w_bits'),
+                   check_bits(a_bits, 'QuantizedBackbone a_bits'))
+            for name in names
+        }
     else:
         bits = validate_policy(
-            policy, names, w_allowed=SUPPORTED_BITS,
-            a_allowed=SUPPORTED_BITS)
+            policy, names, w_allowed=SUPPORTED_BITS, a_allowed=SUPPORTED_BITS)
     return to_quantized(
         model,
         bits,

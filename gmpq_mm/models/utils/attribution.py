@@ -234,9 +234,13 @@ def stage_attribution_maps(feats: Sequence[Tensor],
     maps = []
     for stage in stages:
         if stage in (-1, len(feats) - 1):
-            maps.append(attribution_map(feats[-1], neck, head,
-                                        logits=logits,
-                                        create_graph=create_graph))
+            maps.append(
+                attribution_map(
+                    feats[-1],
+                    neck,
+                    head,
+                    logits=logits,
+                    create_graph=create_graph))
             continue
         # Earlier stages: the gradient runs through the later stages. Their
         # quantized convs are differentiable once only (custom autograd
@@ -295,5 +299,8 @@ def match_map_size(amap: Tensor, like: Tensor) -> Tensor:
     stage size)."""
     if amap.shape[-2:] == like.shape[-2:]:
         return amap
-    return F.interpolate(amap[:, None], size=like.shape[-2:],
-                         mode='bilinear', align_corners=False)[:, 0]
+    return F.interpolate(
+        amap[:, None],
+        size=like.shape[-2:],
+        mode='bilinear',
+        align_corners=False)[:, 0]

@@ -3,7 +3,8 @@ _base_ = ['./fine_grained_224.py']
 
 data_preprocessor = dict(num_classes=102)
 train_dataloader = dict(
-    dataset=dict(type='Flowers102', data_root='data/Flowers102', split='trainval'))
+    dataset=dict(
+        type='Flowers102', data_root='data/Flowers102', split='trainval'))
 val_dataloader = dict(
     dataset=dict(type='Flowers102', data_root='data/Flowers102', split='test'))
 test_dataloader = val_dataloader

@@ -22,8 +22,7 @@ model = dict(
     teacher='{{ fileDirname }}/../../pretrain_mbv2_cifar10.py',
     teacher_checkpoint='work_dirs/pretrain_mbv2_cifar10/epoch_50.pth',
     attribution_loss=dict(
-        type='AttributionRankLoss', mode='pnorm', pnorm=3.0,
-        loss_weight=40.0),
+        type='AttributionRankLoss', mode='pnorm', pnorm=3.0, loss_weight=40.0),
     # cd: the released code divides the expected cost by the MACs of the
     # first searched conv, here a small depthwise conv (1.18 of the 94.26
     # searched MMACs at 128 px, vs 37.7 of 553.6 for CIFAR ResNet-18), so

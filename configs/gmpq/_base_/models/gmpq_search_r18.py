@@ -22,8 +22,7 @@ model = dict(
     teacher_checkpoint='work_dirs/pretrain_r18_cifar10/epoch_200.pth',
     # --aw 40 (pnorm=3: the released code's normalised p-power L2)
     attribution_loss=dict(
-        type='AttributionRankLoss', mode='pnorm', pnorm=3.0,
-        loss_weight=40.0),
+        type='AttributionRankLoss', mode='pnorm', pnorm=3.0, loss_weight=40.0),
     # --cd 3e-4, normalised by the first searched conv's MACs
     complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
     input_shape=(3, 32, 32))

@@ -11,8 +11,8 @@ optim_wrapper = dict(
 param_scheduler = dict(
     weights=[dict(type='StepLR', step_size=10, gamma=0.1, by_epoch=True)],
     arch=[dict(type='StepLR', step_size=10, gamma=0.1, by_epoch=True)])
-train_cfg = dict(type='SearchLoop', mode='bilevel', max_epochs=25,
-                 val_interval=5)
+train_cfg = dict(
+    type='SearchLoop', mode='bilevel', max_epochs=25, val_interval=5)
 val_cfg = dict()
 test_cfg = dict()
 custom_hooks = [dict(type='PolicyExportHook')]
