@@ -300,3 +300,45 @@ def test_wrong_graph_is_refused(demo, tmp_path, monkeypatch):
     assert isinstance(msg, str) and 'does not reproduce' in msg, msg
     assert str(demo['ckpt']) in msg
     assert os.listdir(tmp_path) == []
+
+
+def test_benchmark_onnx_times_both_models(demo, tmp_path):
+    """tools/analysis/benchmark_onnx.py on the demo network: the FP twin
+    has no quantizer nodes and matches PyTorch's float network, the JSON is
+    what it printed, each ratio is the median of its rounds."""
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_onnx', osp.join(REPO, 'tools/analysis/benchmark_onnx.py'))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    work, out = tmp_path / 'bench', tmp_path / 'bench.json'
+    results = tool.main([
+        CONFIG,
+        str(demo['ckpt']), '--work-dir',
+        str(work), '--batch-sizes', '1', '4', '--rounds', '3', '--iters', '2',
+        '--threads', '1', '--json',
+        str(out)
+    ] + _options(demo['policy']))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
+    ops = {
+        name: {n.op_type
+               for n in onnx.load(str(work / name)).graph.node}
+        for name in ('fp.onnx', 'qdq.onnx')
+    }
+    assert 'QuantizeLinear' in ops['qdq.onnx']
+    assert not ops['fp.onnx'] & {'QuantizeLinear', 'DequantizeLinear'}
+    assert results['bytes']['qdq'] < results['bytes']['fp']
+    for row in results['batches'].values():
+        ratios = [
+            q / f for q, f in zip(row['rounds']['qdq'], row['rounds']['fp'])
+        ]
+        assert len(ratios) == 3
+        assert row['ratio'] == pytest.approx(sorted(ratios)[1])
+        assert row['ratio_min'] == min(ratios) > 0
+    # The FP twin is the float network: same logits as PyTorch's copy.
+    model = tool.float_copy(demo['model']).eval()
+    x = _images('t10k')[0][:8]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), mode='tensor')
+    got = run_onnxruntime(str(work / 'fp.onnx'), x)
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)

@@ -186,8 +186,8 @@ def main(argv=None):
               f'(rounds {row["ratio_min"]:.2f}..{row["ratio_max"]:.2f}, '
               f'{args.rounds} rounds x {args.iters} runs)')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=2)
+        from gmpq_mm.quantization.atomic_file import write_text_atomic
+        write_text_atomic(args.json, json.dumps(results, indent=2))
     return results
 
 

@@ -119,8 +119,8 @@ def main(argv=None):
 def write_json(path, summary) -> None:
     """``--json``: the summary as JSON, when a path was given."""
     if path:
-        with open(path, 'w') as f:
-            json.dump(summary, f, indent=2)
+        from gmpq_mm.quantization.atomic_file import write_text_atomic
+        write_text_atomic(path, json.dumps(summary, indent=2))
 
 
 def is_onnx(path) -> bool:
