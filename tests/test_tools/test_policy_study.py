@@ -89,14 +89,36 @@ def test_verdict_reports_gaps():
              bitops=60),
     ])
     lines = '\n'.join(verdict(block))
-    # 91 - 82 = 9 > max(2, 1)
+    # 91 - 82 = 9 > max(pooled std 2, GMPQ std 1, means range 2)
     assert 'GMPQ - random: +9.00 points' in lines
-    assert 'beats random by more than the spread' in lines
+    assert "range of the 2 random policies' means 2.00" in lines
+    assert 'beats random by more than the largest of the three (2.00)' \
+        in lines
+    assert "GMPQ mean above 2 of the 2 random policies' means" in lines
     # 91 - 91 = 0: no win over uniform
     assert 'GMPQ - uniform W2A2: +0.00 points' in lines
     assert 'does NOT beat it' in lines
     assert 'attribution on - off: +6.00 points' in lines
     assert 'on beats off' in lines
+
+
+def test_verdict_needs_the_gap_beyond_the_random_means_range():
+    from gmpq_mm.utils.policy_study import verdict
+    # four random policies at 84, one at 90 (3 seeds each): the gap 3.0
+    # beats the pooled std (2.48) and GMPQ's (0) but not the 6-point range
+    # of the random policies' means
+    block = dict(budget=100, rows=[
+        dict(kind='gmpq', top1=[88.2, 88.2, 88.2], bitops=99),
+        dict(kind='aw0', top1=[], bitops=None),
+        dict(kind='random_pooled', top1=[84.0] * 12 + [90.0] * 3,
+             policy_means=[84.0] * 4 + [90.0], bitops=None),
+    ])
+    lines = '\n'.join(verdict(block))
+    assert 'GMPQ - random: +3.00 points (random pooled std 2.48' in lines
+    assert 'does NOT beat random by more than the largest of the three ' \
+        '(6.00)' in lines
+    assert "GMPQ mean above 4 of the 5 random policies' means (best random " \
+        'policy 90.00)' in lines
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])

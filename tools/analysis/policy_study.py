@@ -225,8 +225,9 @@ def normalised_entropy(policy):
     return float(np.mean(values))
 
 
-def run_search(study, setting, k, method, budget):
-    from gmpq_mm.quantization.policy import save_policy
+def search_config(study, setting, method, budget):
+    """The search's config: the demo search on the setting's search split,
+    against its teacher, with the study's search settings."""
     s = study['search']
     split = SETTINGS[setting][0]
     teacher = read_result(study, f'teacher_{split}')
@@ -246,6 +247,8 @@ def run_search(study, setting, k, method, budget):
         if stages else None
     model.attribution_loss.loss_weight = s['aw'] if method == 'gmpq' else 0.
     model.complexity_loss.loss_weight = s['cd']
+    model.complexity_loss.mode = s.get('cd_mode', 'reference')
+    model.init_from_teacher = s.get('init_from_teacher', False)
     cfg.optim_wrapper.weights.optimizer.lr = s['weights_lr']
     cfg.optim_wrapper.arch.optimizer = dict(s['arch_optimizer'])
     cfg.param_scheduler = dict(
@@ -254,14 +257,50 @@ def run_search(study, setting, k, method, budget):
         arch=[dict(type='ConstantLR', factor=1.0, by_epoch=True)])
     cfg.train_cfg = dict(type='SearchLoop', mode=s['mode'],
                          max_epochs=s['epochs'],
-                         arch_warmup_epochs=s['arch_warmup_epochs'])
-    name = f'search_{setting}_b{k}_{method}'
+                         arch_warmup_epochs=s['arch_warmup_epochs'],
+                         temperature=s.get('temperature'))
+    return cfg
+
+
+def budget_aware(study):
+    """True when the search's loss depends on the budget (``cd_mode``
+    ``'budget'``): then every budget needs its own search."""
+    return study['search'].get('cd_mode', 'reference') == 'budget'
+
+
+def run_search(study, setting, method, budgets):
+    """Search once and export the policy at each of ``budgets`` (``{k:
+    BitOPs}``). Each export lands in ``runs/search_<setting>_b<k>_<method>/``
+    with its own ``result.json``; with a single budget that is this run's
+    own folder."""
+    from gmpq_mm.quantization.policy import save_policy
+    first = min(budgets)
+    cfg = search_config(study, setting, method, budgets[first])
+    name = search_name(setting, method, budgets, study)
     work = osp.join(study['work_dir'], 'runs', name)
     runner, _ = run_runner(cfg, name, work, 0, test=False)
-    policy = runner.model.current_policy(source=name)
-    path = save_policy(policy, osp.join(work, 'policy.json'))
-    return dict(policy=path, bitops=policy['bitops'], budget=budget,
-                entropy=normalised_entropy(policy))
+    model = runner.model
+    out = {}
+    for k, budget in sorted(budgets.items()):
+        export = f'search_{setting}_b{k}_{method}'
+        model.target_bitops = budget
+        policy = model.current_policy(source=export)
+        folder = osp.join(study['work_dir'], 'runs', export)
+        os.makedirs(folder, exist_ok=True)
+        path = save_policy(policy, osp.join(folder, 'policy.json'))
+        out[k] = dict(policy=path, bitops=policy['bitops'], budget=budget,
+                      entropy=normalised_entropy(policy), search=name)
+    if len(budgets) == 1:
+        return out[first]
+    for k, result in out.items():
+        write_result(study, f'search_{setting}_b{k}_{method}', result)
+    return dict(exports=sorted(out))
+
+
+def search_name(setting, method, budgets, study):
+    if len(budgets) == 1:
+        return f'search_{setting}_b{next(iter(budgets))}_{method}'
+    return f'search_{setting}_{method}'
 
 
 def run_finetune(study, setting, policy_name, policy_path, seed):
@@ -305,11 +344,17 @@ def execute(task):
     start = time.time()
     result = KINDS[kind](study, *args)
     result.update(name=name, seconds=round(time.time() - start, 1))
+    write_result(study, name, result)
+    return name, 'done', result['seconds']
+
+
+def write_result(study, name, result):
+    path = result_path(study, name)
+    os.makedirs(osp.dirname(path), exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, path)
-    return name, 'done', result['seconds']
 
 
 def init_worker(threads):
@@ -385,12 +430,18 @@ def plan(study, budgets, paths):
               if any(s in SETTINGS[name] for name in settings)]
     teachers = [task(f'teacher_{s}', 'teacher', s) for s in splits]
     searches, policies = [], []
+    # a budget-blind search (the released linear cost) is run once and
+    # exported at every budget; a budget-aware one runs per budget
+    groups = [{k: b} for k, b in budgets.items()] if budget_aware(study) \
+        else [dict(budgets)]
     for setting in settings:
-        for k, budget in budgets.items():
-            for method in ('gmpq', 'aw0'):
+        for method in ('gmpq', 'aw0'):
+            for group in groups:
+                searches.append(task(search_name(setting, method, group,
+                                                 study),
+                                     'search', setting, method, group))
+            for k in budgets:
                 name = f'search_{setting}_b{k}_{method}'
-                searches.append(task(name, 'search', setting, k, method,
-                                     budget))
                 policies.append((setting, f'b{k}_{method}', osp.join(
                     study['work_dir'], 'runs', name, 'policy.json')))
     for setting in settings:

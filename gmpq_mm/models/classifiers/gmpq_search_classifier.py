@@ -81,6 +81,11 @@ class GMPQSearchClassifier(ImageClassifier):
             exports a policy well below the budget). Defaults to None.
         attribution_stages (Sequence[int], optional): Indices into the
             backbone outputs to match maps at (default: the last one).
+        init_from_teacher (bool): Start the supernet's weights (backbone,
+            neck, head; not the alphas or quantizer ranges) from the
+            teacher's, in ``init_weights``. Every teacher weight must find a
+            supernet weight of the same name and shape. Defaults to False
+            (the released code trains the supernet from its own init).
     """
 
     def __init__(self,
@@ -95,6 +100,7 @@ class GMPQSearchClassifier(ImageClassifier):
                  target_bitops: Optional[float] = None,
                  target_bitops_tolerance: Optional[float] = None,
                  attribution_stages: Optional[Sequence[int]] = None,
+                 init_from_teacher: bool = False,
                  **kwargs):
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
         self.mixed_layers = [(name, m)
@@ -114,6 +120,7 @@ class GMPQSearchClassifier(ImageClassifier):
         self.attribution_loss = MODELS.build(attribution_loss)
         self.complexity_loss = MODELS.build(complexity_loss)
         self.teacher = self._build_teacher(teacher, teacher_checkpoint)
+        self.init_from_teacher = bool(init_from_teacher)
         first = self.mixed_layers[0][1]
         self.w_candidates = tuple(first.w_candidates)
         self.a_candidates = tuple(first.a_candidates)
@@ -126,6 +133,11 @@ class GMPQSearchClassifier(ImageClassifier):
                 'target_bitops and a value in [0, 1), got '
                 f'{target_bitops_tolerance!r}')
         self.target_bitops_tolerance = target_bitops_tolerance
+        if getattr(self.complexity_loss, 'mode', None) == 'budget' and \
+                target_bitops is None:
+            raise ValueError(
+                "GMPQSearchClassifier: complexity_loss mode='budget' needs "
+                'target_bitops (the BitOPs budget it is measured against)')
         if target_bitops is not None:
             self.current_policy()  # an unreachable budget fails here
 
@@ -160,6 +172,29 @@ class GMPQSearchClassifier(ImageClassifier):
         model.eval()
         model._is_init = True  # init_weights must not overwrite it
         return model
+
+    def init_weights(self):
+        super().init_weights()
+        if self.init_from_teacher:
+            self.copy_teacher_weights()
+
+    def copy_teacher_weights(self) -> None:
+        """Copy every teacher parameter and buffer into the supernet's
+        same-named one (the supernet keeps the FP layers' names)."""
+        own = {k: v for k, v in self.state_dict().items()
+               if not k.startswith('teacher.')}
+        unmatched = []
+        with torch.no_grad():
+            for key, value in self.teacher.state_dict().items():
+                if key in own and own[key].shape == value.shape:
+                    own[key].copy_(value)
+                else:
+                    unmatched.append(key)
+        if unmatched:
+            raise ValueError(
+                'GMPQSearchClassifier(init_from_teacher=True): teacher '
+                f'weights without a same-named, same-shaped supernet weight: '
+                f'{unmatched[:5]}' + (' ...' if len(unmatched) > 5 else ''))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -300,7 +335,7 @@ class GMPQSearchClassifier(ImageClassifier):
         losses['loss_attr'] = attr / len(student)
         exp_bitops = self.expected_bitops()
         losses['loss_complexity'] = self.complexity_loss(
-            exp_bitops, self.reference_macs)
+            exp_bitops, self.reference_macs, budget=self.target_bitops)
         mean_w, mean_a = self.mean_bits()
         losses['expected_gbitops'] = exp_bitops.detach() / 1e9
         losses['mean_w_bits'] = mean_w
