@@ -1,4 +1,5 @@
 """GMPQSearchClassifier's build-time check of the attribution maps' size."""
+import math
 import warnings
 
 import pytest
@@ -179,3 +180,21 @@ def test_init_from_teacher_copies_every_teacher_weight(tmp_path):
     # the alphas keep their init
     assert all(torch.equal(p, torch.full_like(p, 0.01))
                for p in model.arch_parameters())
+
+
+def test_probability_stats_by_hand(teacher_ckpt):
+    model = build(teacher_ckpt, 32)
+    entropy, gap = model.probability_stats()
+    assert entropy.item() == pytest.approx(1.0) and gap.item() == 0.0
+    # one layer's weight probabilities -> (0.8, 0.2): H / log 2 = 0.7219,
+    # gap 0.6; the other 2 * 19 - 1 distributions stay uniform
+    with torch.no_grad():
+        model.mixed_layers[0][1].alpha_w.copy_(
+            torch.tensor([math.log(4.0), 0.0]))
+    entropy, gap = model.probability_stats()
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2)
+    assert entropy.item() == pytest.approx((h + 37) / 38, rel=1e-6)
+    assert gap.item() == pytest.approx(0.6 / 38, rel=1e-6)
+    losses = model.loss(torch.rand(2, 3, 32, 32), _samples(2))
+    assert losses['prob_entropy'].item() == pytest.approx(entropy.item())
+    assert losses['prob_top2_gap'].item() == pytest.approx(gap.item())

@@ -1,5 +1,6 @@
 """The GMPQ search model: a mixed-precision supernet and its frozen teacher."""
 import copy
+import math
 import os.path as osp
 import warnings
 from typing import List, Optional, Sequence
@@ -226,6 +227,25 @@ class GMPQSearchClassifier(ImageClassifier):
             return (torch.stack([b[0] for b in bits]).mean(),
                     torch.stack([b[1] for b in bits]).mean())
 
+    def probability_stats(self):
+        """How far the search is from uniform: the mean over layers and
+        over w / a of ``H(p) / log K`` (1 = uniform, 0 = one-hot) and of the
+        gap between the two largest probabilities (0 = a tie)."""
+        with torch.no_grad():
+            ents, gaps = [], []
+            for _, m in self.mixed_layers:
+                for p in m.probs():
+                    if len(p) < 2:
+                        continue
+                    logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+                    ents.append(-(p * logp).sum() / math.log(len(p)))
+                    top = torch.topk(p, 2).values
+                    gaps.append(top[0] - top[1])
+            if not ents:
+                zero = self.mixed_layers[0][1].alpha_w.new_zeros(())
+                return zero, zero
+            return torch.stack(ents).mean(), torch.stack(gaps).mean()
+
     def capacity(self) -> torch.Tensor:
         """``mean_l 1 / (E[b_w,l] E[b_a,l])`` for the capacity-aware p."""
         with torch.no_grad():
@@ -340,4 +360,7 @@ class GMPQSearchClassifier(ImageClassifier):
         losses['expected_gbitops'] = exp_bitops.detach() / 1e9
         losses['mean_w_bits'] = mean_w
         losses['mean_a_bits'] = mean_a
+        entropy, gap = self.probability_stats()
+        losses['prob_entropy'] = entropy
+        losses['prob_top2_gap'] = gap
         return losses
