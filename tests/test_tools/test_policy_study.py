@@ -200,3 +200,72 @@ def test_run_configs_skip_yapf_but_stay_loadable(tmp_path):
         cfg.dump(str(dumped))
         again = Config.fromfile(str(dumped))
         assert again.model.to_dict() == cfg.model.to_dict()
+
+
+def _tool():
+    import importlib.util
+    import os.path as osp
+    path = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis',
+                    'policy_study.py')
+    spec = importlib.util.spec_from_file_location('policy_study_mod', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
+    import copy
+
+    from gmpq_mm.utils.policy_study import expected_runs
+    tool = _tool()
+    budgets = {2: 100, 3: 200}
+    for mode, searches in (('budget', [
+            'search_in_domain_b2_gmpq', 'search_in_domain_b3_gmpq',
+            'search_in_domain_b2_aw0', 'search_in_domain_b3_aw0'
+    ]), ('reference', ['search_in_domain_gmpq', 'search_in_domain_aw0'])):
+        study = copy.deepcopy(tool.PRESETS['tiny'])
+        study['search']['cd_mode'] = mode
+        study.update(settings=['in_domain'], work_dir=str(tmp_path),
+                     budgets=[2, 3])
+        _, stage2, stage3 = tool.plan(study, budgets, {'w2a2': 'w.json'})
+        assert [t[1] for t in stage2] == searches
+        # every searched policy is finetuned from its budget's export
+        ft = {t[1]: t[3][2] for t in stage3}
+        assert ft['ft_in_domain_b3_aw0_s0'].endswith(
+            'search_in_domain_b3_aw0/policy.json')
+        # the result files: teacher, searches (+ the shared search's own),
+        # (1 uniform + 2 x (1 random + 2 searched)) x 1 seed finetunes
+        assert expected_runs(study, budgets) == 1 + (
+            4 if mode == 'budget' else 6) + 7
+
+
+def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
+    """The released loss ignores the budget: one search, two exports, each
+    with its own result and policy in its budget's folder."""
+    import copy
+    import json
+
+    from gmpq_mm.utils import register_all_modules
+    tool = _tool()
+    register_all_modules()
+    study = copy.deepcopy(tool.PRESETS['tiny'])
+    study['search'] = dict(tool.RELEASED_SEARCH, epochs=2)
+    study.update(preset='tiny', settings=['in_domain'],
+                 work_dir=str(tmp_path), budgets=[2, 3])
+    tool.write_split(str(tmp_path / 'data' / 'all'), 'all', 16, 32, 20)
+    _, budgets, _ = tool.write_policies(study)
+    tool.execute((study, 'teacher_all', 'teacher', ('all', )))
+    name, state, _ = tool.execute(
+        (study, 'search_in_domain_gmpq', 'search',
+         ('in_domain', 'gmpq', budgets)))
+    assert state == 'done'
+    shared = json.loads(
+        (tmp_path / 'runs' / name / 'result.json').read_text())
+    assert shared['exports'] == [2, 3]
+    for k, budget in budgets.items():
+        r = json.loads((tmp_path / 'runs' / f'search_in_domain_b{k}_gmpq' /
+                        'result.json').read_text())
+        assert r['budget'] == budget and r['search'] == name
+        assert 0.98 * budget <= r['bitops'] <= budget
+        policy = json.loads(open(r['policy']).read())
+        assert policy['budget'] == budget and policy['bitops'] == r['bitops']

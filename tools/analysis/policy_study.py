@@ -8,7 +8,10 @@ process (or a few worker processes), every run of the comparison:
 2. At each BitOPs budget (midway between uniform WkAk and W(k+1)A(k+1)),
    met exactly through ``target_bitops``: the GMPQ search (attribution on)
    and the same search with ``aw = 0`` (EdMIPS-style), in-domain (search on
-   all classes) and for transfer (search on A against the A teacher).
+   all classes) and for transfer (search on A against the A teacher). With
+   the complexity loss against the budget (``cd_mode='budget'``, the
+   ``full`` preset) each budget has its own search; with the released,
+   budget-blind loss one search per method is exported at every budget.
 3. Every policy -- the two searched ones, uniform W2A2/W3A3/W4A4, and
    ``n_random`` random policies drawn over the whole candidate space with
    BitOPs in ``[0.98, 1] x budget`` -- finetuned from the same FP weights
