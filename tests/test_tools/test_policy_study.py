@@ -269,3 +269,38 @@ def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
         assert 0.98 * budget <= r['bitops'] <= budget
         policy = json.loads(open(r['policy']).read())
         assert policy['budget'] == budget and policy['bitops'] == r['bitops']
+
+
+def test_search_diagnostics_records_each_term(tmp_path, run_tool):
+    import copy
+
+    tool = _tool()
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
+    study = copy.deepcopy(tool.PRESETS['tiny'])
+    study.update(preset='tiny', settings=['in_domain'],
+                 work_dir=str(tmp_path))
+    for split in ('all', ):
+        tool.write_split(str(tmp_path / 'data' / split), split, 16, 32, 20)
+    tool.execute((study, 'teacher_all', 'teacher', ('all', )))
+    out = run_tool([
+        'tools/analysis/search_diagnostics.py', 'tiny', '--work-dir',
+        tmp_path, '--setting', 'in_domain', '--every', '1', '--tag', 't',
+        '--search', '{"temperature": {"start": 1.0, "end": 0.5}}'
+    ]).output
+    summary = json.loads((tmp_path / 'diagnostics' / 't.json').read_text())
+    recs = summary['records']
+    # 2 epochs of 1 iteration (16 of the 32 images per part, batch 16)
+    assert [r['iter'] for r in recs] == [0, 1]
+    first = recs[0]
+    assert first['entropy'] == pytest.approx(1.0)  # alphas still uniform
+    assert first['gap'] == pytest.approx(0.0, abs=1e-12)
+    # uniform candidates expect 3.75 x 3.75 bits: 14.06 / 6.5 of the budget
+    assert first['cost_over_budget'] == pytest.approx(
+        3.75 * 3.75 / 6.5, rel=1e-3)
+    # the budget loss pushes on the alphas; CE and attribution too
+    for key in ('loss_cls_grad', 'loss_attr_grad', 'loss_complexity_grad'):
+        assert first[key] > 0, key
+    assert 0 <= summary['final_entropy'] <= 1
+    assert '[t] it    0 T=1.000 entropy 1.000' in out
+    assert 'final entropy' in out
