@@ -12,9 +12,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 SETTING_TITLES = {
-    'in_domain': 'In-domain (search, finetune and test on all 10 classes)',
-    'transfer': 'Transfer (search on classes 0-4; finetune and test on '
-                'classes 5-9 from their own FP model)',
+    'in_domain':
+    'In-domain (search, finetune and test on all 10 classes)',
+    'transfer':
+    'Transfer (search on classes 0-4; finetune and test on '
+    'classes 5-9 from their own FP model)',
 }
 METHODS = (('gmpq', 'GMPQ search (attribution on)'),
            ('aw0', 'same search, aw = 0 (EdMIPS-style)'))
@@ -41,9 +43,12 @@ def stats(values: List[float]) -> dict:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         return dict(n=0)
-    return dict(n=int(arr.size), mean=float(arr.mean()),
-                std=float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-                min=float(arr.min()), max=float(arr.max()))
+    return dict(
+        n=int(arr.size),
+        mean=float(arr.mean()),
+        std=float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+        min=float(arr.min()),
+        max=float(arr.max()))
 
 
 def collect(study: dict, budgets: Dict[int, int]) -> dict:
@@ -61,33 +66,44 @@ def collect(study: dict, budgets: Dict[int, int]) -> dict:
 
     data = {}
     for setting in study.get('settings', list(SETTING_TITLES)):
-        search_split, ft_split = (('all', 'all') if setting == 'in_domain'
-                                  else ('a', 'b'))
-        teachers = {s: _load(work, f'teacher_{s}')
-                    for s in {search_split, ft_split}}
+        search_split, ft_split = (('all', 'all') if setting == 'in_domain' else
+                                  ('a', 'b'))
+        teachers = {
+            s: _load(work, f'teacher_{s}')
+            for s in {search_split, ft_split}
+        }
         blocks = []
         for k, budget in budgets.items():
             rows = []
             for method, label in METHODS:
                 search = _load(work, f'search_{setting}_b{k}_{method}')
-                rows.append(dict(
-                    label=label, kind=method,
-                    bitops=search and search['bitops'],
-                    entropy=search and search['entropy'],
-                    top1=top1s(setting, f'b{k}_{method}')))
+                rows.append(
+                    dict(
+                        label=label,
+                        kind=method,
+                        bitops=search and search['bitops'],
+                        entropy=search and search['entropy'],
+                        top1=top1s(setting, f'b{k}_{method}')))
             randoms = []
             for r in range(study['n_random']):
                 name = f'b{k}_random{r}'
-                randoms.append(dict(
-                    label=f'random policy {r}', kind='random',
-                    bitops=_policy_bitops(work, name),
-                    top1=top1s(setting, name), entropy=None))
+                randoms.append(
+                    dict(
+                        label=f'random policy {r}',
+                        kind='random',
+                        bitops=_policy_bitops(work, name),
+                        top1=top1s(setting, name),
+                        entropy=None))
             means = [np.mean(r['top1']) for r in randoms if r['top1']]
             pooled = [v for r in randoms for v in r['top1']]
-            rows.append(dict(
-                label=f"random, {study['n_random']} policies pooled",
-                kind='random_pooled', bitops=None, entropy=None,
-                top1=pooled, policy_means=means))
+            rows.append(
+                dict(
+                    label=f"random, {study['n_random']} policies pooled",
+                    kind='random_pooled',
+                    bitops=None,
+                    entropy=None,
+                    top1=pooled,
+                    policy_means=means))
             rows += randoms
             # the uniform widths next to the budget: the dearest one that
             # fits it and the cheapest one above it
@@ -96,13 +112,19 @@ def collect(study: dict, budgets: Dict[int, int]) -> dict:
             above = [b for b in study['uniform'] if b * b > mid]
             for b in ([max(below)] if below else []) + \
                     ([min(above)] if above else []):
-                rows.append(dict(
-                    label=f'uniform W{b}A{b}', kind='uniform',
-                    bitops=_policy_bitops(work, f'w{b}a{b}'),
-                    top1=top1s(setting, f'w{b}a{b}'), entropy=None))
+                rows.append(
+                    dict(
+                        label=f'uniform W{b}A{b}',
+                        kind='uniform',
+                        bitops=_policy_bitops(work, f'w{b}a{b}'),
+                        top1=top1s(setting, f'w{b}a{b}'),
+                        entropy=None))
             blocks.append(dict(k=k, budget=budget, rows=rows))
-        data[setting] = dict(teachers=teachers, blocks=blocks,
-                             search_split=search_split, ft_split=ft_split)
+        data[setting] = dict(
+            teachers=teachers,
+            blocks=blocks,
+            search_split=search_split,
+            ft_split=ft_split)
     return data
 
 
@@ -124,8 +146,10 @@ def verdict(block: dict) -> List[str]:
     g, a0 = stats(by['gmpq']['top1']), stats(by['aw0']['top1'])
     pool = by['random_pooled']
     rnd = stats(pool['top1'])
-    unif = [r for r in block['rows'] if r['kind'] == 'uniform' and
-            r['bitops'] is not None and r['bitops'] <= block['budget']]
+    unif = [
+        r for r in block['rows'] if r['kind'] == 'uniform'
+        and r['bitops'] is not None and r['bitops'] <= block['budget']
+    ]
     lines = []
     if not g['n'] or not rnd['n']:
         return ['- gaps: not enough finished runs yet']
@@ -160,7 +184,8 @@ def verdict(block: dict) -> List[str]:
         lines.append(
             f"- attribution on - off: {gap_a:+.2f} points (stds "
             f"{g['std']:.2f} / {a0['std']:.2f}): "
-            f"{'on beats off' if gap_a > max(g['std'], a0['std']) else 'no gap beyond the spread'}")
+            f"{'on beats off' if gap_a > max(g['std'], a0['std']) else 'no gap beyond the spread'}"
+        )
     return lines
 
 
@@ -189,9 +214,10 @@ def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
     data = collect(study, budgets)
     done = len(glob.glob(osp.join(work, 'runs', '*', 'result.json')))
     total = expected_runs(study, budgets)
-    seconds = [json.load(open(p)).get('seconds', 0)
-               for p in glob.glob(osp.join(work, 'runs', '*',
-                                           'result.json'))]
+    seconds = [
+        json.load(open(p)).get('seconds', 0)
+        for p in glob.glob(osp.join(work, 'runs', '*', 'result.json'))
+    ]
     w_sum = sum(macs.values())
     out = [f"# GMPQ policy study ({study['preset']} preset)", '']
     if done < total:

@@ -5,8 +5,8 @@ import os
 import shutil
 
 import pytest
-from conftest import write_search_configs  # one conftest.py
 import torch
+from conftest import write_search_configs  # one conftest.py
 
 # Network order: block 0 of stages 2-4 ends with its 1x1 downsample conv.
 R18_LAYERS = []
@@ -14,6 +14,8 @@ for s in range(1, 5):
     R18_LAYERS += [f'layer{s}.0.conv1', f'layer{s}.0.conv2']
     R18_LAYERS += [f'layer{s}.0.downsample.0'] if s > 1 else []
     R18_LAYERS += [f'layer{s}.1.conv1', f'layer{s}.1.conv2']
+
+CUSTOM_IMPORTS = "dict(imports=['gmpq_mm.register_all', 'alpha_dump_hook'])"
 
 ALPHA_DUMP_HOOK = '''
 import os.path as osp
@@ -136,7 +138,7 @@ def test_two_gloo_processes_keep_alphas_identical(tmp_path, repo_root,
         repo_root,
         cifar10_root,
         teacher_ckpt,
-        custom_imports="dict(imports=['gmpq_mm.register_all', 'alpha_dump_hook'])",
+        custom_imports=CUSTOM_IMPORTS,
         custom_hooks="[dict(type='PolicyExportHook'), "
         "dict(type='DumpAlphasHook')]")
     work = tmp_path / 'work'
@@ -231,8 +233,8 @@ def test_arch_warmup_freezes_alphas_first(tmp_path, repo_root, cifar10_root,
     ])
     first, second = alphas(work / 'epoch_1.pth'), alphas(work / 'epoch_2.pth')
     # warm-up epoch: every alpha still at its init 0.01 ...
-    assert all(torch.equal(v, torch.full_like(v, 0.01))
-               for v in first.values())
+    assert all(
+        torch.equal(v, torch.full_like(v, 0.01)) for v in first.values())
     # ... then they move
     assert any((v - 0.01).abs().max() > 0 for v in second.values())
 
@@ -245,7 +247,8 @@ def test_arch_warmup_must_leave_search_epochs(tmp_path, repo_root,
         'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
         '--cfg-options', 'train_cfg.max_epochs=2',
         'train_cfg.arch_warmup_epochs=2'
-    ], check=False)
+    ],
+                      check=False)
     assert result.returncode != 0
     assert 'arch_warmup_epochs must be an integer in [0, max_epochs=2)' in \
         result.output
@@ -280,7 +283,10 @@ def test_temperature_schedule(tmp_path, repo_root, cifar10_root, teacher_ckpt,
                               run_tool):
     (tmp_path / 'temperature_hook.py').write_text(TEMPERATURE_HOOK)
     cfg = write_search_configs(
-        tmp_path, repo_root, cifar10_root, teacher_ckpt,
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
         custom_imports="dict(imports=['gmpq_mm.register_all', "
         "'temperature_hook'])",
         custom_hooks="[dict(type='RecordTemperatureHook')]")
@@ -289,7 +295,11 @@ def test_temperature_schedule(tmp_path, repo_root, cifar10_root, teacher_ckpt,
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=3', 'train_cfg.arch_warmup_epochs=1',
         'train_cfg.temperature.start=2.0', 'train_cfg.temperature.end=0.125'
-    ], env={'PYTHONPATH': os.pathsep.join([str(repo_root), str(tmp_path)])})
+    ],
+             env={
+                 'PYTHONPATH': os.pathsep.join([str(repo_root),
+                                                str(tmp_path)])
+             })
     seen = json.loads((work / 'temperatures.json').read_text())
     assert all(len(ts) == 1 for ts in seen)  # every layer alike
     ts = [t[0] for t in seen]
@@ -309,7 +319,8 @@ def test_temperature_is_checked(tmp_path, repo_root, cifar10_root,
         'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
         '--cfg-options', 'train_cfg.temperature.start=1.0',
         'train_cfg.temperature.end=0'
-    ], check=False)
+    ],
+                      check=False)
     assert result.returncode != 0
     assert "temperature['end'] must be a number > 0, got 0" in result.output
 
@@ -320,7 +331,10 @@ def test_budget_complexity_makes_budgets_differ(tmp_path, repo_root,
     """With the released linear cost the budget changes only the exported
     policy; measured against the budget, two budgets train differently."""
     cfg = write_search_configs(
-        tmp_path, repo_root, cifar10_root, teacher_ckpt,
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
         base='configs/gmpq/search_r18_cifar10_budget.py')
     found = {}
     for mode in ('reference', 'budget'):

@@ -10,12 +10,22 @@ from gmpq_mm.utils import register_all_modules
 
 register_all_modules()
 
-BACKBONE = dict(type='ResNet_CIFAR', depth=18, stem_channels=8,
-                base_channels=8, out_indices=(3, ))
-HEAD = dict(type='LinearClsHead', num_classes=10, in_channels=64,
-            loss=dict(type='CrossEntropyLoss'))
-TEACHER = dict(type='ImageClassifier', backbone=BACKBONE,
-               neck=dict(type='GlobalAveragePooling'), head=HEAD)
+BACKBONE = dict(
+    type='ResNet_CIFAR',
+    depth=18,
+    stem_channels=8,
+    base_channels=8,
+    out_indices=(3, ))
+HEAD = dict(
+    type='LinearClsHead',
+    num_classes=10,
+    in_channels=64,
+    loss=dict(type='CrossEntropyLoss'))
+TEACHER = dict(
+    type='ImageClassifier',
+    backbone=BACKBONE,
+    neck=dict(type='GlobalAveragePooling'),
+    head=HEAD)
 
 
 @pytest.fixture(scope='module')
@@ -26,20 +36,27 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def build(teacher_ckpt, size):
-    return MODELS.build(dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
-                      w_bits=[2, 4], a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, size, size)))
+    return MODELS.build(
+        dict(
+            type='GMPQSearchClassifier',
+            backbone=dict(
+                type='MixedPrecisionBackbone',
+                backbone=BACKBONE,
+                w_bits=[2, 4],
+                a_bits=[2, 4]),
+            neck=dict(type='GlobalAveragePooling'),
+            head=HEAD,
+            teacher=TEACHER,
+            teacher_checkpoint=teacher_ckpt,
+            input_shape=(3, size, size)))
 
 
 def test_one_pixel_attribution_maps_are_warned_about(teacher_ckpt):
     # ResNet_CIFAR downsamples 8x: 8 px -> a 1x1 last stage.
-    with pytest.warns(UserWarning,
-                      match=r'input_shape \(3, 8, 8\).*output\(s\) \[0\] '
-                      r'used for attribution are 1x1 feature maps'):
+    with pytest.warns(
+            UserWarning,
+            match=r'input_shape \(3, 8, 8\).*output\(s\) \[0\] '
+            r'used for attribution are 1x1 feature maps'):
         build(teacher_ckpt, 8)
 
 
@@ -50,26 +67,33 @@ def test_multi_pixel_maps_build_quietly(teacher_ckpt):
     assert model.backbone.training  # the probe restored the mode
 
 
-def test_teacher_checkpoint_of_another_width_is_refused(tmp_path,
-                                                        teacher_ckpt):
-    wide = dict(TEACHER, backbone=dict(BACKBONE, base_channels=16),
-                head=dict(HEAD, in_channels=128))
+def test_teacher_checkpoint_of_another_width_is_refused(
+        tmp_path, teacher_ckpt):
+    wide = dict(
+        TEACHER,
+        backbone=dict(BACKBONE, base_channels=16),
+        head=dict(HEAD, in_channels=128))
     path = tmp_path / 'wide.pth'
     torch.save({'state_dict': MODELS.build(wide).state_dict()}, path)
-    with pytest.raises(ValueError, match=r'teacher checkpoint .*wide\.pth '
-                       r'does not match the teacher config.*shape mismatch '
-                       r'\(checkpoint vs model\): \[.backbone\.'):
+    with pytest.raises(
+            ValueError,
+            match=r'teacher checkpoint .*wide\.pth '
+            r'does not match the teacher config.*shape mismatch '
+            r'\(checkpoint vs model\): \[.backbone\.'):
         build(str(path), 32)
     # DDP-style 'module.' prefixes are stripped before the check.
     state = torch.load(teacher_ckpt, weights_only=True)['state_dict']
     prefixed = tmp_path / 'prefixed.pth'
-    torch.save({'state_dict': {f'module.{k}': v for k, v in state.items()}},
-               prefixed)
+    torch.save({'state_dict': {
+        f'module.{k}': v
+        for k, v in state.items()
+    }}, prefixed)
     build(str(prefixed), 32)
     extra = tmp_path / 'extra.pth'
     torch.save({'state_dict': dict(state, stray=torch.zeros(1))}, extra)
-    with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. "
-                       r"\['stray'\]"):
+    with pytest.raises(
+            ValueError, match=r"1 unexpected keys, e\.g\. "
+            r"\['stray'\]"):
         build(str(extra), 32)
 
 
@@ -85,13 +109,20 @@ def test_attribution_at_earlier_stages_trains(tmp_path, stages):
     ckpt = tmp_path / 'teacher.pth'
     torch.save({'state_dict': MODELS.build(teacher).state_dict()}, ckpt)
     torch.manual_seed(0)
-    model = MODELS.build(dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=backbone,
-                      w_bits=[2, 4], a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=teacher, teacher_checkpoint=str(ckpt),
-        input_shape=(3, 16, 16), attribution_stages=stages))
+    model = MODELS.build(
+        dict(
+            type='GMPQSearchClassifier',
+            backbone=dict(
+                type='MixedPrecisionBackbone',
+                backbone=backbone,
+                w_bits=[2, 4],
+                a_bits=[2, 4]),
+            neck=dict(type='GlobalAveragePooling'),
+            head=HEAD,
+            teacher=teacher,
+            teacher_checkpoint=str(ckpt),
+            input_shape=(3, 16, 16),
+            attribution_stages=stages))
     inputs = torch.randn(4, 3, 16, 16)
     samples = [DataSample().set_gt_label(i) for i in range(4)]
     losses = model.loss(inputs, samples)
@@ -106,15 +137,21 @@ def test_attribution_at_earlier_stages_trains(tmp_path, stages):
 def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
     cfg = dict(
         type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
-                      w_bits=[2, 4], a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32), target_bitops_tolerance=0.02)
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, 32, 32),
+        target_bitops_tolerance=0.02)
     with pytest.raises(ValueError, match='target_bitops_tolerance needs'):
         MODELS.build(cfg)
-    model = MODELS.build(dict(cfg, target_bitops=None,
-                              target_bitops_tolerance=None))
+    model = MODELS.build(
+        dict(cfg, target_bitops=None, target_bitops_tolerance=None))
     total = sum(model.layer_macs.values())
     # a band above everything reachable (all 4-bit = 16 x MACs) is named
     with pytest.raises(ValueError, match='above the largest reachable'):
@@ -130,10 +167,15 @@ def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
 def test_budget_complexity_needs_target_bitops(teacher_ckpt):
     cfg = dict(
         type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
-                      w_bits=[2, 4], a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=TEACHER, teacher_checkpoint=teacher_ckpt,
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=teacher_ckpt,
         input_shape=(3, 32, 32),
         complexity_loss=dict(type='ComplexityLoss', mode='budget'))
     with pytest.raises(ValueError, match="mode='budget' needs target_bitops"):
@@ -164,10 +206,16 @@ def test_init_from_teacher_copies_every_teacher_weight(tmp_path):
     torch.save({'state_dict': teacher.state_dict()}, path)
     cfg = dict(
         type='GMPQSearchClassifier',
-        backbone=dict(type='MixedPrecisionBackbone', backbone=BACKBONE,
-                      w_bits=[2, 4], a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'), head=HEAD,
-        teacher=TEACHER, teacher_checkpoint=path, input_shape=(3, 32, 32))
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=path,
+        input_shape=(3, 32, 32))
     plain = MODELS.build(cfg)
     plain.init_weights()
     model = MODELS.build(dict(cfg, init_from_teacher=True))
@@ -178,8 +226,9 @@ def test_init_from_teacher_copies_every_teacher_weight(tmp_path):
         if key.endswith('weight'):
             assert not torch.equal(plain.state_dict()[key], value), key
     # the alphas keep their init
-    assert all(torch.equal(p, torch.full_like(p, 0.01))
-               for p in model.arch_parameters())
+    assert all(
+        torch.equal(p, torch.full_like(p, 0.01))
+        for p in model.arch_parameters())
 
 
 def test_probability_stats_by_hand(teacher_ckpt):

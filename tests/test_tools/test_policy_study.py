@@ -8,8 +8,10 @@ import pytest
 def test_tiny_in_domain_study_writes_table_picture_and_resumes(
         tmp_path, run_tool):
     work = tmp_path / 'study'
-    cmd = ['tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
-           '--settings', 'in_domain']
+    cmd = [
+        'tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
+        '--settings', 'in_domain'
+    ]
     out = run_tool(cmd, timeout=600).output
     runs = sorted(p.name for p in (work / 'runs').iterdir())
     # the `all` teacher, GMPQ and aw=0 searches, (W2A2, 1 random, 2
@@ -62,8 +64,10 @@ def test_tiny_study_both_settings(tmp_path, run_tool):
 def test_partial_report(tmp_path, run_tool):
     """--report-only on a work dir with no finished run says so."""
     work = tmp_path / 'study'
-    run_tool(['tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
-              '--report-only'])
+    run_tool([
+        'tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
+        '--report-only'
+    ])
     md = (work / 'study.md').read_text()
     assert '**PARTIAL: 0 of 15 runs finished.**' in md
     assert '(not run yet)' in md
@@ -80,14 +84,22 @@ def test_stats_by_hand():
 
 def test_verdict_reports_gaps():
     from gmpq_mm.utils.policy_study import verdict
-    block = dict(budget=100, rows=[
-        dict(kind='gmpq', top1=[90.0, 91.0, 92.0], bitops=99),
-        dict(kind='aw0', top1=[85.0, 85.0, 85.0], bitops=99),
-        dict(kind='random_pooled', top1=[80.0, 82.0, 84.0],
-             policy_means=[81.0, 83.0], bitops=None),
-        dict(kind='uniform', label='uniform W2A2', top1=[90.0, 92.0],
-             bitops=60),
-    ])
+    block = dict(
+        budget=100,
+        rows=[
+            dict(kind='gmpq', top1=[90.0, 91.0, 92.0], bitops=99),
+            dict(kind='aw0', top1=[85.0, 85.0, 85.0], bitops=99),
+            dict(
+                kind='random_pooled',
+                top1=[80.0, 82.0, 84.0],
+                policy_means=[81.0, 83.0],
+                bitops=None),
+            dict(
+                kind='uniform',
+                label='uniform W2A2',
+                top1=[90.0, 92.0],
+                bitops=60),
+        ])
     lines = '\n'.join(verdict(block))
     # 91 - 82 = 9 > max(pooled std 2, GMPQ std 1, means range 2)
     assert 'GMPQ - random: +9.00 points' in lines
@@ -104,15 +116,21 @@ def test_verdict_reports_gaps():
 
 def test_verdict_needs_the_gap_beyond_the_random_means_range():
     from gmpq_mm.utils.policy_study import verdict
+
     # four random policies at 84, one at 90 (3 seeds each): the gap 3.0
     # beats the pooled std (2.48) and GMPQ's (0) but not the 6-point range
     # of the random policies' means
-    block = dict(budget=100, rows=[
-        dict(kind='gmpq', top1=[88.2, 88.2, 88.2], bitops=99),
-        dict(kind='aw0', top1=[], bitops=None),
-        dict(kind='random_pooled', top1=[84.0] * 12 + [90.0] * 3,
-             policy_means=[84.0] * 4 + [90.0], bitops=None),
-    ])
+    block = dict(
+        budget=100,
+        rows=[
+            dict(kind='gmpq', top1=[88.2, 88.2, 88.2], bitops=99),
+            dict(kind='aw0', top1=[], bitops=None),
+            dict(
+                kind='random_pooled',
+                top1=[84.0] * 12 + [90.0] * 3,
+                policy_means=[84.0] * 4 + [90.0],
+                bitops=None),
+        ])
     lines = '\n'.join(verdict(block))
     assert 'GMPQ - random: +3.00 points (random pooled std 2.48' in lines
     assert 'does NOT beat random by more than the largest of the three ' \
@@ -125,25 +143,29 @@ def test_verdict_needs_the_gap_beyond_the_random_means_range():
 def test_random_policy_near_budget(seed):
     from gmpq_mm.quantization.budget import (policy_cost,
                                              random_policy_near_budget)
-    macs = {f'l{i}': m for i, m in enumerate(
-        [147456, 147456, 73728, 147456, 8192, 147456, 147456, 73728,
-         147456, 4096, 147456, 147456])}
+    macs = {
+        f'l{i}': m
+        for i, m in enumerate([
+            147456, 147456, 73728, 147456, 8192, 147456, 147456, 73728, 147456,
+            4096, 147456, 147456
+        ])
+    }
     budget = 6.5 * sum(macs.values())
-    policy = random_policy_near_budget(macs, [2, 3, 4, 6], [2, 3, 4, 6],
-                                       budget, seed=seed)
+    policy = random_policy_near_budget(
+        macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed)
     assert list(policy) == list(macs)
     assert 0.98 * budget <= policy_cost(macs, policy) <= budget
     # deterministic per seed, different across seeds
     assert policy == random_policy_near_budget(
         macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed)
-    other = random_policy_near_budget(macs, [2, 3, 4, 6], [2, 3, 4, 6],
-                                      budget, seed=seed + 10)
+    other = random_policy_near_budget(
+        macs, [2, 3, 4, 6], [2, 3, 4, 6], budget, seed=seed + 10)
     assert other != policy
     # not a uniform policy: several different pairs
     assert len(set(policy.values())) > 2
     with pytest.raises(ValueError, match='no policy of these 12 layers'):
-        random_policy_near_budget(macs, [2, 3], [2, 3], 40 * sum(
-            macs.values()), seed=0)
+        random_policy_near_budget(
+            macs, [2, 3], [2, 3], 40 * sum(macs.values()), seed=0)
 
 
 def test_min_bitops_makes_the_policy_spend_the_budget():
@@ -154,26 +176,30 @@ def test_min_bitops_makes_the_policy_spend_the_budget():
     logp = {n: ([0., -1.], [0., -1.]) for n in macs}
     free = best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000)
     assert policy_cost(macs, free) == 800
-    banded = best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
-                                      min_bitops=1900)
+    banded = best_policy_under_budget(
+        logp, macs, [2, 4], [2, 4], 2000, min_bitops=1900)
     # only (4, 4) + (2, 2) -> 1600 + 400 = 2000 lies in [1900, 2000]
     assert policy_cost(macs, banded) == 2000
     with pytest.raises(ValueError, match='above the largest reachable'):
-        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 5000,
-                                 min_bitops=4000)
+        best_policy_under_budget(
+            logp, macs, [2, 4], [2, 4], 5000, min_bitops=4000)
     with pytest.raises(ValueError, match='min_bitops 2100 is above'):
-        best_policy_under_budget(logp, macs, [2, 4], [2, 4], 2000,
-                                 min_bitops=2100)
+        best_policy_under_budget(
+            logp, macs, [2, 4], [2, 4], 2000, min_bitops=2100)
 
 
 def test_study_figure(tmp_path):
     from gmpq_mm.visualization.study_plot import study_figure
-    rows = [dict(kind='gmpq', top1=[80., 82.], bitops=6e6),
-            dict(kind='random', top1=[78., 79.], bitops=5.9e6),
-            dict(kind='random_pooled', top1=[78., 79.], bitops=None),
-            dict(kind='uniform', top1=[], bitops=4e6)]
-    data = {s: dict(blocks=[dict(budget=6e6, rows=rows)])
-            for s in ('in_domain', 'transfer')}
+    rows = [
+        dict(kind='gmpq', top1=[80., 82.], bitops=6e6),
+        dict(kind='random', top1=[78., 79.], bitops=5.9e6),
+        dict(kind='random_pooled', top1=[78., 79.], bitops=None),
+        dict(kind='uniform', top1=[], bitops=4e6)
+    ]
+    data = {
+        s: dict(blocks=[dict(budget=6e6, rows=rows)])
+        for s in ('in_domain', 'transfer')
+    }
     path = study_figure(data, os.fspath(tmp_path / 'f.png'))
     assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
@@ -188,8 +214,9 @@ def test_run_configs_skip_yapf_but_stay_loadable(tmp_path):
 
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
-    path = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis',
-                    'policy_study.py')
+    path = osp.join(
+        osp.dirname(__file__), '..', '..', 'tools', 'analysis',
+        'policy_study.py')
     spec = importlib.util.spec_from_file_location('policy_study_mod', path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -205,8 +232,9 @@ def test_run_configs_skip_yapf_but_stay_loadable(tmp_path):
 def _tool():
     import importlib.util
     import os.path as osp
-    path = osp.join(osp.dirname(__file__), '..', '..', 'tools', 'analysis',
-                    'policy_study.py')
+    path = osp.join(
+        osp.dirname(__file__), '..', '..', 'tools', 'analysis',
+        'policy_study.py')
     spec = importlib.util.spec_from_file_location('policy_study_mod', path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -225,8 +253,8 @@ def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
     ]), ('reference', ['search_in_domain_gmpq', 'search_in_domain_aw0'])):
         study = copy.deepcopy(tool.PRESETS['tiny'])
         study['search']['cd_mode'] = mode
-        study.update(settings=['in_domain'], work_dir=str(tmp_path),
-                     budgets=[2, 3])
+        study.update(
+            settings=['in_domain'], work_dir=str(tmp_path), budgets=[2, 3])
         _, stage2, stage3 = tool.plan(study, budgets, {'w2a2': 'w.json'})
         assert [t[1] for t in stage2] == searches
         # every searched policy is finetuned from its budget's export
@@ -235,8 +263,8 @@ def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
             'search_in_domain_b3_aw0/policy.json')
         # the result files: teacher, searches (+ the shared search's own),
         # (1 uniform + 2 x (1 random + 2 searched)) x 1 seed finetunes
-        assert expected_runs(study, budgets) == 1 + (
-            4 if mode == 'budget' else 6) + 7
+        assert expected_runs(study,
+                             budgets) == 1 + (4 if mode == 'budget' else 6) + 7
 
 
 def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
@@ -250,17 +278,18 @@ def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
     register_all_modules()
     study = copy.deepcopy(tool.PRESETS['tiny'])
     study['search'] = dict(tool.RELEASED_SEARCH, epochs=2)
-    study.update(preset='tiny', settings=['in_domain'],
-                 work_dir=str(tmp_path), budgets=[2, 3])
+    study.update(
+        preset='tiny',
+        settings=['in_domain'],
+        work_dir=str(tmp_path),
+        budgets=[2, 3])
     tool.write_split(str(tmp_path / 'data' / 'all'), 'all', 16, 32, 20)
     _, budgets, _ = tool.write_policies(study)
     tool.execute((study, 'teacher_all', 'teacher', ('all', )))
-    name, state, _ = tool.execute(
-        (study, 'search_in_domain_gmpq', 'search',
-         ('in_domain', 'gmpq', budgets)))
+    name, state, _ = tool.execute((study, 'search_in_domain_gmpq', 'search',
+                                   ('in_domain', 'gmpq', budgets)))
     assert state == 'done'
-    shared = json.loads(
-        (tmp_path / 'runs' / name / 'result.json').read_text())
+    shared = json.loads((tmp_path / 'runs' / name / 'result.json').read_text())
     assert shared['exports'] == [2, 3]
     for k, budget in budgets.items():
         r = json.loads((tmp_path / 'runs' / f'search_in_domain_b{k}_gmpq' /
@@ -278,15 +307,14 @@ def test_search_diagnostics_records_each_term(tmp_path, run_tool):
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
     study = copy.deepcopy(tool.PRESETS['tiny'])
-    study.update(preset='tiny', settings=['in_domain'],
-                 work_dir=str(tmp_path))
+    study.update(preset='tiny', settings=['in_domain'], work_dir=str(tmp_path))
     for split in ('all', ):
         tool.write_split(str(tmp_path / 'data' / split), split, 16, 32, 20)
     tool.execute((study, 'teacher_all', 'teacher', ('all', )))
     out = run_tool([
-        'tools/analysis/search_diagnostics.py', 'tiny', '--work-dir',
-        tmp_path, '--setting', 'in_domain', '--every', '1', '--tag', 't',
-        '--search', '{"temperature": {"start": 1.0, "end": 0.5}}'
+        'tools/analysis/search_diagnostics.py', 'tiny', '--work-dir', tmp_path,
+        '--setting', 'in_domain', '--every', '1', '--tag', 't', '--search',
+        '{"temperature": {"start": 1.0, "end": 0.5}}'
     ]).output
     summary = json.loads((tmp_path / 'diagnostics' / 't.json').read_text())
     recs = summary['records']

@@ -78,8 +78,8 @@ FULL = dict(
         init_from_teacher=True,
         attribution_stages=[2, 3]),
     # every finetune: one epoch over (at most) 2,500 training images
-    finetune=dict(epochs=dict(in_domain=1, transfer=1), lr=0.01,
-                  train_images=2500),
+    finetune=dict(
+        epochs=dict(in_domain=1, transfer=1), lr=0.01, train_images=2500),
     calibration_bins=256)
 # The search settings of the first study (the released code's search with
 # Adam on the alphas): probabilities stay near uniform at this size.
@@ -116,9 +116,10 @@ PRESETS = dict(
         uniform=[2],
         teacher=dict(epochs=1, lr=0.1),
         search=dict(FULL['search'], epochs=2, arch_warmup_epochs=1),
-        finetune=dict(epochs=dict(in_domain=1, transfer=1), lr=0.01,
-                      train_images=24),
+        finetune=dict(
+            epochs=dict(in_domain=1, transfer=1), lr=0.01, train_images=24),
         calibration_bins=64))
+
 
 # ------------------------------------------------------------------ data --
 def write_split(out_dir, split, resolution, train_limit, test_limit):
@@ -140,8 +141,10 @@ def write_split(out_dir, split, resolution, train_limit, test_limit):
             images, labels = images[:limit], labels[:limit]
         if resolution != images.shape[-1]:
             images = F.interpolate(
-                images[:, None].float(), size=(resolution, resolution),
-                mode='bilinear', antialias=True,
+                images[:, None].float(),
+                size=(resolution, resolution),
+                mode='bilinear',
+                antialias=True,
                 align_corners=False)[:, 0].round().clamp(0, 255).byte()
         n, h, w = images.shape
         with open(osp.join(out_dir, f'{prefix}-images-idx3-ubyte'), 'wb') as f:
@@ -165,8 +168,8 @@ def base_config(name):
         # times per Runner (log, dump, visualizer, ...), which took 40 of
         # the 46 s of a tiny finetune; the dumped config stays valid Python.
         # (fromfile drops format_python_code for plain configs, so rebuild.)
-        _BASE[name] = Config(cfg.to_dict(), filename=cfg.filename,
-                             format_python_code=False)
+        _BASE[name] = Config(
+            cfg.to_dict(), filename=cfg.filename, format_python_code=False)
     return copy.deepcopy(_BASE[name])
 
 
@@ -237,8 +240,9 @@ def run_teacher(study, split):
         type='CheckpointHook', interval=t['epochs'], save_last=False)
     work = osp.join(study['work_dir'], 'runs', f'teacher_{split}')
     _, metrics = run_runner(cfg, f'teacher_{split}', work, 0)
-    return dict(top1=metrics['accuracy/top1'],
-                checkpoint=osp.join(work, f"epoch_{t['epochs']}.pth"))
+    return dict(
+        top1=metrics['accuracy/top1'],
+        checkpoint=osp.join(work, f"epoch_{t['epochs']}.pth"))
 
 
 def normalised_entropy(policy):
@@ -280,13 +284,16 @@ def search_config(study, setting, method, budget):
     cfg.optim_wrapper.weights.optimizer.lr = s['weights_lr']
     cfg.optim_wrapper.arch.optimizer = dict(s['arch_optimizer'])
     cfg.param_scheduler = dict(
-        weights=[dict(type='CosineAnnealingLR', T_max=s['epochs'],
-                      by_epoch=True)],
+        weights=[
+            dict(type='CosineAnnealingLR', T_max=s['epochs'], by_epoch=True)
+        ],
         arch=[dict(type='ConstantLR', factor=1.0, by_epoch=True)])
-    cfg.train_cfg = dict(type='SearchLoop', mode=s['mode'],
-                         max_epochs=s['epochs'],
-                         arch_warmup_epochs=s['arch_warmup_epochs'],
-                         temperature=s.get('temperature'))
+    cfg.train_cfg = dict(
+        type='SearchLoop',
+        mode=s['mode'],
+        max_epochs=s['epochs'],
+        arch_warmup_epochs=s['arch_warmup_epochs'],
+        temperature=s.get('temperature'))
     return cfg
 
 
@@ -316,8 +323,12 @@ def run_search(study, setting, method, budgets):
         folder = osp.join(study['work_dir'], 'runs', export)
         os.makedirs(folder, exist_ok=True)
         path = save_policy(policy, osp.join(folder, 'policy.json'))
-        out[k] = dict(policy=path, bitops=policy['bitops'], budget=budget,
-                      entropy=normalised_entropy(policy), search=name)
+        out[k] = dict(
+            policy=path,
+            bitops=policy['bitops'],
+            budget=budget,
+            entropy=normalised_entropy(policy),
+            search=name)
     if len(budgets) == 1:
         return out[first]
     for k, result in out.items():
@@ -394,6 +405,7 @@ def init_worker(threads):
     import warnings
     warnings.filterwarnings('ignore')
     import logging
+
     from mmengine.logging import MMLogger
     MMLogger.get_instance('mmengine').setLevel(logging.WARNING)
 
@@ -406,8 +418,10 @@ def layer_macs(study):
     backbone = MODELS.build(base_config('search').model.backbone.to_dict())
     shape = (1, study['resolution'], study['resolution'])
     macs = count_macs(backbone, shape)
-    return {n: int(macs[n].macs) for n, m in backbone.named_modules()
-            if is_mixed_layer(m)}, backbone
+    return {
+        n: int(macs[n].macs)
+        for n, m in backbone.named_modules() if is_mixed_layer(m)
+    }, backbone
 
 
 def write_policies(study):
@@ -425,10 +439,14 @@ def write_policies(study):
 
     def save(name, layers, budget=None):
         policy = make_policy(
-            layers, w_candidates=w_c, a_candidates=a_c,
+            layers,
+            w_candidates=w_c,
+            a_candidates=a_c,
             input_shape=[1, study['resolution'], study['resolution']],
-            bitops=policy_cost(macs, layers), budget=budget,
-            layer_macs=macs, source=name)
+            bitops=policy_cost(macs, layers),
+            budget=budget,
+            layer_macs=macs,
+            source=name)
         paths[name] = save_policy(policy, osp.join(folder, f'{name}.json'))
 
     for b in study['uniform']:
@@ -450,12 +468,14 @@ def plan(study, budgets, paths):
     Finetunes go seed by seed, searched policies first, so that a study cut
     short still has every policy at its first seeds.
     """
+
     def task(name, kind, *args):
         return (study, name, kind, args)
 
     settings = study['settings']
-    splits = [s for s in SPLITS
-              if any(s in SETTINGS[name] for name in settings)]
+    splits = [
+        s for s in SPLITS if any(s in SETTINGS[name] for name in settings)
+    ]
     teachers = [task(f'teacher_{s}', 'teacher', s) for s in splits]
     searches, policies = [], []
     # a budget-blind search (the released linear cost) is run once and
@@ -465,16 +485,17 @@ def plan(study, budgets, paths):
     for setting in settings:
         for method in ('gmpq', 'aw0'):
             for group in groups:
-                searches.append(task(search_name(setting, method, group,
-                                                 study),
-                                     'search', setting, method, group))
+                searches.append(
+                    task(
+                        search_name(setting, method, group, study), 'search',
+                        setting, method, group))
             for k in budgets:
                 name = f'search_{setting}_b{k}_{method}'
-                policies.append((setting, f'b{k}_{method}', osp.join(
-                    study['work_dir'], 'runs', name, 'policy.json')))
+                policies.append((setting, f'b{k}_{method}',
+                                 osp.join(study['work_dir'], 'runs', name,
+                                          'policy.json')))
     for setting in settings:
-        policies += [(setting, policy, path)
-                     for policy, path in paths.items()]
+        policies += [(setting, policy, path) for policy, path in paths.items()]
     finetunes = [
         task(f'ft_{setting}_{policy}_s{seed}', 'finetune', setting, policy,
              path, seed) for seed in study['seeds']
@@ -491,8 +512,11 @@ def run_stage(tasks, workers, threads, log):
             log(f'{name}: {state} ({seconds:.0f}s)')
         return
     ctx = mp.get_context('spawn')
-    with ctx.Pool(workers, initializer=init_worker,
-                  initargs=(threads, ), maxtasksperchild=None) as pool:
+    with ctx.Pool(
+            workers,
+            initializer=init_worker,
+            initargs=(threads, ),
+            maxtasksperchild=None) as pool:
         for name, state, seconds in pool.imap_unordered(execute, tasks):
             log(f'{name}: {state} ({seconds:.0f}s)')
 
@@ -501,18 +525,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('preset', choices=sorted(PRESETS))
     parser.add_argument('--work-dir', required=True)
-    parser.add_argument('--workers', type=int, default=1,
-                        help='worker processes (CPU: one per core)')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads per worker on CPU (default 1: '
-                        'several threads per process were 4x slower on a '
-                        'loaded 2-core machine)')
-    parser.add_argument('--settings', nargs='+', choices=sorted(SETTINGS),
-                        default=sorted(SETTINGS),
-                        help='in_domain and/or transfer (default: both)')
-    parser.add_argument('--report-only', action='store_true',
-                        help='write study.md / study.png from the runs '
-                        'that have finished, run nothing')
+    parser.add_argument(
+        '--workers',
+        type=int,
+        default=1,
+        help='worker processes (CPU: one per core)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads per worker on CPU (default 1: '
+        'several threads per process were 4x slower on a '
+        'loaded 2-core machine)')
+    parser.add_argument(
+        '--settings',
+        nargs='+',
+        choices=sorted(SETTINGS),
+        default=sorted(SETTINGS),
+        help='in_domain and/or transfer (default: both)')
+    parser.add_argument(
+        '--report-only',
+        action='store_true',
+        help='write study.md / study.png from the runs '
+        'that have finished, run nothing')
     args = parser.parse_args(argv)
     from gmpq_mm.utils.policy_study import write_report
 
@@ -532,9 +567,9 @@ def main(argv=None):
     start = time.time()
     if not args.report_only:
         for split in SPLITS:
-            write_split(osp.join(study['work_dir'], 'data', split), split,
-                        study['resolution'], study['train_limit'],
-                        study['test_limit'])
+            write_split(
+                osp.join(study['work_dir'], 'data', split), split,
+                study['resolution'], study['train_limit'], study['test_limit'])
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
     paths, budgets, macs = write_policies(study)

@@ -63,14 +63,17 @@ def alpha_record(model, data_batch, iteration):
         for _, m in model.mixed_layers:
             for p in m.probs():
                 p = p.double()
-                ents.append(float(-(p * p.clamp_min(1e-300).log()).sum() /
-                                  math.log(len(p))))
+                ents.append(
+                    float(-(p * p.clamp_min(1e-300).log()).sum() /
+                          math.log(len(p))))
                 top = torch.topk(p, 2).values
                 gaps.append(float(top[0] - top[1]))
         alphas = torch.cat([a.flatten() for a in arch])
         rec.update(
-            entropy=sum(ents) / len(ents), entropy_min=min(ents),
-            gap=sum(gaps) / len(gaps), gap_max=max(gaps),
+            entropy=sum(ents) / len(ents),
+            entropy_min=min(ents),
+            gap=sum(gaps) / len(gaps),
+            gap_max=max(gaps),
             alpha_range=float(alphas.max() - alphas.min()),
             temperature=float(model.mixed_layers[0][1].temperature),
             cost_over_budget=float(model.expected_bitops()) /
@@ -108,31 +111,40 @@ def format_record(rec):
     return (f"it {rec['iter']:4d} T={rec['temperature']:.3f} entropy "
             f"{rec['entropy']:.3f} (min {rec['entropy_min']:.3f}) gap "
             f"{rec['gap']:.3f} (max {rec['gap_max']:.3f}) alpha range "
-            f"{rec['alpha_range']:.3f} E/B {rec['cost_over_budget']:.3f} | "
-            + terms)
+            f"{rec['alpha_range']:.3f} E/B {rec['cost_over_budget']:.3f} | " +
+            terms)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('preset', choices=sorted(study_tool.PRESETS))
-    parser.add_argument('--work-dir', required=True,
-                        help='a policy study work dir whose teacher for '
-                        'the setting has finished')
-    parser.add_argument('--setting', choices=sorted(study_tool.SETTINGS),
-                        default='transfer')
-    parser.add_argument('--budget', type=int, default=2,
-                        help='k: the WkAk-W(k+1)A(k+1) midpoint')
+    parser.add_argument(
+        '--work-dir',
+        required=True,
+        help='a policy study work dir whose teacher for '
+        'the setting has finished')
+    parser.add_argument(
+        '--setting', choices=sorted(study_tool.SETTINGS), default='transfer')
+    parser.add_argument(
+        '--budget',
+        type=int,
+        default=2,
+        help='k: the WkAk-W(k+1)A(k+1) midpoint')
     parser.add_argument('--method', choices=('gmpq', 'aw0'), default='gmpq')
-    parser.add_argument('--search', default='{}',
-                        help='JSON dict merged into the preset\'s search '
-                        'settings')
+    parser.add_argument(
+        '--search',
+        default='{}',
+        help='JSON dict merged into the preset\'s search '
+        'settings')
     parser.add_argument('--every', type=int, default=20)
     parser.add_argument('--tag', default='search')
     args = parser.parse_args(argv)
 
     study = copy.deepcopy(study_tool.PRESETS[args.preset])
-    study.update(preset=args.preset, settings=[args.setting],
-                 work_dir=osp.abspath(args.work_dir))
+    study.update(
+        preset=args.preset,
+        settings=[args.setting],
+        work_dir=osp.abspath(args.work_dir))
     study['search'] = dict(study['search'], **json.loads(args.search))
     split = study_tool.SETTINGS[args.setting][0]
     if not osp.isfile(study_tool.result_path(study, f'teacher_{split}')):
@@ -161,12 +173,19 @@ def main(argv=None):
     runner.train()
     policy = runner.model.current_policy(source=args.tag)
     summary = dict(
-        tag=args.tag, preset=args.preset, setting=args.setting,
-        budget=budget, method=args.method, search=study['search'],
+        tag=args.tag,
+        preset=args.preset,
+        setting=args.setting,
+        budget=budget,
+        method=args.method,
+        search=study['search'],
         final_entropy=study_tool.normalised_entropy(policy),
-        bitops=policy['bitops'], records=records,
-        layers={n: [v['w_bits'], v['a_bits']]
-                for n, v in policy['layers'].items()},
+        bitops=policy['bitops'],
+        records=records,
+        layers={
+            n: [v['w_bits'], v['a_bits']]
+            for n, v in policy['layers'].items()
+        },
         seconds=round(time.time() - start, 1))
     path = osp.join(out_dir, f'{args.tag}.json')
     with open(path, 'w') as f:

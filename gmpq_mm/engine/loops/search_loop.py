@@ -89,8 +89,10 @@ def bilevel_step(model, optim_dict, weights_batch, arch_batch):
     the arch step's losses prefixed ``arch_``."""
     arch_logs = arch_step(model, optim_dict, arch_batch)
     outputs = weights_step(model, optim_dict, weights_batch)
-    outputs.update({f'arch_{k}': v for k, v in arch_logs.items()
-                    if k.startswith('loss')})
+    outputs.update({
+        f'arch_{k}': v
+        for k, v in arch_logs.items() if k.startswith('loss')
+    })
     return outputs
 
 
@@ -118,9 +120,9 @@ def check_temperature(temperature: Optional[Dict]) -> Optional[Dict]:
         return None
     if not isinstance(temperature, dict) or \
             set(temperature) != {'start', 'end'}:
-        raise ValueError('SearchLoop: temperature must be '
-                         "dict(start=T0, end=T1), got {!r}".format(
-                             temperature))
+        raise ValueError(
+            'SearchLoop: temperature must be '
+            "dict(start=T0, end=T1), got {!r}".format(temperature))
     out = {}
     for key in ('start', 'end'):
         value = temperature[key]
@@ -225,8 +227,10 @@ class SearchLoop(EpochBasedTrainLoop):
                     dataset = DATASETS.build(dataset)
                 weights_part, arch_part = split_dataset(
                     dataset, arch_fraction, split_seed)
-                arch_loader_cfg = copy.deepcopy(
-                    {k: v for k, v in dataloader.items() if k != 'dataset'})
+                arch_loader_cfg = copy.deepcopy({
+                    k: v
+                    for k, v in dataloader.items() if k != 'dataset'
+                })
                 arch_loader_cfg['dataset'] = arch_part
                 dataloader['dataset'] = weights_part
         super().__init__(runner, dataloader, max_epochs, **kwargs)
@@ -244,11 +248,10 @@ class SearchLoop(EpochBasedTrainLoop):
         optim = self.runner.optim_wrapper
         if not isinstance(optim, OptimWrapperDict) or \
                 set(optim.keys()) != {'weights', 'arch'}:
-            raise TypeError(
-                'SearchLoop needs optim_wrapper with '
-                "constructor='SearchOptimWrapperConstructor' (an "
-                "OptimWrapperDict with 'weights' and 'arch'), got "
-                f'{type(optim).__name__}')
+            raise TypeError('SearchLoop needs optim_wrapper with '
+                            "constructor='SearchOptimWrapperConstructor' (an "
+                            "OptimWrapperDict with 'weights' and 'arch'), got "
+                            f'{type(optim).__name__}')
         return optim
 
     def _next_arch_batch(self):

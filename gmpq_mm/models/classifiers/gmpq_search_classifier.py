@@ -113,8 +113,10 @@ class GMPQSearchClassifier(ImageClassifier):
                              "dict(type='MixedPrecisionBackbone', ...)")
         self.input_shape = tuple(int(s) for s in input_shape)
         all_macs = count_macs(self.backbone, self.input_shape)
-        self.layer_macs = {name: int(all_macs[name].macs)
-                           for name, _ in self.mixed_layers}
+        self.layer_macs = {
+            name: int(all_macs[name].macs)
+            for name, _ in self.mixed_layers
+        }
         self.reference_macs = self.layer_macs[self.mixed_layers[0][0]]
         self.attribution_stages = attribution_stages
         self._warn_if_one_pixel_maps()
@@ -127,8 +129,7 @@ class GMPQSearchClassifier(ImageClassifier):
         self.a_candidates = tuple(first.a_candidates)
         self.target_bitops = target_bitops
         if target_bitops_tolerance is not None and (
-                target_bitops is None
-                or not 0 <= target_bitops_tolerance < 1):
+                target_bitops is None or not 0 <= target_bitops_tolerance < 1):
             raise ValueError(
                 'GMPQSearchClassifier: target_bitops_tolerance needs '
                 'target_bitops and a value in [0, 1), got '
@@ -153,8 +154,10 @@ class GMPQSearchClassifier(ImageClassifier):
                 f'teacher_checkpoint not found: {checkpoint}')
         state = load_trusted_checkpoint(checkpoint, map_location='cpu')
         state = state.get('state_dict', state)
-        state = {k[7:] if k.startswith('module.') else k: v
-                 for k, v in state.items()}
+        state = {
+            k[7:] if k.startswith('module.') else k: v
+            for k, v in state.items()
+        }
         problems = []
         t_head = state.get('head.fc.weight')
         s_classes = getattr(self.head, 'num_classes', None)
@@ -182,8 +185,11 @@ class GMPQSearchClassifier(ImageClassifier):
     def copy_teacher_weights(self) -> None:
         """Copy every teacher parameter and buffer into the supernet's
         same-named one (the supernet keeps the FP layers' names)."""
-        own = {k: v for k, v in self.state_dict().items()
-               if not k.startswith('teacher.')}
+        own = {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith('teacher.')
+        }
         unmatched = []
         with torch.no_grad():
             for key, value in self.teacher.state_dict().items():
@@ -212,9 +218,10 @@ class GMPQSearchClassifier(ImageClassifier):
         """Everything trainable except the alphas (and the frozen teacher):
         network weights and quantizer ranges (the ``weights`` optimizer's)."""
         arch = {id(p) for p in self.arch_parameters()}
-        return [p for name, p in self.named_parameters()
-                if p.requires_grad and id(p) not in arch
-                and not name.startswith('teacher.')]
+        return [
+            p for name, p in self.named_parameters() if p.requires_grad
+            and id(p) not in arch and not name.startswith('teacher.')
+        ]
 
     # ------------------------------------------------------------------
     # complexity
@@ -249,9 +256,10 @@ class GMPQSearchClassifier(ImageClassifier):
     def capacity(self) -> torch.Tensor:
         """``mean_l 1 / (E[b_w,l] E[b_a,l])`` for the capacity-aware p."""
         with torch.no_grad():
-            terms = [1.0 / (w * a)
-                     for w, a in (m.expected_bits()
-                                  for _, m in self.mixed_layers)]
+            terms = [
+                1.0 / (w * a)
+                for w, a in (m.expected_bits() for _, m in self.mixed_layers)
+            ]
             return torch.stack(terms).mean()
 
     def _warn_if_one_pixel_maps(self) -> None:
@@ -277,8 +285,11 @@ class GMPQSearchClassifier(ImageClassifier):
             layers = {name: m.choice() for name, m in self.mixed_layers}
         else:
             layers = best_policy_under_budget(
-                log_probs_from_model(self.backbone), self.layer_macs,
-                self.w_candidates, self.a_candidates, self.target_bitops,
+                log_probs_from_model(self.backbone),
+                self.layer_macs,
+                self.w_candidates,
+                self.a_candidates,
+                self.target_bitops,
                 min_bitops=(1 - self.target_bitops_tolerance) *
                 self.target_bitops
                 if self.target_bitops_tolerance is not None else 0)
@@ -303,8 +314,10 @@ class GMPQSearchClassifier(ImageClassifier):
             budget=self.target_bitops,
             layer_macs={name: int(self.layer_macs[name])
                         for name in layers},
-            layer_params={name: int(modules[name].weight.numel())
-                          for name in layers},
+            layer_params={
+                name: int(modules[name].weight.numel())
+                for name in layers
+            },
             probabilities=probabilities,
             **meta)
 
@@ -332,8 +345,11 @@ class GMPQSearchClassifier(ImageClassifier):
         teacher, t_logits = classifier_attribution_maps(
             self.teacher, inputs, self.attribution_stages)
         teacher = [match_map_size(t, s) for s, t in zip(student, teacher)]
-        return dict(student=student, teacher=teacher,
-                    student_logits=s_logits, teacher_logits=t_logits)
+        return dict(
+            student=student,
+            teacher=teacher,
+            student_logits=s_logits,
+            teacher_logits=t_logits)
 
     def loss(self, inputs: torch.Tensor, data_samples) -> dict:
         feats = self.backbone(inputs)
@@ -344,8 +360,12 @@ class GMPQSearchClassifier(ImageClassifier):
         losses['loss_cls'] = ce.pop('loss')
         losses.update(ce)
         student = stage_attribution_maps(
-            feats, self.neck if self.with_neck else None, self.head, logits,
-            self.attribution_stages, create_graph=True)
+            feats,
+            self.neck if self.with_neck else None,
+            self.head,
+            logits,
+            self.attribution_stages,
+            create_graph=True)
         teacher = self._teacher_maps(inputs)
         capacity = self.capacity()
         attr = 0.

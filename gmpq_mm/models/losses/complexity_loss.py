@@ -34,7 +34,8 @@ class ComplexityLoss(nn.Module):
 
     MODES = ('reference', 'budget')
 
-    def __init__(self, loss_weight: float = 3e-4,
+    def __init__(self,
+                 loss_weight: float = 3e-4,
                  mode: str = 'reference') -> None:
         super().__init__()
         if mode not in self.MODES:
