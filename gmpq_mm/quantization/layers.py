@@ -8,8 +8,8 @@ loads with only the new quantizer entries reported missing.
 
 * :class:`MixedPrecisionConv2d` / :class:`MixedPrecisionLinear`: the EdMIPS
   composite layer, ``y = conv(sum_i p_i q_a(x; b_i), sum_j p_j q_w(W; b_j))``
-  with ``p = softmax(alpha)``. One convolution per forward, one shared
-  weight.
+  with ``p = softmax(alpha / T)`` (``T``: the layer's ``temperature``, 1 by
+  default). One convolution per forward, one shared weight.
 * :class:`QuantizedConv2d` / :class:`QuantizedLinear`: one weight and one
   activation bit width (32 keeps that side in full precision).
 """
@@ -103,6 +103,9 @@ class _MixedPrecisionMixin:
             torch.full((k_a, ), float(alpha_init), **factory))
         self.act_ranges = nn.Parameter(
             torch.full((k_a, ), float(init_range), **factory))
+        # Softmax temperature: a plain attribute, not state (a search sets
+        # it from its iteration, see SearchLoop's ``temperature``).
+        self.temperature = 1.0
         # Bit values as tensors for the expected-bits dot products; derived
         # from the candidates, so kept out of the state_dict.
         self.register_buffer(
@@ -115,9 +118,19 @@ class _MixedPrecisionMixin:
             persistent=False)
 
     def probs(self) -> Tuple[Tensor, Tensor]:
-        """Candidate probabilities ``(softmax(alpha_w), softmax(alpha_a))``."""
-        p_w = torch.softmax(self.alpha_w, dim=0)
-        p_a = torch.softmax(self.alpha_a, dim=0)
+        """Candidate probabilities ``(softmax(alpha_w / T), softmax(alpha_a /
+        T))`` with ``T = self.temperature`` (1: the released code's softmax).
+
+        ``T`` rescales the logits only, so the ranking of the candidates
+        (``choice``) and the most likely policy under a budget do not depend
+        on it.
+        """
+        t = float(self.temperature)
+        if not t > 0:
+            raise ValueError(f'{self.layer_name or type(self).__name__}: '
+                             f'temperature must be > 0, got {t!r}')
+        p_w = torch.softmax(self.alpha_w / t, dim=0)
+        p_a = torch.softmax(self.alpha_a / t, dim=0)
         return p_w, p_a
 
     def expected_bits(self) -> Tuple[Tensor, Tensor]:

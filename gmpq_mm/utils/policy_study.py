@@ -153,15 +153,23 @@ def verdict(block: dict) -> List[str]:
     lines = []
     if not g['n'] or not rnd['n']:
         return ['- gaps: not enough finished runs yet']
-    spread = max(rnd['std'], g['std'])
+    means = pool['policy_means']
+    means_range = float(np.ptp(means)) if len(means) > 1 else 0.0
+    # the stricter bar: beyond the pooled std, GMPQ's own std AND the
+    # range of the random policies' means (one random draw vs another)
+    spread = max(rnd['std'], g['std'], means_range)
     gap = g['mean'] - rnd['mean']
     lines.append(
         f"- GMPQ - random: {gap:+.2f} points (random pooled std "
-        f"{rnd['std']:.2f}, GMPQ std {g['std']:.2f}; spread of the "
-        f"{len(pool['policy_means'])} random policies' means "
-        f"{np.ptp(pool['policy_means']) if pool['policy_means'] else 0:.2f})"
-        f": {'beats' if gap > spread else 'does NOT beat'} random by more "
-        'than the spread')
+        f"{rnd['std']:.2f}, GMPQ std {g['std']:.2f}, range of the "
+        f"{len(means)} random policies' means {means_range:.2f}): "
+        f"{'beats' if gap > spread else 'does NOT beat'} random by more "
+        f'than the largest of the three ({spread:.2f})')
+    if means:
+        above = sum(g['mean'] > m for m in means)
+        lines.append(f'- GMPQ mean above {above} of the {len(means)} '
+                     "random policies' means (best random policy "
+                     f"{max(means):.2f})")
     if unif:
         u = stats(unif[-1]['top1'])
         if u['n']:
@@ -186,7 +194,11 @@ def expected_runs(study: dict, budgets: Dict[int, int]) -> int:
     n_pol = len(study['uniform']) + len(budgets) * (study['n_random'] + 2)
     teachers = 1 if settings == ['in_domain'] else \
         2 if settings == ['transfer'] else 3
-    return teachers + len(settings) * (2 * len(budgets) +
+    # result files of the searches: one per budget and method, plus the
+    # shared search's own when one search serves every budget
+    per_method = len(budgets) if len(budgets) == 1 or study['search'].get(
+        'cd_mode', 'reference') == 'budget' else len(budgets) + 1
+    return teachers + len(settings) * (2 * per_method +
                                        n_pol * len(study['seeds']))
 
 

@@ -1,6 +1,7 @@
 """The GMPQ search end to end: tools/train.py with search configs on tiny
 CIFAR-format data, against a tiny teacher trained by tools/train.py."""
 import json
+import os
 import shutil
 
 import pytest
@@ -251,3 +252,103 @@ def test_arch_warmup_must_leave_search_epochs(tmp_path, repo_root,
     assert result.returncode != 0
     assert 'arch_warmup_epochs must be an integer in [0, max_epochs=2)' in \
         result.output
+
+
+TEMPERATURE_HOOK = '''
+import json
+import os.path as osp
+from mmengine.hooks import Hook
+from mmpretrain.registry import HOOKS
+
+
+@HOOKS.register_module()
+class RecordTemperatureHook(Hook):
+    """Every layer's softmax temperature after each iteration."""
+
+    def before_train(self, runner):
+        self.seen = []
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.seen.append(sorted({m.temperature for m in runner.model.modules()
+                                 if hasattr(m, 'alpha_w')}))
+
+    def after_train(self, runner):
+        with open(osp.join(runner.work_dir, 'temperatures.json'), 'w') as f:
+            json.dump(self.seen, f)
+'''
+
+
+def test_temperature_schedule(tmp_path, repo_root, cifar10_root, teacher_ckpt,
+                              run_tool):
+    (tmp_path / 'temperature_hook.py').write_text(TEMPERATURE_HOOK)
+    cfg = write_search_configs(
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
+        custom_imports="dict(imports=['gmpq_mm.register_all', "
+        "'temperature_hook'])",
+        custom_hooks="[dict(type='RecordTemperatureHook')]")
+    work = tmp_path / 'work'
+    run_tool([
+        'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
+        'train_cfg.max_epochs=3', 'train_cfg.arch_warmup_epochs=1',
+        'train_cfg.temperature.start=2.0', 'train_cfg.temperature.end=0.125'
+    ],
+             env={
+                 'PYTHONPATH': os.pathsep.join([str(repo_root),
+                                                str(tmp_path)])
+             })
+    seen = json.loads((work / 'temperatures.json').read_text())
+    assert all(len(ts) == 1 for ts in seen)  # every layer alike
+    ts = [t[0] for t in seen]
+    n = len(ts) // 3  # iterations per epoch
+    assert n >= 2 and len(ts) == 3 * n
+    # warm-up at T0, then geometric to T1 at the last iteration
+    assert ts[:n] == [2.0] * n
+    for i, t in enumerate(ts[n:], start=1):
+        assert t == pytest.approx(2.0 * (0.125 / 2.0)**(i / (2 * n)))
+    assert ts[-1] == pytest.approx(0.125)
+
+
+def test_temperature_is_checked(tmp_path, repo_root, cifar10_root,
+                                teacher_ckpt, run_tool):
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
+    result = run_tool([
+        'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
+        '--cfg-options', 'train_cfg.temperature.start=1.0',
+        'train_cfg.temperature.end=0'
+    ],
+                      check=False)
+    assert result.returncode != 0
+    assert "temperature['end'] must be a number > 0, got 0" in result.output
+
+
+def test_budget_complexity_makes_budgets_differ(tmp_path, repo_root,
+                                                cifar10_root, teacher_ckpt,
+                                                run_tool):
+    """With the released linear cost the budget changes only the exported
+    policy; measured against the budget, two budgets train differently."""
+    cfg = write_search_configs(
+        tmp_path,
+        repo_root,
+        cifar10_root,
+        teacher_ckpt,
+        base='configs/gmpq/search_r18_cifar10_budget.py')
+    found = {}
+    for mode in ('reference', 'budget'):
+        # all-2-bit is 3.46e7 here, uniform alphas expect 1.21e8
+        for budget in ('6e7', '1.5e8'):
+            work = tmp_path / f'{mode}_{budget}'
+            run_tool([
+                'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
+                'train_cfg.max_epochs=1', f'model.target_bitops={budget}',
+                f'model.complexity_loss.mode={mode}',
+                'model.complexity_loss.loss_weight=1.0'
+            ])
+            found[mode, budget] = alphas(work / 'epoch_1.pth')
+    same = found['reference', '6e7'], found['reference', '1.5e8']
+    assert all(torch.equal(same[0][k], same[1][k]) for k in same[0])
+    low, high = found['budget', '6e7'], found['budget', '1.5e8']
+    assert any(not torch.equal(low[k], high[k]) for k in low)

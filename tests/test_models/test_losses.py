@@ -191,3 +191,24 @@ def test_complexity_loss_by_hand():
             206.25e-5, rel=1e-6)
     with pytest.raises(ValueError, match='positive'):
         loss(cost, 0)
+
+
+def test_complexity_loss_against_the_budget():
+    loss = ComplexityLoss(loss_weight=2.0, mode='budget')
+    # 1.5 x the budget: 2 * (1.5 - 1) ** 2 = 0.5; d/dC = 2 * 2 * 0.5 / B
+    cost = torch.tensor(1500., dtype=torch.float64, requires_grad=True)
+    value = loss(cost, 10, budget=1000.)
+    assert value.item() == pytest.approx(0.5, rel=1e-12)
+    value.backward()
+    assert cost.grad.item() == pytest.approx(2e-3, rel=1e-12)
+    # at or under the budget: no loss and no gradient (the reference MACs
+    # play no part)
+    for c in (1000., 400.):
+        cost = torch.tensor(c, dtype=torch.float64, requires_grad=True)
+        value = loss(cost, 10, budget=1000.)
+        value.backward()
+        assert value.item() == 0 and cost.grad.item() == 0
+    with pytest.raises(ValueError, match="needs a positive budget"):
+        loss(torch.tensor(1.), 10)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ComplexityLoss(mode='target')

@@ -1,4 +1,5 @@
 """GMPQSearchClassifier's build-time check of the attribution maps' size."""
+import math
 import warnings
 
 import pytest
@@ -161,3 +162,88 @@ def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
     model.target_bitops_tolerance = 0.02
     policy = model.current_policy()
     assert 0.98 * 10 * total <= policy['bitops'] <= 10 * total
+
+
+def test_budget_complexity_needs_target_bitops(teacher_ckpt):
+    cfg = dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, 32, 32),
+        complexity_loss=dict(type='ComplexityLoss', mode='budget'))
+    with pytest.raises(ValueError, match="mode='budget' needs target_bitops"):
+        MODELS.build(cfg)
+    total = sum(build(teacher_ckpt, 32).layer_macs.values())
+    # budget all-2-bit (4 x MACs); uniform p costs 9 x MACs
+    model = MODELS.build(dict(cfg, target_bitops=4 * total))
+    losses = model.loss(torch.rand(2, 3, 32, 32), _samples(2))
+    # E[b_w] = E[b_a] = 3 under uniform alphas: 9 / 4 - 1 = 1.25
+    assert losses['loss_complexity'].item() == pytest.approx(
+        3e-4 * 1.25**2, rel=1e-5)
+
+
+def _samples(n):
+    from mmpretrain.structures import DataSample
+    return [DataSample().set_gt_label(i % 10) for i in range(n)]
+
+
+def test_init_from_teacher_copies_every_teacher_weight(tmp_path):
+    teacher = MODELS.build(TEACHER)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_()
+        for name, b in teacher.named_buffers():
+            if name.endswith('running_var'):
+                b.uniform_(0.5, 2.0)
+    path = str(tmp_path / 'teacher.pth')
+    torch.save({'state_dict': teacher.state_dict()}, path)
+    cfg = dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=path,
+        input_shape=(3, 32, 32))
+    plain = MODELS.build(cfg)
+    plain.init_weights()
+    model = MODELS.build(dict(cfg, init_from_teacher=True))
+    model.init_weights()
+    own = model.state_dict()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(own[key], value), key
+        if key.endswith('weight'):
+            assert not torch.equal(plain.state_dict()[key], value), key
+    # the alphas keep their init
+    assert all(
+        torch.equal(p, torch.full_like(p, 0.01))
+        for p in model.arch_parameters())
+
+
+def test_probability_stats_by_hand(teacher_ckpt):
+    model = build(teacher_ckpt, 32)
+    entropy, gap = model.probability_stats()
+    assert entropy.item() == pytest.approx(1.0) and gap.item() == 0.0
+    # one layer's weight probabilities -> (0.8, 0.2): H / log 2 = 0.7219,
+    # gap 0.6; the other 2 * 19 - 1 distributions stay uniform
+    with torch.no_grad():
+        model.mixed_layers[0][1].alpha_w.copy_(
+            torch.tensor([math.log(4.0), 0.0]))
+    entropy, gap = model.probability_stats()
+    h = -(0.8 * math.log(0.8) + 0.2 * math.log(0.2)) / math.log(2)
+    assert entropy.item() == pytest.approx((h + 37) / 38, rel=1e-6)
+    assert gap.item() == pytest.approx(0.6 / 38, rel=1e-6)
+    losses = model.loss(torch.rand(2, 3, 32, 32), _samples(2))
+    assert losses['prob_entropy'].item() == pytest.approx(entropy.item())
+    assert losses['prob_top2_gap'].item() == pytest.approx(gap.item())

@@ -465,3 +465,28 @@ def test_compile_backend_layers_match_reference():
         assert get_kernel_backend() == 'compile', 'fell back to eager'
     finally:
         set_kernel_backend(previous)
+
+
+def test_temperature_scales_the_softmax():
+    conv = MixedPrecisionConv2d(2, 2, 1)
+    with torch.no_grad():
+        conv.alpha_w.copy_(t([0.0, 0.0, math.log(2.0), 0.0]))
+    conv.temperature = 0.5
+    # softmax(alpha / 0.5): exp = [1, 1, 4, 1] -> [1/7, 1/7, 4/7, 1/7]
+    p_w, p_a = conv.probs()
+    torch.testing.assert_close(p_w, t([1 / 7, 1 / 7, 4 / 7, 1 / 7]))
+    torch.testing.assert_close(p_a, torch.full((4, ), 0.25))
+    e_w, _ = conv.expected_bits()
+    torch.testing.assert_close(e_w, t((2 + 3 + 16 + 6) / 7))
+    # the forward mixes with the sharpened probabilities too
+    x = torch.rand(1, 2, 3, 3)
+    y_half = conv(x)
+    conv.temperature = 1.0
+    assert not torch.allclose(y_half, conv(x))
+    # the ranking (the policy) does not depend on T
+    assert conv.choice() == (4, 2)
+    conv.temperature = 0.0
+    with pytest.raises(ValueError, match='temperature must be > 0'):
+        conv.probs()
+    # not state: a checkpoint neither holds nor needs it
+    assert not any('temperature' in k for k in conv.state_dict())

@@ -101,14 +101,42 @@ def test_verdict_reports_gaps():
                 bitops=60),
         ])
     lines = '\n'.join(verdict(block))
-    # 91 - 82 = 9 > max(2, 1)
+    # 91 - 82 = 9 > max(pooled std 2, GMPQ std 1, means range 2)
     assert 'GMPQ - random: +9.00 points' in lines
-    assert 'beats random by more than the spread' in lines
+    assert "range of the 2 random policies' means 2.00" in lines
+    assert 'beats random by more than the largest of the three (2.00)' \
+        in lines
+    assert "GMPQ mean above 2 of the 2 random policies' means" in lines
     # 91 - 91 = 0: no win over uniform
     assert 'GMPQ - uniform W2A2: +0.00 points' in lines
     assert 'does NOT beat it' in lines
     assert 'attribution on - off: +6.00 points' in lines
     assert 'on beats off' in lines
+
+
+def test_verdict_needs_the_gap_beyond_the_random_means_range():
+    from gmpq_mm.utils.policy_study import verdict
+
+    # four random policies at 84, one at 90 (3 seeds each): the gap 3.0
+    # beats the pooled std (2.48) and GMPQ's (0) but not the 6-point range
+    # of the random policies' means
+    block = dict(
+        budget=100,
+        rows=[
+            dict(kind='gmpq', top1=[88.2, 88.2, 88.2], bitops=99),
+            dict(kind='aw0', top1=[], bitops=None),
+            dict(
+                kind='random_pooled',
+                top1=[84.0] * 12 + [90.0] * 3,
+                policy_means=[84.0] * 4 + [90.0],
+                bitops=None),
+        ])
+    lines = '\n'.join(verdict(block))
+    assert 'GMPQ - random: +3.00 points (random pooled std 2.48' in lines
+    assert 'does NOT beat random by more than the largest of the three ' \
+        '(6.00)' in lines
+    assert "GMPQ mean above 4 of the 5 random policies' means (best random " \
+        'policy 90.00)' in lines
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -174,3 +202,133 @@ def test_study_figure(tmp_path):
     }
     path = study_figure(data, os.fspath(tmp_path / 'f.png'))
     assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_run_configs_skip_yapf_but_stay_loadable(tmp_path):
+    """The study's configs are not yapf-formatted (the formatting cost most
+    of a short run), and the text mmengine dumps still loads."""
+    import importlib.util
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
+    path = osp.join(
+        osp.dirname(__file__), '..', '..', 'tools', 'analysis',
+        'policy_study.py')
+    spec = importlib.util.spec_from_file_location('policy_study_mod', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name in ('pretrain', 'search', 'finetune'):
+        cfg = tool.base_config(name)
+        assert cfg._format_python_code is False
+        dumped = tmp_path / f'{name}.py'
+        cfg.dump(str(dumped))
+        again = Config.fromfile(str(dumped))
+        assert again.model.to_dict() == cfg.model.to_dict()
+
+
+def _tool():
+    import importlib.util
+    import os.path as osp
+    path = osp.join(
+        osp.dirname(__file__), '..', '..', 'tools', 'analysis',
+        'policy_study.py')
+    spec = importlib.util.spec_from_file_location('policy_study_mod', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
+    import copy
+
+    from gmpq_mm.utils.policy_study import expected_runs
+    tool = _tool()
+    budgets = {2: 100, 3: 200}
+    for mode, searches in (('budget', [
+            'search_in_domain_b2_gmpq', 'search_in_domain_b3_gmpq',
+            'search_in_domain_b2_aw0', 'search_in_domain_b3_aw0'
+    ]), ('reference', ['search_in_domain_gmpq', 'search_in_domain_aw0'])):
+        study = copy.deepcopy(tool.PRESETS['tiny'])
+        study['search']['cd_mode'] = mode
+        study.update(
+            settings=['in_domain'], work_dir=str(tmp_path), budgets=[2, 3])
+        _, stage2, stage3 = tool.plan(study, budgets, {'w2a2': 'w.json'})
+        assert [t[1] for t in stage2] == searches
+        # every searched policy is finetuned from its budget's export
+        ft = {t[1]: t[3][2] for t in stage3}
+        assert ft['ft_in_domain_b3_aw0_s0'].endswith(
+            'search_in_domain_b3_aw0/policy.json')
+        # the result files: teacher, searches (+ the shared search's own),
+        # (1 uniform + 2 x (1 random + 2 searched)) x 1 seed finetunes
+        assert expected_runs(study,
+                             budgets) == 1 + (4 if mode == 'budget' else 6) + 7
+
+
+def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
+    """The released loss ignores the budget: one search, two exports, each
+    with its own result and policy in its budget's folder."""
+    import copy
+    import json
+
+    from gmpq_mm.utils import register_all_modules
+    tool = _tool()
+    register_all_modules()
+    study = copy.deepcopy(tool.PRESETS['tiny'])
+    study['search'] = dict(tool.RELEASED_SEARCH, epochs=2)
+    study.update(
+        preset='tiny',
+        settings=['in_domain'],
+        work_dir=str(tmp_path),
+        budgets=[2, 3])
+    tool.write_split(str(tmp_path / 'data' / 'all'), 'all', 16, 32, 20)
+    _, budgets, _ = tool.write_policies(study)
+    tool.execute((study, 'teacher_all', 'teacher', ('all', )))
+    name, state, _ = tool.execute((study, 'search_in_domain_gmpq', 'search',
+                                   ('in_domain', 'gmpq', budgets)))
+    assert state == 'done'
+    shared = json.loads((tmp_path / 'runs' / name / 'result.json').read_text())
+    assert shared['exports'] == [2, 3]
+    for k, budget in budgets.items():
+        r = json.loads((tmp_path / 'runs' / f'search_in_domain_b{k}_gmpq' /
+                        'result.json').read_text())
+        assert r['budget'] == budget and r['search'] == name
+        assert 0.98 * budget <= r['bitops'] <= budget
+        policy = json.loads(open(r['policy']).read())
+        assert policy['budget'] == budget and policy['bitops'] == r['bitops']
+
+
+def test_search_diagnostics_records_each_term(tmp_path, run_tool):
+    import copy
+
+    tool = _tool()
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
+    study = copy.deepcopy(tool.PRESETS['tiny'])
+    study.update(preset='tiny', settings=['in_domain'], work_dir=str(tmp_path))
+    for split in ('all', ):
+        tool.write_split(str(tmp_path / 'data' / split), split, 16, 32, 20)
+    tool.execute((study, 'teacher_all', 'teacher', ('all', )))
+    out = run_tool([
+        'tools/analysis/search_diagnostics.py', 'tiny', '--work-dir', tmp_path,
+        '--setting', 'in_domain', '--every', '1', '--tag', 't', '--search',
+        '{"temperature": {"start": 1.0, "end": 0.5}}'
+    ]).output
+    summary = json.loads((tmp_path / 'diagnostics' / 't.json').read_text())
+    recs = summary['records']
+    # 2 epochs of 1 iteration (16 of the 32 images per part, batch 16)
+    assert [r['iter'] for r in recs] == [0, 1]
+    first = recs[0]
+    assert first['entropy'] == pytest.approx(1.0)  # alphas still uniform
+    assert first['gap'] == pytest.approx(0.0, abs=1e-12)
+    # uniform candidates expect 3.75 x 3.75 bits: 14.06 / 6.5 of the budget
+    assert first['cost_over_budget'] == pytest.approx(
+        3.75 * 3.75 / 6.5, rel=1e-3)
+    # the budget loss pushes on the alphas; CE and attribution too
+    for key in ('loss_cls_grad', 'loss_attr_grad', 'loss_complexity_grad'):
+        assert first[key] > 0, key
+    assert 0 <= summary['final_entropy'] <= 1
+    assert '[t] it    0 T=1.000 entropy 1.000' in out
+    assert 'final entropy' in out

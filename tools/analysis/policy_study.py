@@ -8,7 +8,10 @@ process (or a few worker processes), every run of the comparison:
 2. At each BitOPs budget (midway between uniform WkAk and W(k+1)A(k+1)),
    met exactly through ``target_bitops``: the GMPQ search (attribution on)
    and the same search with ``aw = 0`` (EdMIPS-style), in-domain (search on
-   all classes) and for transfer (search on A against the A teacher).
+   all classes) and for transfer (search on A against the A teacher). With
+   the complexity loss against the budget (``cd_mode='budget'``, the
+   ``full`` preset) each budget has its own search; with the released,
+   budget-blind loss one search per method is exported at every budget.
 3. Every policy -- the two searched ones, uniform W2A2/W3A3/W4A4, and
    ``n_random`` random policies drawn over the whole candidate space with
    BitOPs in ``[0.98, 1] x budget`` -- finetuned from the same FP weights
@@ -63,22 +66,43 @@ FULL = dict(
         arch_warmup_epochs=1,
         mode='bilevel',
         arch_optimizer=dict(
-            type='Adam', lr=0.01, betas=(0.5, 0.999), weight_decay=1e-3),
+            type='Adam', lr=0.05, betas=(0.5, 0.999), weight_decay=1e-3),
         weights_lr=0.05,
         aw=40.0,
-        cd=3e-4,
+        # the complexity loss against the budget: relu(C / B - 1) ** 2
+        cd_mode='budget',
+        cd=1.0,
+        # softmax temperature 1 -> 0.1 over the alpha steps
+        temperature=dict(start=1.0, end=0.1),
+        # the supernet starts from the FP teacher's weights
+        init_from_teacher=True,
         attribution_stages=[2, 3]),
     # every finetune: one epoch over (at most) 2,500 training images
     finetune=dict(
         epochs=dict(in_domain=1, transfer=1), lr=0.01, train_images=2500),
     calibration_bins=256)
+# The search settings of the first study (the released code's search with
+# Adam on the alphas): probabilities stay near uniform at this size.
+RELEASED_SEARCH = dict(
+    epochs=3,
+    arch_warmup_epochs=1,
+    mode='bilevel',
+    arch_optimizer=dict(
+        type='Adam', lr=0.01, betas=(0.5, 0.999), weight_decay=1e-3),
+    weights_lr=0.05,
+    aw=40.0,
+    cd=3e-4,
+    attribution_stages=[2, 3])
 PRESETS = dict(
     full=FULL,
+    # The same study with the first study's search settings.
+    full_released_search=dict(FULL, search=RELEASED_SEARCH),
     # The full study's first budget with a longer search (8 epochs, 1 of
     # them warm-up): does a search that runs longer leave uniform and win?
     # Run it in-domain next to a finished `full` study (copy its teacher
     # and fixed-policy finetunes: same seeds, same runs).
-    long_search=dict(FULL, budgets=[2], search=dict(FULL['search'], epochs=8)),
+    long_search=dict(
+        FULL, budgets=[2], search=dict(RELEASED_SEARCH, epochs=8)),
     # For tests: a few iterations of every kind of run (counts below the
     # study's minimum: it checks the machinery, not the method).
     tiny=dict(
@@ -139,8 +163,13 @@ _BASE = {}
 def base_config(name):
     from mmengine.config import Config
     if name not in _BASE:
-        _BASE[name] = Config.fromfile(
-            osp.join(DEMO, f'{name}_r18_fashion_mnist.py'))
+        cfg = Config.fromfile(osp.join(DEMO, f'{name}_r18_fashion_mnist.py'))
+        # No yapf formatting of the config text: mmengine formats it five
+        # times per Runner (log, dump, visualizer, ...), which took 40 of
+        # the 46 s of a tiny finetune; the dumped config stays valid Python.
+        # (fromfile drops format_python_code for plain configs, so rebuild.)
+        _BASE[name] = Config(
+            cfg.to_dict(), filename=cfg.filename, format_python_code=False)
     return copy.deepcopy(_BASE[name])
 
 
@@ -228,8 +257,9 @@ def normalised_entropy(policy):
     return float(np.mean(values))
 
 
-def run_search(study, setting, k, method, budget):
-    from gmpq_mm.quantization.policy import save_policy
+def search_config(study, setting, method, budget):
+    """The search's config: the demo search on the setting's search split,
+    against its teacher, with the study's search settings."""
     s = study['search']
     split = SETTINGS[setting][0]
     teacher = read_result(study, f'teacher_{split}')
@@ -249,6 +279,8 @@ def run_search(study, setting, k, method, budget):
         if stages else None
     model.attribution_loss.loss_weight = s['aw'] if method == 'gmpq' else 0.
     model.complexity_loss.loss_weight = s['cd']
+    model.complexity_loss.mode = s.get('cd_mode', 'reference')
+    model.init_from_teacher = s.get('init_from_teacher', False)
     cfg.optim_wrapper.weights.optimizer.lr = s['weights_lr']
     cfg.optim_wrapper.arch.optimizer = dict(s['arch_optimizer'])
     cfg.param_scheduler = dict(
@@ -260,17 +292,54 @@ def run_search(study, setting, k, method, budget):
         type='SearchLoop',
         mode=s['mode'],
         max_epochs=s['epochs'],
-        arch_warmup_epochs=s['arch_warmup_epochs'])
-    name = f'search_{setting}_b{k}_{method}'
+        arch_warmup_epochs=s['arch_warmup_epochs'],
+        temperature=s.get('temperature'))
+    return cfg
+
+
+def budget_aware(study):
+    """True when the search's loss depends on the budget (``cd_mode``
+    ``'budget'``): then every budget needs its own search."""
+    return study['search'].get('cd_mode', 'reference') == 'budget'
+
+
+def run_search(study, setting, method, budgets):
+    """Search once and export the policy at each of ``budgets`` (``{k:
+    BitOPs}``). Each export lands in ``runs/search_<setting>_b<k>_<method>/``
+    with its own ``result.json``; with a single budget that is this run's
+    own folder."""
+    from gmpq_mm.quantization.policy import save_policy
+    first = min(budgets)
+    cfg = search_config(study, setting, method, budgets[first])
+    name = search_name(setting, method, budgets, study)
     work = osp.join(study['work_dir'], 'runs', name)
     runner, _ = run_runner(cfg, name, work, 0, test=False)
-    policy = runner.model.current_policy(source=name)
-    path = save_policy(policy, osp.join(work, 'policy.json'))
-    return dict(
-        policy=path,
-        bitops=policy['bitops'],
-        budget=budget,
-        entropy=normalised_entropy(policy))
+    model = runner.model
+    out = {}
+    for k, budget in sorted(budgets.items()):
+        export = f'search_{setting}_b{k}_{method}'
+        model.target_bitops = budget
+        policy = model.current_policy(source=export)
+        folder = osp.join(study['work_dir'], 'runs', export)
+        os.makedirs(folder, exist_ok=True)
+        path = save_policy(policy, osp.join(folder, 'policy.json'))
+        out[k] = dict(
+            policy=path,
+            bitops=policy['bitops'],
+            budget=budget,
+            entropy=normalised_entropy(policy),
+            search=name)
+    if len(budgets) == 1:
+        return out[first]
+    for k, result in out.items():
+        write_result(study, f'search_{setting}_b{k}_{method}', result)
+    return dict(exports=sorted(out))
+
+
+def search_name(setting, method, budgets, study):
+    if len(budgets) == 1:
+        return f'search_{setting}_b{next(iter(budgets))}_{method}'
+    return f'search_{setting}_{method}'
 
 
 def run_finetune(study, setting, policy_name, policy_path, seed):
@@ -314,11 +383,17 @@ def execute(task):
     start = time.time()
     result = KINDS[kind](study, *args)
     result.update(name=name, seconds=round(time.time() - start, 1))
+    write_result(study, name, result)
+    return name, 'done', result['seconds']
+
+
+def write_result(study, name, result):
+    path = result_path(study, name)
+    os.makedirs(osp.dirname(path), exist_ok=True)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, path)
-    return name, 'done', result['seconds']
 
 
 def init_worker(threads):
@@ -403,12 +478,19 @@ def plan(study, budgets, paths):
     ]
     teachers = [task(f'teacher_{s}', 'teacher', s) for s in splits]
     searches, policies = [], []
+    # a budget-blind search (the released linear cost) is run once and
+    # exported at every budget; a budget-aware one runs per budget
+    groups = [{k: b} for k, b in budgets.items()] if budget_aware(study) \
+        else [dict(budgets)]
     for setting in settings:
-        for k, budget in budgets.items():
-            for method in ('gmpq', 'aw0'):
-                name = f'search_{setting}_b{k}_{method}'
+        for method in ('gmpq', 'aw0'):
+            for group in groups:
                 searches.append(
-                    task(name, 'search', setting, k, method, budget))
+                    task(
+                        search_name(setting, method, group, study), 'search',
+                        setting, method, group))
+            for k in budgets:
+                name = f'search_{setting}_b{k}_{method}'
                 policies.append((setting, f'b{k}_{method}',
                                  osp.join(study['work_dir'], 'runs', name,
                                           'policy.json')))

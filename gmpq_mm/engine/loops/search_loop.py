@@ -114,6 +114,36 @@ def single_level_step(model, optim_dict, data_batch):
     return log_vars
 
 
+def check_temperature(temperature: Optional[Dict]) -> Optional[Dict]:
+    """``dict(start=T0, end=T1)`` with positive floats, or None."""
+    if temperature is None:
+        return None
+    if not isinstance(temperature, dict) or \
+            set(temperature) != {'start', 'end'}:
+        raise ValueError(
+            'SearchLoop: temperature must be '
+            "dict(start=T0, end=T1), got {!r}".format(temperature))
+    out = {}
+    for key in ('start', 'end'):
+        value = temperature[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not value > 0:
+            raise ValueError(f'SearchLoop: temperature[{key!r}] must be a '
+                             f'number > 0, got {value!r}')
+        out[key] = float(value)
+    return out
+
+
+def annealed_temperature(start: float, end: float, done: int,
+                         total: int) -> float:
+    """Geometric schedule: ``start`` at ``done = 0``, ``end`` at ``done =
+    total`` (``total <= 0``: ``end``)."""
+    if total <= 0:
+        return end
+    frac = min(max(done / total, 0.0), 1.0)
+    return start * (end / start)**frac
+
+
 @LOOPS.register_module()
 class SearchLoop(EpochBasedTrainLoop):
     """Epoch loop of the GMPQ search with two optimizers.
@@ -149,6 +179,15 @@ class SearchLoop(EpochBasedTrainLoop):
             In bilevel mode the warm-up takes no arch batches either.
             Defaults to 0 (the released code: alphas move from the first
             iteration).
+        temperature (dict, optional): Anneal the softmax temperature of
+            every mixed layer, ``dict(start=T0, end=T1)``: ``T0`` during the
+            warm-up, then geometrically from ``T0`` to ``T1`` over the
+            iterations with alpha steps (``T1`` at the last one). Set before
+            every iteration from the iteration count, so a resumed search
+            continues the schedule. A lower ``T`` sharpens the candidate
+            probabilities and multiplies the effect of an alpha step by
+            ``1 / T``. Defaults to None (``T = 1`` throughout: the released
+            code's softmax).
         **kwargs: ``val_begin``, ``val_interval``, ``dynamic_intervals``.
     """
 
@@ -161,6 +200,7 @@ class SearchLoop(EpochBasedTrainLoop):
                  arch_dataloader: Optional[Dict] = None,
                  split_seed: int = 0,
                  arch_warmup_epochs: int = 0,
+                 temperature: Optional[Dict] = None,
                  **kwargs):
         if mode not in SEARCH_MODES:
             raise ValueError(f"SearchLoop: mode must be one of "
@@ -172,6 +212,7 @@ class SearchLoop(EpochBasedTrainLoop):
                 f'[0, max_epochs={max_epochs}), got {arch_warmup_epochs!r}')
         self.mode = mode
         self.arch_warmup_epochs = int(arch_warmup_epochs)
+        self.temperature = check_temperature(temperature)
         arch_loader_cfg = None
         if mode == 'bilevel':
             if not isinstance(dataloader, dict):
@@ -230,11 +271,31 @@ class SearchLoop(EpochBasedTrainLoop):
             self._arch_iter = iter(self.arch_dataloader)
         super().run_epoch()
 
+    def current_temperature(self) -> float:
+        """The softmax temperature of the iteration about to run."""
+        t = self.temperature
+        if t is None:
+            return 1.0
+        warmup = self.arch_warmup_epochs * len(self.dataloader)
+        arch_iters = self.max_iters - warmup
+        # the iteration about to run counts as done: T1 at the last one
+        return annealed_temperature(t['start'], t['end'],
+                                    self._iter + 1 - warmup, arch_iters) \
+            if self._iter >= warmup else t['start']
+
+    def _set_temperature(self, value: float) -> None:
+        for module in unwrap_model(self.runner.model).modules():
+            if hasattr(module, 'temperature') and \
+                    hasattr(module, 'arch_parameters'):
+                module.temperature = value
+
     def run_iter(self, idx, data_batch) -> None:
         self.runner.call_hook(
             'before_train_iter', batch_idx=idx, data_batch=data_batch)
         optim = self._optim_wrappers()
         model = self.runner.model
+        if self.temperature is not None:
+            self._set_temperature(self.current_temperature())
         if self._epoch < self.arch_warmup_epochs:
             outputs = weights_step(model, optim, data_batch)
         elif self.mode == 'bilevel':

@@ -1,5 +1,6 @@
 """The GMPQ search model: a mixed-precision supernet and its frozen teacher."""
 import copy
+import math
 import os.path as osp
 import warnings
 from typing import List, Optional, Sequence
@@ -81,6 +82,11 @@ class GMPQSearchClassifier(ImageClassifier):
             exports a policy well below the budget). Defaults to None.
         attribution_stages (Sequence[int], optional): Indices into the
             backbone outputs to match maps at (default: the last one).
+        init_from_teacher (bool): Start the supernet's weights (backbone,
+            neck, head; not the alphas or quantizer ranges) from the
+            teacher's, in ``init_weights``. Every teacher weight must find a
+            supernet weight of the same name and shape. Defaults to False
+            (the released code trains the supernet from its own init).
     """
 
     def __init__(self,
@@ -95,6 +101,7 @@ class GMPQSearchClassifier(ImageClassifier):
                  target_bitops: Optional[float] = None,
                  target_bitops_tolerance: Optional[float] = None,
                  attribution_stages: Optional[Sequence[int]] = None,
+                 init_from_teacher: bool = False,
                  **kwargs):
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
         self.mixed_layers = [(name, m)
@@ -116,6 +123,7 @@ class GMPQSearchClassifier(ImageClassifier):
         self.attribution_loss = MODELS.build(attribution_loss)
         self.complexity_loss = MODELS.build(complexity_loss)
         self.teacher = self._build_teacher(teacher, teacher_checkpoint)
+        self.init_from_teacher = bool(init_from_teacher)
         first = self.mixed_layers[0][1]
         self.w_candidates = tuple(first.w_candidates)
         self.a_candidates = tuple(first.a_candidates)
@@ -127,6 +135,11 @@ class GMPQSearchClassifier(ImageClassifier):
                 'target_bitops and a value in [0, 1), got '
                 f'{target_bitops_tolerance!r}')
         self.target_bitops_tolerance = target_bitops_tolerance
+        if getattr(self.complexity_loss, 'mode', None) == 'budget' and \
+                target_bitops is None:
+            raise ValueError(
+                "GMPQSearchClassifier: complexity_loss mode='budget' needs "
+                'target_bitops (the BitOPs budget it is measured against)')
         if target_bitops is not None:
             self.current_policy()  # an unreachable budget fails here
 
@@ -164,6 +177,32 @@ class GMPQSearchClassifier(ImageClassifier):
         model._is_init = True  # init_weights must not overwrite it
         return model
 
+    def init_weights(self):
+        super().init_weights()
+        if self.init_from_teacher:
+            self.copy_teacher_weights()
+
+    def copy_teacher_weights(self) -> None:
+        """Copy every teacher parameter and buffer into the supernet's
+        same-named one (the supernet keeps the FP layers' names)."""
+        own = {
+            k: v
+            for k, v in self.state_dict().items()
+            if not k.startswith('teacher.')
+        }
+        unmatched = []
+        with torch.no_grad():
+            for key, value in self.teacher.state_dict().items():
+                if key in own and own[key].shape == value.shape:
+                    own[key].copy_(value)
+                else:
+                    unmatched.append(key)
+        if unmatched:
+            raise ValueError(
+                'GMPQSearchClassifier(init_from_teacher=True): teacher '
+                f'weights without a same-named, same-shaped supernet weight: '
+                f'{unmatched[:5]}' + (' ...' if len(unmatched) > 5 else ''))
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
@@ -194,6 +233,25 @@ class GMPQSearchClassifier(ImageClassifier):
             bits = [m.expected_bits() for _, m in self.mixed_layers]
             return (torch.stack([b[0] for b in bits]).mean(),
                     torch.stack([b[1] for b in bits]).mean())
+
+    def probability_stats(self):
+        """How far the search is from uniform: the mean over layers and
+        over w / a of ``H(p) / log K`` (1 = uniform, 0 = one-hot) and of the
+        gap between the two largest probabilities (0 = a tie)."""
+        with torch.no_grad():
+            ents, gaps = [], []
+            for _, m in self.mixed_layers:
+                for p in m.probs():
+                    if len(p) < 2:
+                        continue
+                    logp = torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+                    ents.append(-(p * logp).sum() / math.log(len(p)))
+                    top = torch.topk(p, 2).values
+                    gaps.append(top[0] - top[1])
+            if not ents:
+                zero = self.mixed_layers[0][1].alpha_w.new_zeros(())
+                return zero, zero
+            return torch.stack(ents).mean(), torch.stack(gaps).mean()
 
     def capacity(self) -> torch.Tensor:
         """``mean_l 1 / (E[b_w,l] E[b_a,l])`` for the capacity-aware p."""
@@ -317,9 +375,12 @@ class GMPQSearchClassifier(ImageClassifier):
         losses['loss_attr'] = attr / len(student)
         exp_bitops = self.expected_bitops()
         losses['loss_complexity'] = self.complexity_loss(
-            exp_bitops, self.reference_macs)
+            exp_bitops, self.reference_macs, budget=self.target_bitops)
         mean_w, mean_a = self.mean_bits()
         losses['expected_gbitops'] = exp_bitops.detach() / 1e9
         losses['mean_w_bits'] = mean_w
         losses['mean_a_bits'] = mean_a
+        entropy, gap = self.probability_stats()
+        losses['prob_entropy'] = entropy
+        losses['prob_top2_gap'] = gap
         return losses

@@ -1,5 +1,5 @@
 # Copyright (c) gmpq_mm contributors. All rights reserved.
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -18,22 +18,45 @@ class ComplexityLoss(nn.Module):
     same reference keeps the paper's ``cd`` values (3e-4 for CIFAR ResNet-18,
     1e-5 for ResNet-50, 0.00335 for Flowers) meaning the same thing here.
 
+    With ``mode='budget'`` the loss is measured against the search's BitOPs
+    budget ``B`` instead: ``loss_weight * relu(C / B - 1) ** 2``. It pulls the
+    expected cost down to the budget and no further, so searches at two
+    budgets train differently (with the released linear cost the budget
+    only changes the exported policy), and ``loss_weight`` no longer depends
+    on the network's size.
+
     Args:
         loss_weight (float): ``cd`` of the released code. Defaults to 3e-4.
+        mode (str): ``'reference'`` (the released code: ``C`` over the first
+            conv's MACs) or ``'budget'`` (needs the model's
+            ``target_bitops``). Defaults to ``'reference'``.
     """
 
-    def __init__(self, loss_weight: float = 3e-4) -> None:
-        super().__init__()
-        self.loss_weight = float(loss_weight)
+    MODES = ('reference', 'budget')
 
-    def forward(self, expected_bitops: Union[float, Tensor],
-                reference_macs: Union[float, Tensor]) -> Tensor:
-        """Compute ``loss_weight * expected_bitops / reference_macs``.
+    def __init__(self,
+                 loss_weight: float = 3e-4,
+                 mode: str = 'reference') -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f'ComplexityLoss: mode must be one of '
+                             f'{self.MODES}, got {mode!r}')
+        self.loss_weight = float(loss_weight)
+        self.mode = mode
+
+    def forward(self,
+                expected_bitops: Union[float, Tensor],
+                reference_macs: Union[float, Tensor],
+                budget: Optional[float] = None) -> Tensor:
+        """The weighted cost: ``loss_weight * C / reference_macs``, or in
+        ``'budget'`` mode ``loss_weight * relu(C / budget - 1) ** 2``.
 
         Args:
             expected_bitops (Tensor | float): Expected cost ``C``, a scalar.
             reference_macs (float | Tensor): MACs of the first searched conv;
                 a constant (detached here). Must be positive.
+            budget (float, optional): BitOPs budget; required and positive
+                in ``'budget'`` mode.
 
         Returns:
             Tensor: The weighted, normalised cost, a scalar.
@@ -48,7 +71,14 @@ class ComplexityLoss(nn.Module):
         if reference.numel() != 1 or not bool(reference > 0):
             raise ValueError('reference_macs must be a positive scalar, got '
                              f'{reference_macs}')
+        if self.mode == 'budget':
+            if budget is None or not float(budget) > 0:
+                raise ValueError("ComplexityLoss(mode='budget') needs a "
+                                 f'positive budget, got {budget!r} (set the '
+                                 "search model's target_bitops)")
+            excess = torch.relu(expected_bitops / float(budget) - 1)
+            return self.loss_weight * excess * excess
         return self.loss_weight * expected_bitops / reference.reshape(())
 
     def extra_repr(self) -> str:
-        return f'loss_weight={self.loss_weight}'
+        return f'loss_weight={self.loss_weight}, mode={self.mode!r}'
