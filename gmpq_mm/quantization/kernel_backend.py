@@ -1,10 +1,12 @@
 # Copyright (c) gmpq_mm contributors. All rights reserved.
 """Which kernels run the quantizers, and the constants they share.
 
-Two backends compute the same maths (:func:`set_kernel_backend`, or the
-``GMPQ_QUANT_BACKEND`` environment variable): ``'eager'``
-(:mod:`.eager_kernels`, plain PyTorch ops) and ``'compile'``
-(:mod:`.fused_kernels` handed to ``torch.compile``).
+Two backends compute the same maths: ``'eager'`` (:mod:`.eager_kernels`,
+plain PyTorch ops) and ``'compile'`` (:mod:`.fused_kernels` handed to
+``torch.compile``). The default setting, ``'auto'``, runs eager in short
+processes (tests, tools) and compiles for a training run long enough to
+earn the compile time back (:func:`plan_run`); :func:`set_kernel_backend`
+or the ``GMPQ_QUANT_BACKEND`` environment variable pins either.
 """
 import contextlib
 import functools
@@ -15,7 +17,7 @@ from typing import NamedTuple, Tuple
 import torch
 from torch import Tensor
 
-from gmpq_mm.compat import is_autocast_enabled
+from gmpq_mm.compat import enable_compile_cache, is_autocast_enabled
 from .bits import FP_BITS, activation_levels, weight_levels
 from .eager_kernels import (act_backward_eager, act_forward_eager,
                             weight_backward_eager, weight_forward_eager)
@@ -23,17 +25,28 @@ from .fused_kernels import (act_backward_fused, act_forward_fused,
                             weight_backward_fused, weight_forward_fused)
 
 __all__ = [
-    'MIN_ACT_RANGE', 'set_kernel_backend', 'get_kernel_backend', 'run_kernel',
+    'MIN_ACT_RANGE', 'AUTO_COMPILE_SAMPLES', 'set_kernel_backend',
+    'get_kernel_backend', 'get_kernel_backend_setting', 'plan_run',
+    'run_kernel',
     'autocast_off', 'candidate_table', 'act_params'
 ]
 
-# 'compile' is opt-in: compiling takes tens of seconds per process.
-_KERNEL_BACKENDS = ('eager', 'compile')
-_kernel_backend = os.environ.get('GMPQ_QUANT_BACKEND', 'eager')
+# 'auto' (the default) runs eager until a training loop announces a run
+# long enough to pay for compiling (:func:`plan_run`), then 'compile'.
+_KERNEL_BACKENDS = ('auto', 'eager', 'compile')
+ENV_VAR = 'GMPQ_QUANT_BACKEND'
+# A run of at least this many samples (iterations x batch size, at 32 x 32
+# pixels; larger images count more) compiles under 'auto'. Measured on a
+# 2-core CPU (docs/user_guides/benchmarks.md): compiling costs about as
+# much as 3,000 - 6,000 search samples save, with a cold cache.
+AUTO_COMPILE_SAMPLES = 20000
+_kernel_backend = os.environ.get(ENV_VAR, 'auto') or 'auto'
 if _kernel_backend not in _KERNEL_BACKENDS:
-    warnings.warn(f'GMPQ_QUANT_BACKEND={_kernel_backend!r} is not one of '
-                  f'{_KERNEL_BACKENDS}; using eager')
-    _kernel_backend = 'eager'
+    warnings.warn(f'{ENV_VAR}={_kernel_backend!r} is not one of '
+                  f'{_KERNEL_BACKENDS}; using auto')
+    _kernel_backend = 'auto'
+_long_run = False  # what 'auto' runs: set by plan_run
+_compile_failed = False
 _compiled_kernels = {}
 
 
@@ -41,21 +54,55 @@ def set_kernel_backend(backend: str) -> None:
     """Choose how the quantization kernels run.
 
     Args:
-        backend (str): ``'eager'`` (plain PyTorch ops, the default) or
-            ``'compile'`` (``torch.compile`` of the fused kernels; falls
-            back to eager with a warning if compiling fails). The
+        backend (str): ``'auto'`` (the default: ``'eager'``, until
+            :func:`plan_run` announces a run long enough to pay for
+            compiling, then ``'compile'``), ``'eager'`` (plain PyTorch
+            ops) or ``'compile'`` (``torch.compile`` of the fused kernels;
+            falls back to eager with a warning if compiling fails). The
             environment variable ``GMPQ_QUANT_BACKEND`` sets the default.
     """
-    global _kernel_backend
+    global _kernel_backend, _compile_failed
     if backend not in _KERNEL_BACKENDS:
         raise ValueError(f'kernel backend {backend!r} is not one of '
                          f'{_KERNEL_BACKENDS}')
     _kernel_backend = backend
+    if backend == 'compile':
+        _compile_failed = False  # asked for explicitly: try again
 
 
 def get_kernel_backend() -> str:
-    """The current kernel backend (``'eager'`` or ``'compile'``)."""
+    """The kernels that run now: ``'eager'`` or ``'compile'``."""
+    if _compile_failed:
+        return 'eager'
+    if _kernel_backend == 'auto':
+        return 'compile' if _long_run else 'eager'
     return _kernel_backend
+
+
+def get_kernel_backend_setting() -> str:
+    """The setting (``'auto'``, ``'eager'`` or ``'compile'``)."""
+    return _kernel_backend
+
+
+def plan_run(samples: int, pixels: int = 32 * 32) -> str:
+    """Tell ``'auto'`` how much training this process is about to run.
+
+    Training loops call it before their first step (see
+    ``QuantKernelHook``); a run of at least :data:`AUTO_COMPILE_SAMPLES`
+    samples (counted at 32 x 32 pixels) compiles, a shorter one (tests,
+    tools, a demo) stays eager: compiling costs tens of seconds that only
+    a long run earns back.
+
+    Args:
+        samples (int): Samples the run will process (iterations x batch).
+        pixels (int): Pixels of one input image (``H * W``).
+
+    Returns:
+        str: The kernels that will run: ``'eager'`` or ``'compile'``.
+    """
+    global _long_run
+    _long_run = samples * max(pixels, 1) / 1024 >= AUTO_COMPILE_SAMPLES
+    return get_kernel_backend()
 
 
 def autocast_off(device: torch.device):
@@ -71,20 +118,28 @@ def autocast_off(device: torch.device):
 
 
 def run_kernel(name: str, x: Tensor, *args):
+    """Run kernel ``name`` with the backend of :func:`get_kernel_backend`.
+
+    A compiler failure (no C++ compiler, a torch whose compiler does not
+    support this Python, ...) warns once and falls back to eager for the
+    rest of the process: same values, only slower.
+    """
+    global _compile_failed
     eager_fn, fused_fn = _KERNELS[name]
     with autocast_off(x.device):
-        if _kernel_backend == 'compile':
-            fn = _compiled_kernels.get(name)
-            if fn is None:
-                fn = _compiled_kernels[name] = torch.compile(
-                    fused_fn, dynamic=True)
+        if get_kernel_backend() == 'compile':
             try:
+                fn = _compiled_kernels.get(name)
+                if fn is None:
+                    enable_compile_cache()
+                    fn = _compiled_kernels[name] = torch.compile(
+                        fused_fn, dynamic=True)
                 return fn(x, *args)
             except Exception as err:  # noqa: BLE001 - any compiler failure
                 warnings.warn('gmpq_mm: compiling the quantization kernels '
                               f'failed ({type(err).__name__}: {err}); '
                               'falling back to the eager backend')
-                set_kernel_backend('eager')
+                _compile_failed = True
         return eager_fn(x, *args)
 
 

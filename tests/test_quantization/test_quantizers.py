@@ -8,6 +8,7 @@ from gmpq_mm.quantization.quantizers import (
     FP_BITS, SUPPORTED_BITS, ActivationQuantizer, WeightQuantizer, check_bits,
     check_candidates, get_kernel_backend, mixed_activation, mixed_weight,
     quantize_activation, quantize_weight, set_kernel_backend)
+from gmpq_mm.quantization.kernel_backend import get_kernel_backend_setting
 
 
 def t(values):
@@ -353,7 +354,7 @@ def test_mixed_validates_lengths():
 
 @pytest.mark.slow  # compiling the kernels takes about a minute on CPU
 def test_compile_backend_matches_reference():
-    previous = get_kernel_backend()
+    previous = get_kernel_backend_setting()
     set_kernel_backend('compile')
     try:
         for bits in [(2, 3, 4, 6), (6, 2, 32)]:
