@@ -32,10 +32,14 @@ def modules_of(package):
 
 def imported_after(code):
     """``sys.modules`` keys of a fresh interpreter after running ``code``."""
-    script = (code + '\nimport json, sys\n'
-              'print(json.dumps(sorted(sys.modules)))')
-    out = subprocess.run([sys.executable, '-c', script], cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=300)
+    script = (
+        code + '\nimport json, sys\n'
+        'print(json.dumps(sorted(sys.modules)))')
+    out = subprocess.run([sys.executable, '-c', script],
+                         cwd=str(ROOT),
+                         capture_output=True,
+                         text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -53,9 +57,8 @@ def test_modules_found():
 
 
 def test_package_and_utils_import_no_torch():
-    loaded = imported_after(
-        'import gmpq_mm, gmpq_mm.utils\n'
-        'from gmpq_mm.utils import register_all_modules')
+    loaded = imported_after('import gmpq_mm, gmpq_mm.utils\n'
+                            'from gmpq_mm.utils import register_all_modules')
     assert not roots(loaded) & {'torch', *OPENMMLAB}, sorted(
         roots(loaded) & {'torch', *OPENMMLAB})
 
@@ -89,8 +92,11 @@ http = CheckpointLoader._schemes['https://'] is compat._load_http
 built = MODELS.get('GMPQSearchClassifier') is not None
 print('RESULT', before, after, http, built)
 '''
-    out = subprocess.run([sys.executable, '-c', code], cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, '-c', code],
+                         cwd=str(ROOT),
+                         capture_output=True,
+                         text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = [x for x in out.stdout.splitlines() if x.startswith('RESULT')][0]
     assert line.split()[1:] == ['False', 'True', 'True', 'True']
@@ -109,8 +115,11 @@ print('RESULT', CheckpointLoader._schemes[''] is compat._load_local,
       LOOPS.get('SearchLoop') is not None,
       HOOKS.get('CalibrationHook') is not None)
 '''
-    out = subprocess.run([sys.executable, '-c', code], cwd=str(ROOT),
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, '-c', code],
+                         cwd=str(ROOT),
+                         capture_output=True,
+                         text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     line = [x for x in out.stdout.splitlines() if x.startswith('RESULT')][0]
     assert line.split()[1:] == ['True', 'True', 'True']
@@ -167,9 +176,11 @@ def find_cycle(graph):
 
 def test_find_cycle_sees_a_circle():
     # The checker itself: a made-up circle is found, a chain is not.
-    assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}}) == [
-        'a', 'b', 'c', 'a'
-    ]
+    assert find_cycle({
+        'a': {'b'},
+        'b': {'c'},
+        'c': {'a'}
+    }) == ['a', 'b', 'c', 'a']
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': set()}) is None
 
 

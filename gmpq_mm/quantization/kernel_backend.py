@@ -27,8 +27,7 @@ from .fused_kernels import (act_backward_fused, act_forward_fused,
 __all__ = [
     'MIN_ACT_RANGE', 'AUTO_COMPILE_SAMPLES', 'set_kernel_backend',
     'get_kernel_backend', 'get_kernel_backend_setting', 'plan_run',
-    'run_kernel',
-    'autocast_off', 'candidate_table', 'act_params'
+    'run_kernel', 'autocast_off', 'candidate_table', 'act_params'
 ]
 
 # 'auto' (the default) runs eager until a training loop announces a run

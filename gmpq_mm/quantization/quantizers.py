@@ -25,11 +25,12 @@ Internally ``clamp(x, lo, r) / s`` is evaluated as ``clamp(x * (n / r),
 lo * n, n)``: the same value (up to float rounding at exact ties, where
 ``round`` goes to even) with one multiply instead of a division.
 
-Two kernel backends compute the same maths (:func:`set_kernel_backend`, or
-the ``GMPQ_QUANT_BACKEND`` environment variable): ``'eager'`` (default,
-plain PyTorch ops) and ``'compile'`` (``torch.compile``-fused elementwise
-kernels: much faster on CPU, but compiling takes tens of seconds per
-process).
+Two kernel backends compute the same maths: ``'eager'`` (plain PyTorch
+ops) and ``'compile'`` (``torch.compile``-fused elementwise kernels: much
+faster, but compiling takes tens of seconds per process). The default
+setting ``'auto'`` compiles only for a training run long enough to earn
+that back (:mod:`.kernel_backend`); :func:`set_kernel_backend` or the
+``GMPQ_QUANT_BACKEND`` environment variable pins one.
 
 This file is the public face of the quantizers: the functional API and the
 modules. The rest lives beside it: :mod:`.bits` (bit-width checks and

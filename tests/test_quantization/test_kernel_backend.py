@@ -29,8 +29,15 @@ def conv_outputs():
     w_probs = torch.softmax(torch.randn(3), 0).requires_grad_()
     ranges = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
     out = quantized_conv2d(
-        x, w, a_bits=(2, 4, 32), w_bits=(2, 3, 8), a_probs=a_probs,
-        a_ranges=ranges, w_probs=w_probs, signed=True, padding=1)
+        x,
+        w,
+        a_bits=(2, 4, 32),
+        w_bits=(2, 3, 8),
+        a_probs=a_probs,
+        a_ranges=ranges,
+        w_probs=w_probs,
+        signed=True,
+        padding=1)
     grads = torch.autograd.grad((out * out).sum(),
                                 [x, w, a_probs, w_probs, ranges])
     return (out.detach(), ) + grads
@@ -47,8 +54,7 @@ def test_auto_is_eager_until_a_long_run_is_planned(backend_state):
     # Larger images weigh more: 1/49 of the samples at 224 x 224.
     assert kb.plan_run(kb.AUTO_COMPILE_SAMPLES // 49 + 1,
                        224 * 224) == 'compile'
-    assert kb.plan_run(kb.AUTO_COMPILE_SAMPLES // 49 - 1,
-                       224 * 224) == 'eager'
+    assert kb.plan_run(kb.AUTO_COMPILE_SAMPLES // 49 - 1, 224 * 224) == 'eager'
 
 
 def test_pinned_backend_ignores_the_plan(backend_state):

@@ -4,11 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from gmpq_mm.quantization.quantizers import (
-    FP_BITS, SUPPORTED_BITS, ActivationQuantizer, WeightQuantizer, check_bits,
-    check_candidates, get_kernel_backend, mixed_activation, mixed_weight,
-    quantize_activation, quantize_weight, set_kernel_backend)
 from gmpq_mm.quantization.kernel_backend import get_kernel_backend_setting
+from gmpq_mm.quantization.quantizers import (FP_BITS, SUPPORTED_BITS,
+                                             ActivationQuantizer,
+                                             WeightQuantizer, check_bits,
+                                             check_candidates,
+                                             get_kernel_backend,
+                                             mixed_activation, mixed_weight,
+                                             quantize_activation,
+                                             quantize_weight,
+                                             set_kernel_backend)
 
 
 def t(values):

@@ -32,8 +32,8 @@ def test_wide_spread_is_flagged():
     assert 'rounds disagree' in s.warnings[0]
     assert s.format().endswith('NOISY')
     # A looser limit reads the same rounds.
-    assert summarize_ratio([1.5] * 5, [1.0, 1.0, 0.6, 1.0, 1.0],
-                           max_spread=1.0).readable
+    assert summarize_ratio(
+        [1.5] * 5, [1.0, 1.0, 0.6, 1.0, 1.0], max_spread=1.0).readable
 
 
 def test_implausible_ratio_below_one_is_never_silent():

@@ -13,8 +13,7 @@ from gmpq_mm.utils.model import unwrap_model
 def _batch_shape(data_batch):
     """``(images, pixels per image)`` of a batch as the dataloader gives
     it (a dict with ``inputs``: a tensor or a list of ``(C, H, W)``)."""
-    inputs = data_batch.get('inputs') if isinstance(data_batch,
-                                                    dict) else None
+    inputs = data_batch.get('inputs') if isinstance(data_batch, dict) else None
     if inputs is None:
         return None
     if hasattr(inputs, 'shape'):
