@@ -151,6 +151,24 @@ def is_autocast_enabled(device_type: str) -> bool:
     return torch.is_autocast_enabled()  # CUDA only before torch 2.4
 
 
+def enable_compile_cache() -> None:
+    """Let ``torch.compile`` keep compiled graphs on disk across processes.
+
+    torch >= 2.4 does by default (inductor's FX graph cache, under
+    ``TORCHINDUCTOR_CACHE_DIR``, else the temp dir); 2.2 and 2.3 have the
+    cache but off by default; 2.1 has none (each process compiles). An
+    explicit ``TORCHINDUCTOR_FX_GRAPH_CACHE`` is left alone.
+    """
+    if 'TORCHINDUCTOR_FX_GRAPH_CACHE' in os.environ:
+        return
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception:  # noqa: BLE001 - no inductor: compiling will fail
+        return
+    if getattr(inductor_config, 'fx_graph_cache', None) is False:
+        inductor_config.fx_graph_cache = True
+
+
 def print_log(msg, logger='current', level=logging.INFO):
     """mmengine's ``print_log``, imported when first used."""
     from mmengine.logging import print_log as _print_log

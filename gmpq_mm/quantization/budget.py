@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .bits import check_candidates
 from .complexity import LayerMacs, human_units
 from .layers import is_mixed_layer
-from .quantizers import check_candidates
 
 __all__ = [
     'best_policy_under_budget', 'log_probs_from_model', 'policy_cost',

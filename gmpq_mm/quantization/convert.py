@@ -16,6 +16,7 @@ from typing import (Callable, Dict, Iterable, List, Mapping, Optional,
 import torch
 from torch import nn
 
+from .bits import check_bits
 from .complexity import bitops, count_macs
 from .layers import (MixedPrecisionConv2d, MixedPrecisionLinear,
                      QuantizedConv2d, QuantizedLinear, is_mixed_layer,
@@ -23,7 +24,6 @@ from .layers import (MixedPrecisionConv2d, MixedPrecisionLinear,
 from .policy import make_policy
 from .policy import policy_layers as policy_layers_of
 from .probe import eval_mode, probe_input
-from .quantizers import check_bits
 
 __all__ = [
     'select_layers', 'replace_layers', 'detect_signed_inputs',

@@ -35,7 +35,7 @@ from typing import (Dict, Iterable, Iterator, Mapping, Optional, Sequence,
                     Tuple, Union)
 
 from .atomic_file import write_text_atomic
-from .quantizers import check_bits, check_candidates
+from .bits import check_bits, check_candidates
 
 __all__ = [
     'POLICY_FORMAT', 'POLICY_VERSION', 'Policy', 'make_policy', 'save_policy',

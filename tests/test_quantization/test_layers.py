@@ -454,9 +454,9 @@ def test_autocast_matches_plain_autograd(cls, kwargs):
 
 @pytest.mark.slow  # compiling the kernels takes about a minute on CPU
 def test_compile_backend_layers_match_reference():
-    from gmpq_mm.quantization.quantizers import (get_kernel_backend,
-                                                 set_kernel_backend)
-    previous = get_kernel_backend()
+    from gmpq_mm.quantization.kernel_backend import (
+        get_kernel_backend, get_kernel_backend_setting, set_kernel_backend)
+    previous = get_kernel_backend_setting()
     set_kernel_backend('compile')
     try:
         test_mixed_conv_equals_weighted_sum_formula(True)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmpq_mm.quantization.kernel_backend import get_kernel_backend_setting
 # yapf: disable
 from gmpq_mm.quantization.quantizers import (FP_BITS, SUPPORTED_BITS,
                                              ActivationQuantizer,
@@ -361,7 +362,7 @@ def test_mixed_validates_lengths():
 
 @pytest.mark.slow  # compiling the kernels takes about a minute on CPU
 def test_compile_backend_matches_reference():
-    previous = get_kernel_backend()
+    previous = get_kernel_backend_setting()
     set_kernel_backend('compile')
     try:
         for bits in [(2, 3, 4, 6), (6, 2, 32)]:

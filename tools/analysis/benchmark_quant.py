@@ -20,9 +20,18 @@ tensors instead of whatever the heap kept from earlier steps.
 
 Time: one subprocess builds every variant and runs them in interleaved
 rounds (one step each, order rotated), so that a shared machine's load hits
-them alike; the ratio to ``fp`` is the median of the per-round ratios. Wall
-and process CPU time are both reported. The quantized networks run with
-each kernel backend asked for (``--backends eager compile``).
+them alike; the ratio to ``fp`` is the median of the per-round ratios, of
+wall time and of process CPU time (all threads; the steadier of the two on
+a shared machine), each with its range over the rounds. A ratio whose
+rounds disagree by more than ``--max-spread`` of the median, or that is
+below 1.0 (a quantized step does more work than an FP one), is flagged
+``NOISY`` with a warning saying why: it cannot be read. The load average
+before and after is printed with the figures. The quantized networks run with
+each kernel backend asked for (``--backends``): ``auto`` (the default
+setting, as a training run long enough to compile gets it: compiled
+kernels where ``torch.compile`` works, else eager), ``eager`` (the kernels
+every short process runs) or ``compile``. The first step of each network,
+compile time included, is timed apart and reported.
 
 Example::
 
@@ -39,6 +48,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from gmpq_mm.utils.timing import MAX_SPREAD, load_average, summarize_ratio
 
 VARIANTS = ('fp', 'supernet', 'w4a4')
 # Targets from the quantization issue: ratio to the FP network.
@@ -66,15 +77,21 @@ def parse_args():
     parser.add_argument(
         '--backends',
         nargs='+',
-        default=['eager', 'compile'],
-        choices=['eager', 'compile'],
+        default=['auto', 'eager'],
+        choices=['auto', 'eager', 'compile'],
         help='quantization kernel backends to run the quantized networks '
-        'with (GMPQ_QUANT_BACKEND)')
+        'with (auto: as a long training run gets it by default)')
     parser.add_argument(
         '--local-resnet',
         action='store_true',
         help='use the script\'s own ResNet-18 even if mmpretrain imports')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument(
+        '--max-spread',
+        type=float,
+        default=MAX_SPREAD,
+        help='widest (max - min) / median of the per-round ratios that is '
+        'still read as one ratio')
     parser.add_argument('--out', help='write the results as JSON here')
     parser.add_argument(
         '--measure',
@@ -91,7 +108,7 @@ def parse_args():
     parser.add_argument(
         '--worker', choices=['memory', 'time'], help=argparse.SUPPRESS)
     parser.add_argument('--variant', choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument('--backend', default='eager', help=argparse.SUPPRESS)
+    parser.add_argument('--backend', default='auto', help=argparse.SUPPRESS)
     parser.add_argument('--runs', nargs='+', help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -237,10 +254,13 @@ def _build_variant(variant, args):
 def _make_step(net, backend):
     import torch.nn.functional as F
 
-    from gmpq_mm.quantization.quantizers import set_kernel_backend
+    from gmpq_mm.quantization.kernel_backend import (plan_run,
+                                                     set_kernel_backend)
 
     def step(images, labels):
         set_kernel_backend(backend)
+        if backend == 'auto':
+            plan_run(10**9)  # what a long training run gets
         loss = F.cross_entropy(net(images), labels)
         loss.backward()
         net.zero_grad(set_to_none=False)
@@ -286,12 +306,16 @@ def time_worker(args):
     """
     import torch
     torch.set_num_threads(args.threads)
-    steps = {}
+    from gmpq_mm.quantization.kernel_backend import get_kernel_backend
+    steps, first, kernels = {}, {}, {}
     for key in args.runs:
         variant, _, backend = key.partition(':')
         net = _build_variant(variant, args)[0]
         steps[key] = _make_step(net, backend or 'eager')
+        t0 = time.perf_counter()
         steps[key](*_batch(2))  # compiles, if that backend compiles
+        first[key] = time.perf_counter() - t0
+        kernels[key] = get_kernel_backend()
     images, labels = _batch(args.batch_size)
     for _ in range(args.warmup):
         for step in steps.values():
@@ -306,7 +330,12 @@ def time_worker(args):
             steps[key](images, labels)
             wall[key].append(time.perf_counter() - t0)
             cpu[key].append(time.process_time() - c0)
-    return dict(wall_s=wall, cpu_s=cpu, threads=torch.get_num_threads())
+    return dict(
+        wall_s=wall,
+        cpu_s=cpu,
+        first_step_s=first,
+        kernels=kernels,
+        threads=torch.get_num_threads())
 
 
 def run_worker(args):
@@ -352,6 +381,7 @@ def main():
         return
     print('command: ' +
           ' '.join(['python', osp.relpath(sys.argv[0])] + sys.argv[1:]))
+    print(f'load average before: {load_average()}')
     runs = ['fp'] if 'fp' in args.variants else []
     runs += [
         f'{v}:{b}' for b in args.backends for v in args.variants if v != 'fp'
@@ -383,10 +413,14 @@ def main():
             wall_s=wall,
             cpu_s=cpu,
             median_s=statistics.median(wall),
-            median_cpu_s=statistics.median(cpu))
+            median_cpu_s=statistics.median(cpu),
+            first_step_s=timing['first_step_s'][key],
+            kernels=timing['kernels'][key])
         print(f"time   {key:>17s}: median step {statistics.median(wall):6.2f}"
               f" s wall, {statistics.median(cpu):6.2f} s cpu (wall: "
-              f"{', '.join(f'{t:.2f}' for t in wall)})")
+              f"{', '.join(f'{t:.2f}' for t in wall)}); kernels "
+              f"{timing['kernels'][key]}, first step (2 images, compile "
+              f"included) {timing['first_step_s'][key]:.1f} s")
 
     if 'fp' in results:
         _print_ratios(results, args)
@@ -399,29 +433,38 @@ def _print_ratios(results, args):
     """Print (and store in ``results``) each variant's ratios to ``fp``."""
     fp = results['fp']
     print(f'ratios vs fp (batch {args.batch_size}, {args.threads} threads; '
-          f'time = median of the per-round ratios over {args.iters} '
-          'interleaved rounds):')
+          f'time = median [min-max] of the per-round ratios over '
+          f'{args.iters} interleaved rounds; load average now: '
+          f'{load_average()}):')
+    warnings = []
     for key, res in results.items():
         if key == 'fp':
             continue
         target = TARGETS.get(res['variant'], {})
         parts = []
         if 'wall_s' in res:
-            res['time_ratio'] = statistics.median(
-                a / b for a, b in zip(res['wall_s'], fp['wall_s']))
-            res['cpu_ratio'] = statistics.median(
-                a / b for a, b in zip(res['cpu_s'], fp['cpu_s']))
             note = (f" (target <= {target['time']})"
                     if target.get('time') else '')
-            parts.append(f"time x{res['time_ratio']:.2f}{note} "
-                         f"[cpu time x{res['cpu_ratio']:.2f}]")
+            texts = []
+            for kind in ('wall', 'cpu'):
+                summary = summarize_ratio(
+                    res[f'{kind}_s'],
+                    fp[f'{kind}_s'],
+                    max_spread=args.max_spread,
+                    what=f'{key} {kind} time')
+                res[f'{kind}_ratio'] = summary._asdict()
+                warnings += summary.warnings
+                texts.append(f'{kind} {summary.format()}')
+            parts.append(f"time {', '.join(texts)}{note}")
         if 'step_mem_mib' in res:
             res['mem_ratio'] = res['step_mem_mib'] / max(
                 fp['step_mem_mib'], 1e-6)
             note = (f" (target <= {target['mem']})"
                     if target.get('mem') else '')
             parts.append(f"step memory x{res['mem_ratio']:.2f}{note}")
-        print(f"{key:>17s}: {', '.join(parts)}")
+        print(f"{key:>17s}: {'; '.join(parts)}")
+    for text in warnings:
+        print(f'WARNING: {text}')
 
 
 if __name__ == '__main__':

@@ -61,13 +61,13 @@ tail -3 "$WORK/dist.log"
 
 say "4. throughput (ResNet-18 224 px, batch 128)"
 timeout 100 python tools/analysis/benchmark_cuda.py --batch-size 128 \
-    --json "$OUT_DIR/bench_fp32.json"
+    --backend eager --json "$OUT_DIR/bench_fp32.json"
 check $? "benchmark fp32"
 timeout 100 python tools/analysis/benchmark_cuda.py --batch-size 128 --amp \
-    --json "$OUT_DIR/bench_amp.json"
+    --backend eager --json "$OUT_DIR/bench_amp.json"
 check $? "benchmark amp"
-GMPQ_QUANT_BACKEND=compile timeout 200 python \
-    tools/analysis/benchmark_cuda.py --batch-size 128 --amp \
+timeout 200 python \
+    tools/analysis/benchmark_cuda.py --batch-size 128 --amp --backend compile \
     --json "$OUT_DIR/bench_amp_compile.json"
 check $? "benchmark amp compile"
 

@@ -12,7 +12,11 @@ custom_imports = dict(
 # WORK_DIR): uncomment here or put it in your config.
 # visualizer = dict(vis_backends=[
 #     dict(type='LocalVisBackend'), dict(type='TensorboardVisBackend')])
+# quant_kernels: eager quantization kernels for a short run, compiled ones
+# (torch.compile, cached on disk) for a run long enough to earn the compile
+# time back (gmpq_mm.engine.QuantKernelHook); None: eager throughout.
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
+    quant_kernels=dict(type='QuantKernelHook'),
     checkpoint=dict(
         type='CheckpointHook', interval=1, max_keep_ckpts=3, save_last=True))
