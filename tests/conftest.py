@@ -417,10 +417,12 @@ def tool_env(**extra):
     """Environment for tool subprocesses: the repo root on PYTHONPATH, one
     thread per process, this interpreter's directory first on PATH (so
     ``python`` in tools/dist_train.sh is this one), no CUDA devices, no
-    inherited torchrun variables; ``extra`` on top."""
+    inherited torchrun variables; ``extra`` on top (an extra ``PYTHONPATH``
+    goes before the repo root, not in its place)."""
     env = dict(os.environ)
+    first = [str(extra.pop('PYTHONPATH'))] if 'PYTHONPATH' in extra else []
     env['PYTHONPATH'] = os.pathsep.join(
-        [str(REPO_ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
+        first + [str(REPO_ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
     env['PATH'] = os.pathsep.join(
         [osp.dirname(sys.executable),
          env.get('PATH', '')])
