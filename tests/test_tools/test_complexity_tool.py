@@ -225,8 +225,11 @@ def flat(config):
     ``mmpretrain::`` base parses mmpretrain's model-index metafiles (seconds
     of CPU every time), which the in-process tests need not repeat."""
     if config not in _FLAT:
+        import atexit
+        import shutil
         import tempfile
         folder = tempfile.mkdtemp(prefix='gmpq_flat_cfg_')
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         path = os.path.join(folder, os.path.basename(config))
         Config.fromfile(str(ROOT / config)).dump(path)
         _FLAT[config] = path

@@ -35,6 +35,7 @@ Example::
 import argparse
 import json
 import os.path as osp
+import shutil
 import statistics
 import tempfile
 import time
@@ -157,6 +158,7 @@ def build(args, device):
                     type='AttributionRankLoss', loss_weight=40.),
                 complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
                 data_preprocessor=preprocessor)).to(device).train()
+        shutil.rmtree(osp.dirname(ckpt))  # read at construction
         search_optim = build_optim_wrapper(
             search,
             dict(

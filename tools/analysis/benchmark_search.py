@@ -37,6 +37,7 @@ import argparse
 import json
 import os.path as osp
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def build(batch_size):
             attribution_loss=dict(type='AttributionRankLoss', loss_weight=40.),
             complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
             data_preprocessor=preprocessor))
+    shutil.rmtree(osp.dirname(ckpt))  # read at construction
     sgd = dict(type='SGD', momentum=0.9, weight_decay=1e-4)
     search_optim = SearchOptimWrapperConstructor(
         dict(
