@@ -5,6 +5,7 @@ writes ``WORK_DIR/study.md`` and ``WORK_DIR/study.png``. Nothing here
 trains; a missing run is counted and the report says it is partial.
 """
 import json
+import math
 import os.path as osp
 import platform
 from typing import Dict, List, Optional
@@ -119,7 +120,13 @@ def collect(study: dict, budgets: Dict[int, int]) -> dict:
                         bitops=_policy_bitops(work, f'w{b}a{b}'),
                         top1=top1s(setting, f'w{b}a{b}'),
                         entropy=None))
-            blocks.append(dict(k=k, budget=budget, rows=rows))
+            ft_teacher = teachers[ft_split]
+            blocks.append(
+                dict(
+                    k=k,
+                    budget=budget,
+                    rows=rows,
+                    fp_top1=ft_teacher and ft_teacher['top1']))
         data[setting] = dict(
             teachers=teachers,
             blocks=blocks,
@@ -165,6 +172,12 @@ def verdict(block: dict) -> List[str]:
         f"{len(means)} random policies' means {means_range:.2f}): "
         f"{'beats' if gap > spread else 'does NOT beat'} random by more "
         f'than the largest of the three ({spread:.2f})')
+    if block.get('fp_top1') is not None:
+        # how far random sits below the FP network that every finetune
+        # starts from: a policy can hardly win more than that
+        head = block['fp_top1'] - rnd['mean']
+        lines.append(f"- headroom: FP teacher {block['fp_top1']:.2f} - "
+                     f"random mean {rnd['mean']:.2f} = {head:+.2f} points")
     if means:
         above = sum(g['mean'] > m for m in means)
         lines.append(f'- GMPQ mean above {above} of the {len(means)} '
@@ -187,6 +200,49 @@ def verdict(block: dict) -> List[str]:
             f"{'on beats off' if gap_a > max(g['std'], a0['std']) else 'no gap beyond the spread'}"
         )
     return lines
+
+
+def tops(data: dict) -> List[str]:
+    """How often each search's mean tops every random policy's mean, and
+    how likely that is by chance.
+
+    If a searched policy were one more draw of the random policies
+    (exchangeable with them), its mean would be the highest of the ``N + 1``
+    with probability ``1 / (N + 1)`` in each block; the blocks are taken as
+    independent, so ``X`` tops in ``Y`` blocks has the binomial tail
+    ``P(>= X)``. Blocks with a missing run are left out.
+    """
+    lines = []
+    for method, label in METHODS:
+        wins = blocks = 0
+        n_rand = None
+        for d in data.values():
+            for block in d['blocks']:
+                by = {r['kind']: r for r in block['rows']}
+                randoms = [r for r in block['rows'] if r['kind'] == 'random']
+                if not by[method]['top1'] or not randoms or \
+                        not all(r['top1'] for r in randoms):
+                    continue
+                mean = float(np.mean(by[method]['top1']))
+                wins += all(mean > np.mean(r['top1']) for r in randoms)
+                blocks += 1
+                n_rand = len(randoms)
+        if not blocks:
+            continue
+        p0 = 1.0 / (n_rand + 1)
+        tail = sum(
+            math.comb(blocks, i) * p0**i * (1 - p0)**(blocks - i)
+            for i in range(wins, blocks + 1))
+        lines.append(
+            f"- {label}: mean above all {n_rand} random policies' means in "
+            f'{wins} of {blocks} blocks; as one more random draw it would do '
+            f'that in at least {wins} with probability {tail:.2g}')
+    return lines
+
+
+def _epochs(study: dict) -> str:
+    epochs = sorted(set(study['finetune']['epochs'].values()))
+    return '/'.join(str(e) for e in epochs)
 
 
 def expected_runs(study: dict, budgets: Dict[int, int]) -> int:
@@ -225,7 +281,8 @@ def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
     out += [
         f"Fashion-MNIST subset at {study['resolution']}x{study['resolution']}"
         f"; seeds {study['seeds']}; {study['n_random']} random policies per "
-        f"budget; searched layers: {len(macs)} convs, "
+        f"budget; finetunes of {_epochs(study)} epoch(s), ranges calibrated "
+        f"on {study.get('calibration_batches', 1)} batch(es); searched layers: {len(macs)} convs, "
         f'{w_sum / 1e6:.3f} MMACs. Top-1 in %, BitOPs in millions over the '
         'searched layers (share of the budget in brackets); std is the '
         'sample std over seeds (pooled rows: over every run); entropy is '
@@ -253,6 +310,9 @@ def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
             ]
             out += [_fmt(row, block['budget']) for row in block['rows']]
             out += [''] + verdict(block) + ['']
+    ranks = tops(data)
+    if ranks:
+        out += ['## Across the blocks', ''] + ranks + ['']
     md = osp.join(work, 'study.md')
     with atomic_path(md, suffix='.md') as tmp:
         with open(tmp, 'w') as f:

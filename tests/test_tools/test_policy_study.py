@@ -332,3 +332,70 @@ def test_search_diagnostics_records_each_term(tmp_path, run_tool):
     assert 0 <= summary['final_entropy'] <= 1
     assert '[t] it    0 T=1.000 entropy 1.000' in out
     assert 'final entropy' in out
+
+
+def test_verdict_states_the_headroom_below_the_fp_network():
+    from gmpq_mm.utils.policy_study import verdict
+    rows = [
+        dict(kind='gmpq', top1=[80.0, 81.0], bitops=99),
+        dict(kind='aw0', top1=[], bitops=None),
+        dict(
+            kind='random_pooled',
+            top1=[79.0, 80.0, 81.0],
+            policy_means=[79.5, 80.5],
+            bitops=None),
+    ]
+    lines = verdict(dict(budget=100, rows=rows, fp_top1=81.25))
+    # 81.25 - mean(79, 80, 81) = 1.25
+    assert '- headroom: FP teacher 81.25 - random mean 80.00 = +1.25 ' \
+        'points' in lines
+    # no teacher result yet: no headroom line
+    assert not any('headroom' in s
+                   for s in verdict(dict(budget=100, rows=rows)))
+
+
+def test_full_finetune_calibrates_on_the_presets_batches(tmp_path):
+    """`full` finetunes three epochs from ranges calibrated on 16 batches;
+    the one-epoch, one-batch finetune of the earlier study stays a preset."""
+    import copy
+    tool = _tool()
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
+    for preset, batches, epochs in (('full', 16, 3), ('full_1epoch_finetune',
+                                                      1, 1), ('tiny', 1, 1)):
+        study = copy.deepcopy(tool.PRESETS[preset])
+        study['work_dir'] = str(tmp_path)
+        assert set(study['finetune']['epochs'].values()) == {epochs}
+        cfg = tool.with_data(tool.base_config('finetune'), study, 'all')
+        hooks = [h for h in cfg.custom_hooks if h['type'] == 'CalibrationHook']
+        assert len(hooks) == 1 and hooks[0]['num_batches'] == batches, preset
+        assert hooks[0]['bins'] == study['calibration_bins']
+    # the searches were not touched by the finetune's change
+    assert tool.PRESETS['full']['search'] == \
+        tool.PRESETS['full_1epoch_finetune']['search']
+
+
+def test_tops_counts_blocks_and_gives_the_chance_of_as_many():
+    from gmpq_mm.utils.policy_study import tops
+
+    def block(gmpq, aw0, randoms):
+        rows = [dict(kind='gmpq', top1=gmpq), dict(kind='aw0', top1=aw0)]
+        rows += [dict(kind='random', top1=r) for r in randoms]
+        return dict(rows=rows)
+
+    rand = [[70.0, 72.0]] * 4 + [[80.0, 80.0]]
+    data = dict(
+        in_domain=dict(blocks=[
+            block([81.0], [79.0], rand),
+            block([90.0], [95.0], rand),
+        ]),
+        # a block with an unfinished random policy is left out
+        transfer=dict(blocks=[block([99.0], [99.0], rand[:4] + [[]])]))
+    gmpq, aw0 = tops(data)
+    # tops both blocks: (1/6)^2 = 0.0278; aw0 one of two: 1 - (5/6)^2
+    assert gmpq.endswith("means in 2 of 2 blocks; as one more random draw "
+                         'it would do that in at least 2 with probability '
+                         '0.028')
+    assert aw0.endswith('in 1 of 2 blocks; as one more random draw it would '
+                        'do that in at least 1 with probability 0.31')
+    assert tops(dict(transfer=data['transfer'])) == []
