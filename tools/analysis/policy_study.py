@@ -56,7 +56,7 @@ FULL = dict(
     train_limit=None,
     test_limit=None,
     batch_size=64,
-    seeds=[0, 1, 2],
+    seeds=[0, 1, 2, 3, 4],
     n_random=5,
     budgets=[2, 3],  # k: midway between WkAk and W(k+1)A(k+1)
     uniform=[2, 3],
@@ -99,6 +99,7 @@ RELEASED_SEARCH = dict(
     attribution_stages=[2, 3])
 # The finetune of the first two studies: one epoch, ranges from one batch.
 SHORT_FINETUNE = dict(
+    seeds=[0, 1, 2],
     finetune=dict(
         epochs=dict(in_domain=1, transfer=1), lr=0.01, train_images=2500),
     calibration_batches=1)
