@@ -373,6 +373,12 @@ def test_full_finetune_calibrates_on_the_presets_batches(tmp_path):
     # the searches were not touched by the finetune's change
     assert tool.PRESETS['full']['search'] == \
         tool.PRESETS['full_1epoch_finetune']['search']
+    # the counts the study must keep: 2+ budgets, 5+ random policies, 3+
+    # seeds (5 since the third study; the second study's preset kept 3)
+    full = tool.PRESETS['full']
+    assert len(full['budgets']) >= 2 and full['n_random'] >= 5
+    assert full['seeds'] == [0, 1, 2, 3, 4]
+    assert tool.PRESETS['full_1epoch_finetune']['seeds'] == [0, 1, 2]
 
 
 def test_tops_counts_blocks_and_gives_the_chance_of_as_many():
