@@ -281,8 +281,9 @@ def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
     out += [
         f"Fashion-MNIST subset at {study['resolution']}x{study['resolution']}"
         f"; seeds {study['seeds']}; {study['n_random']} random policies per "
-        f"budget; finetunes of {_epochs(study)} epoch(s), ranges calibrated "
-        f"on {study.get('calibration_batches', 1)} batch(es); searched layers: {len(macs)} convs, "
+        f'budget; finetunes of {_epochs(study)} epoch(s), ranges calibrated '
+        f"on {study['calibration_batches']} batch(es); searched layers: "
+        f'{len(macs)} convs, '
         f'{w_sum / 1e6:.3f} MMACs. Top-1 in %, BitOPs in millions over the '
         'searched layers (share of the budget in brackets); std is the '
         'sample std over seeds (pooled rows: over every run); entropy is '

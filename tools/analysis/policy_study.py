@@ -79,8 +79,9 @@ FULL = dict(
         attribution_stages=[2, 3]),
     # every finetune: three epochs over (at most) 2,500 training images,
     # ranges calibrated on 16 batches. One epoch from one batch (the first
-    # study's finetune, preset `full_1epoch_finetune`) left a seed std of
-    # 0.7-3.7 points per policy; this one 0.2-0.7 (docs: policy_study.md).
+    # two studies' finetune, preset `full_1epoch_finetune`) left a seed std
+    # of 0.7-3.7 points per policy in a 5-seed check, this one 0.3-0.7
+    # (docs: policy_study.md, "Seed noise").
     finetune=dict(
         epochs=dict(in_domain=3, transfer=3), lr=0.01, train_images=2500),
     calibration_batches=16,
@@ -217,7 +218,7 @@ def with_data(cfg, study, split):
             # fewer histogram bins: the threshold search is the slowest part
             # of a short finetune on CPU
             hook['bins'] = study['calibration_bins']
-            hook['num_batches'] = study.get('calibration_batches', 1)
+            hook['num_batches'] = study['calibration_batches']
     cfg.log_level = 'WARNING'
     cfg.launcher = 'none'
     cfg.env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
