@@ -7,6 +7,9 @@
   (:mod:`gmpq_mm.compat`, beside the floors, is allowed).
 * ``gmpq_mm.models`` / ``engine`` / ``datasets`` / ``apis``: OpenMMLab, but
   importing them patches nothing; :func:`register_all_modules` does, once.
+* ``gmpq_mm.study`` (floor 2: it builds configs and runs them) keeps its
+  presets, plan and report maths light (no torch, no OpenMMLab); no tool
+  edits ``sys.path`` or imports another tool.
 """
 import json
 import subprocess
@@ -21,7 +24,7 @@ OPENMMLAB = ('mmengine', 'mmpretrain', 'mmcv')
 # OpenMMLab inside its functions), so floor 1 may import it; the OpenMMLab
 # check below covers it too.
 UPPER_FLOORS = ('gmpq_mm.models', 'gmpq_mm.engine', 'gmpq_mm.datasets',
-                'gmpq_mm.apis', 'gmpq_mm.registry')
+                'gmpq_mm.apis', 'gmpq_mm.registry', 'gmpq_mm.study')
 
 
 def modules_of(package):
@@ -195,3 +198,46 @@ def test_no_import_circles(package):
         assert 'gmpq_mm.quantization.bits' in graph[
             'gmpq_mm.quantization.policy']
     assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
+
+
+# The study's modules that read or decide but run nothing: a tool lists the
+# presets and a test checks the report maths without torch or OpenMMLab.
+STUDY_LIGHT = ('gmpq_mm.study', 'gmpq_mm.study.presets', 'gmpq_mm.study.plan',
+               'gmpq_mm.study.report')
+
+
+def test_study_light_modules_import_no_torch():
+    assert set(STUDY_LIGHT[1:]) < set(modules_of('gmpq_mm.study'))
+    loaded = imported_after('\n'.join(f'import {m}' for m in STUDY_LIGHT))
+    assert 'gmpq_mm.study.report' in loaded  # the check ran past the imports
+    assert not roots(loaded) & {'torch', *OPENMMLAB}, sorted(
+        roots(loaded) & {'torch', *OPENMMLAB})
+
+
+def test_study_has_no_import_circles():
+    graph = module_level_imports('gmpq_mm.study')
+    assert 'gmpq_mm.study.plan' in graph['gmpq_mm.study.runner']
+    assert find_cycle(graph) is None, ' -> '.join(find_cycle(graph))
+
+
+def test_tools_neither_edit_sys_path_nor_import_each_other():
+    """A tool is a command line over the package: it reaches shared code
+    through ``gmpq_mm``, never through another script's folder."""
+    import ast
+    tools = sorted((ROOT / 'tools').rglob('*.py'))
+    names = {p.stem for p in tools}
+    assert 'policy_study' in names and 'search_diagnostics' in names
+    bad = []
+    for path in tools:
+        text = path.read_text()
+        if 'sys.path' in text:
+            bad.append(f'{path.relative_to(ROOT)} edits sys.path')
+        for node in ast.walk(ast.parse(text)):
+            mods = [a.name for a in node.names] if isinstance(
+                node, ast.Import) else [node.module or ''] if isinstance(
+                    node, ast.ImportFrom) else []
+            bad += [
+                f'{path.relative_to(ROOT)} imports the tool {m}' for m in mods
+                if m.split('.')[0] in names
+            ]
+    assert not bad, bad
