@@ -9,7 +9,7 @@ import torch
 from mmengine.config import Config
 from mmpretrain.models import ImageClassifier
 
-from gmpq_mm.compat import load_trusted_checkpoint
+from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
 from gmpq_mm.quantization.budget import (bitops_constraint, check_budget,
                                          check_tolerance, log_probs_from_model,
                                          policy_cost, policy_size_mb,
@@ -209,7 +209,7 @@ class GMPQSearchClassifier(ImageClassifier):
         if not osp.isfile(checkpoint):
             raise FileNotFoundError(
                 f'teacher_checkpoint not found: {checkpoint}')
-        state = load_trusted_checkpoint(checkpoint, map_location='cpu')
+        state = load_checkpoint_file(checkpoint, map_location='cpu')
         state = state.get('state_dict', state)
         state = {
             k[7:] if k.startswith('module.') else k: v
