@@ -139,3 +139,63 @@ def test_export_warns_naming_emulated_layers(tmp_path):
         'wider width: c (w3a8), d (w8a6)')
     save_policy(make_policy({'a': (8, 8)}, target='int8_runtime'), path)
     assert policy_target_warning(cfg) is None
+
+
+@pytest.mark.parametrize('path, cands, low', [
+    ('configs/gmpq/search_r18_cifar10_size.py', [2, 3, 4, 6], 0.98),
+    ('configs/gmpq/search_r18_cifar10_int8_runtime.py', [4, 8], 0.95),
+])
+def test_shipped_configs_reach_their_size_band(path, cands, low):
+    """The example configs' budgets hold a policy (any scores), at the
+    target's candidates; their early checks pass."""
+    import numpy as np
+    from mmengine.config import Config
+
+    from gmpq_mm.quantization.budget import (policy_size_mb, size_constraint,
+                                             solve_policy)
+    from gmpq_mm.quantization.complexity import size_terms
+    from gmpq_mm.quantization.layers import is_mixed_layer
+    from gmpq_mm.quantization.targets import with_target_candidates
+    from gmpq_mm.registry import MODELS
+    from gmpq_mm.utils.budget_checks import check_model_budgets
+    cfg = Config.fromfile(path)
+    check_model_budgets(cfg)
+    backbone = cfg.model.backbone.to_dict()
+    if cfg.model.get('target'):
+        backbone = with_target_candidates(backbone, cfg.model.target)[0]
+    assert backbone['w_bits'] == cands
+    net = MODELS.build(backbone)
+    names = [n for n, m in net.named_modules() if is_mixed_layer(m)]
+    fixed, numels = size_terms(net, names)
+    fixed += size_terms(MODELS.build(cfg.model.head), [])[0]
+    rng = np.random.default_rng(0)
+    scores = {
+        n: {
+            (w, a): float(rng.normal())
+            for w in cands
+            for a in backbone['a_bits']
+        }
+        for n in names
+    }
+    budget = cfg.model.target_size_mb
+    policy = solve_policy(scores, [
+        size_constraint(fixed, numels, budget,
+                        cfg.model.target_size_mb_tolerance)
+    ])
+    assert low * budget <= policy_size_mb(fixed, numels, policy) <= budget
+
+
+def test_unreachable_size_budget_is_one_line(tmp_path, repo_root, cifar10_root,
+                                             random_teacher):
+    cfg = write_search_configs(tmp_path, repo_root, cifar10_root,
+                               random_teacher)
+    with pytest.raises(SystemExit) as err:
+        _train_main()([
+            str(cfg), '--work-dir',
+            str(tmp_path / 'w'), '--cfg-options', 'model.target_size_mb=0.01'
+        ])
+    assert str(err.value.code) == (
+        'error: size budget 0.01 MB is below the smallest reachable '
+        '0.051924 MB of these 19 layers (every layer at its cheapest '
+        'allowed bits)')
+    assert not (tmp_path / 'w').exists()  # the failed start left nothing
