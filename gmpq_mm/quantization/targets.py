@@ -26,7 +26,7 @@ from .bits import FP_BITS, check_candidates
 
 __all__ = [
     'Target', 'TargetError', 'TARGETS', 'get_target', 'emulated_layers',
-    'check_policy_target', 'describe_emulated'
+    'check_policy_target', 'describe_emulated', 'with_target_candidates'
 ]
 
 Bits = Tuple[int, int]
@@ -222,3 +222,30 @@ def describe_emulated(layers: Mapping, target: Union[str, Mapping,
     return (f'target {t.name!r} only emulates the widths of {len(layers)} '
             f'layer(s) (native: w {list(t.w_bits)}, a {list(t.a_bits)}); '
             f'they run and are stored at a wider width: {names}')
+
+
+def with_target_candidates(backbone: Mapping, target: Union[str, Mapping,
+                                                            Target]):
+    """A supernet backbone config searching ``target``'s native widths.
+
+    Args:
+        backbone: A ``MixedPrecisionBackbone`` config (``w_bits`` /
+            ``a_bits`` are its candidates).
+        target: As for :func:`get_target`.
+
+    Returns:
+        tuple: The new config (a copy) and a note saying what the target
+        replaced (None when the candidates were already its own).
+    """
+    t = get_target(target)
+    backbone = dict(backbone)
+    new = dict(w_bits=list(t.w_bits), a_bits=list(t.a_bits))
+    old = {k: backbone.get(k) for k in new}
+    note = None
+    if any(old[k] is not None and list(old[k]) != new[k] for k in new):
+        note = (f'target {t.name!r} sets the candidates '
+                f'w_bits={new["w_bits"]} a_bits={new["a_bits"]} (the '
+                f'backbone config said w_bits={old["w_bits"]} '
+                f'a_bits={old["a_bits"]})')
+    backbone.update(new)
+    return backbone, note

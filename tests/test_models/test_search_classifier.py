@@ -35,20 +35,26 @@ def teacher_ckpt(tmp_path_factory):
     return str(path)
 
 
+def _cfg(teacher_ckpt, **kw):
+    """The tiny search model's config (32 px), ``kw`` on top."""
+    cfg = dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, 32, 32))
+    cfg.update(kw)
+    return cfg
+
+
 def build(teacher_ckpt, size):
-    return MODELS.build(
-        dict(
-            type='GMPQSearchClassifier',
-            backbone=dict(
-                type='MixedPrecisionBackbone',
-                backbone=BACKBONE,
-                w_bits=[2, 4],
-                a_bits=[2, 4]),
-            neck=dict(type='GlobalAveragePooling'),
-            head=HEAD,
-            teacher=TEACHER,
-            teacher_checkpoint=teacher_ckpt,
-            input_shape=(3, size, size)))
+    return MODELS.build(dict(_cfg(teacher_ckpt), input_shape=(3, size, size)))
 
 
 def test_one_pixel_attribution_maps_are_warned_about(teacher_ckpt):
@@ -135,19 +141,7 @@ def test_attribution_at_earlier_stages_trains(tmp_path, stages):
 
 
 def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
-    cfg = dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32),
-        target_bitops_tolerance=0.02)
+    cfg = _cfg(teacher_ckpt, target_bitops_tolerance=0.02)
     with pytest.raises(ValueError, match='target_bitops_tolerance needs'):
         MODELS.build(cfg)
     model = MODELS.build(
@@ -165,18 +159,8 @@ def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
 
 
 def test_budget_complexity_needs_target_bitops(teacher_ckpt):
-    cfg = dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32),
+    cfg = _cfg(
+        teacher_ckpt,
         complexity_loss=dict(type='ComplexityLoss', mode='budget'))
     with pytest.raises(ValueError, match="mode='budget' needs target_bitops"):
         MODELS.build(cfg)
@@ -204,18 +188,7 @@ def test_init_from_teacher_copies_every_teacher_weight(tmp_path):
                 b.uniform_(0.5, 2.0)
     path = str(tmp_path / 'teacher.pth')
     torch.save({'state_dict': teacher.state_dict()}, path)
-    cfg = dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=path,
-        input_shape=(3, 32, 32))
+    cfg = _cfg(path)
     plain = MODELS.build(cfg)
     plain.init_weights()
     model = MODELS.build(dict(cfg, init_from_teacher=True))
@@ -247,22 +220,6 @@ def test_probability_stats_by_hand(teacher_ckpt):
     losses = model.loss(torch.rand(2, 3, 32, 32), _samples(2))
     assert losses['prob_entropy'].item() == pytest.approx(entropy.item())
     assert losses['prob_top2_gap'].item() == pytest.approx(gap.item())
-
-
-def _cfg(teacher_ckpt, **kw):
-    return dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32),
-        **kw)
 
 
 def _fixed_model_size(policy):

@@ -19,7 +19,7 @@ from gmpq_mm.quantization.complexity import (MB, count_macs, expected_bitops,
 from gmpq_mm.quantization.layers import is_mixed_layer
 from gmpq_mm.quantization.policy import make_policy
 from gmpq_mm.quantization.probe import eval_mode
-from gmpq_mm.quantization.targets import get_target
+from gmpq_mm.quantization.targets import get_target, with_target_candidates
 from gmpq_mm.registry import MODELS
 from gmpq_mm.utils.model import state_dict_mismatch
 from ..utils.attribution import (classifier_attribution_maps, match_map_size,
@@ -128,7 +128,9 @@ class GMPQSearchClassifier(ImageClassifier):
         target = None if target is None else get_target(
             target, where='model.target')
         if target is not None:
-            backbone = self._target_candidates(backbone, target)
+            backbone, note = with_target_candidates(backbone, target)
+            if note:
+                warnings.warn(f'GMPQSearchClassifier: {note}')
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
         self.target = target
         self.mixed_layers = [(name, m)
@@ -183,22 +185,6 @@ class GMPQSearchClassifier(ImageClassifier):
         check_budget(size_mb, 'model.target_size_mb', '5.5')
         check_tolerance(size_tol, 'model.target_size_mb_tolerance',
                         'model.target_size_mb', size_mb)
-
-    @staticmethod
-    def _target_candidates(backbone: dict, target) -> dict:
-        """The backbone config with the target's native widths as its
-        candidates (a warning names what they replace)."""
-        backbone = dict(backbone)
-        new = dict(w_bits=list(target.w_bits), a_bits=list(target.a_bits))
-        old = {k: backbone.get(k) for k in new}
-        if any(old[k] is not None and list(old[k]) != new[k] for k in new):
-            warnings.warn(
-                f'GMPQSearchClassifier: target {target.name!r} sets the '
-                f'candidates w_bits={new["w_bits"]} a_bits={new["a_bits"]} '
-                f'(the backbone config said w_bits={old["w_bits"]} '
-                f'a_bits={old["a_bits"]})')
-        backbone.update(new)
-        return backbone
 
     # ------------------------------------------------------------------
     # teacher
