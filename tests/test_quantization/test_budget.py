@@ -12,6 +12,7 @@ from gmpq_mm.quantization.budget import (best_policy_under_budget,
                                          log_probs_from_model, policy_cost)
 from gmpq_mm.quantization.complexity import count_macs
 from gmpq_mm.quantization.convert import to_mixed_precision
+from gmpq_mm.quantization.solver import Constraint, solve_policy
 
 W, A = (2, 4), (2, 4)
 # Probabilities of the candidates (2, 4) of each layer.
@@ -195,3 +196,123 @@ def test_supernet_under_budget():
     cheap = best_policy_under_budget(lp, layer_macs, cands, cands, 589_824)
     assert policy_cost(layer_macs, cheap) <= 589_824
     assert cheap['1'] != (6, 6)
+
+
+# --- solve_policy: any scores, several budgets with tolerance bands -------
+def brute_force_general(scores, constraints):
+    """Best total score over every policy in every band (None if none)."""
+    names = list(scores)
+    best, best_score = None, -math.inf
+    for combo in itertools.product(*[list(scores[n]) for n in names]):
+        policy = dict(zip(names, combo))
+        if not all(c.holds(c.cost(policy)) for c in constraints):
+            continue
+        s = sum(scores[n][p] for n, p in policy.items())
+        if s > best_score:
+            best, best_score = policy, s
+    return best, best_score
+
+
+def random_instance(rng, n_layers, pairs):
+    names = [f'l{i}' for i in range(n_layers)]
+    # not separable into a weight and an activation part
+    scores = {n: {p: float(rng.normal()) for p in pairs} for n in names}
+    macs = {n: int(rng.integers(1, 20)) for n in names}
+    params = {n: int(rng.integers(1, 50)) for n in names}
+    bitops = {n: {(w, a): macs[n] * w * a for w, a in pairs} for n in names}
+    size = {n: {(w, a): params[n] * w for w, a in pairs} for n in names}
+    return scores, bitops, size
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_solve_policy_matches_brute_force_two_bands(seed):
+    rng = np.random.default_rng(seed)
+    pairs = [(2, 4), (4, 4), (4, 8), (8, 8)]
+    scores, bitops, size = random_instance(rng, 5, pairs)
+    top_b = sum(max(c.values()) for c in bitops.values())
+    top_s = sum(max(c.values()) for c in size.values())
+    checked = 0
+    for fb, fs, tol in [(0.5, 0.6, 0.1), (0.4, 0.9, 0.05), (0.7, 0.4, 0.2),
+                        (0.3, 0.3, None)]:
+        cons = [
+            Constraint('BitOPs', bitops, fb * top_b, tolerance=tol),
+            Constraint('size', size, fs * top_s, tolerance=tol)
+        ]
+        best, best_score = brute_force_general(scores, cons)
+        if best is None:
+            with pytest.raises(ValueError, match='BitOPs|size'):
+                solve_policy(scores, cons)
+            continue
+        got = solve_policy(scores, cons)
+        assert all(c.holds(c.cost(got)) for c in cons)
+        assert sum(scores[n][p] for n, p in got.items()) == pytest.approx(
+            best_score, abs=1e-12)
+        checked += 1
+    assert checked >= 2
+
+
+def test_solve_policy_hand_case_and_ties():
+    scores = {'a': {(2, 8): 0.0, (4, 8): 1.0}, 'b': {(2, 8): 0.0, (4, 8): 2.0}}
+    size = {n: {(2, 8): 2, (4, 8): 4} for n in scores}
+    # no budget: the argmax; 6 units: only one layer gets 4 bits, b (+2)
+    assert solve_policy(scores) == {'a': (4, 8), 'b': (4, 8)}
+    assert solve_policy(scores, [Constraint('size', size, 6)]) == {
+        'a': (2, 8),
+        'b': (4, 8)
+    }
+    # band [5.4, 6]: a policy of 4 units (both 2-bit) is refused, 6 kept
+    assert solve_policy(scores, [Constraint('size', size, 6, 0.1)]) == {
+        'a': (2, 8),
+        'b': (4, 8)
+    }
+    # a floor pulls the argmax up: only 8 units lie in [7, 8]
+    low = {n: {(2, 8): 1.0, (4, 8): 0.0} for n in scores}
+    assert solve_policy(low, [Constraint('size', size, 8, floor=7)]) == {
+        'a': (4, 8),
+        'b': (4, 8)
+    }
+    # ties keep the pair listed first
+    tie = {'a': {(4, 8): 0.5, (2, 8): 0.5}}
+    assert solve_policy(tie) == {'a': (4, 8)}
+
+
+def test_solve_policy_errors():
+    scores = {'a': {(2, 8): 0.0, (4, 8): 1.0}, 'b': {(2, 8): 0.0, (4, 8): 2.0}}
+    size = {n: {(2, 8): 2, (4, 8): 4} for n in scores}
+    with pytest.raises(
+            ValueError,
+            match=r'size budget 3 \(3\) is below the '
+            r'smallest reachable 4 \(4\)'):
+        solve_policy(scores, [Constraint('size', size, 3)])
+    with pytest.raises(ValueError, match='size floor .* above the largest'):
+        solve_policy(scores, [Constraint('size', size, 20, floor=9)])
+    # each band reachable alone, not together
+    ops = {n: {(2, 8): 10, (4, 8): 1} for n in scores}
+    with pytest.raises(ValueError, match='no policy meets all of size in'):
+        solve_policy(scores,
+                     [Constraint('size', size, 4),
+                      Constraint('ops', ops, 11)])
+    with pytest.raises(ValueError, match="no cost for layer 'b'"):
+        solve_policy(
+            scores,
+            [Constraint('size', {
+                'a': size['a'],
+                'b': {
+                    (2, 8): 1
+                }
+            }, 9)])
+    with pytest.raises(
+            ValueError, match=r"costs given for layer\(s\) \['z'\]"):
+        solve_policy(scores, [Constraint('size', dict(size, z={}), 9)])
+    with pytest.raises(ValueError, match="layer 'a': every pair is forbidden"):
+        solve_policy({'a': {(2, 8): -math.inf}})
+    for bad in (math.nan, math.inf, True, 'x'):
+        with pytest.raises(ValueError, match="layer 'a': score of"):
+            solve_policy({'a': {(2, 8): bad}})
+    with pytest.raises(ValueError, match='bit width 9'):
+        solve_policy({'a': {(9, 8): 0.0}})
+    for bad in ('abc', True, [1, 2], math.nan):
+        with pytest.raises(ValueError, match='size budget must be'):
+            Constraint('size', size, bad)
+    with pytest.raises(ValueError, match='size tolerance must be in'):
+        Constraint('size', size, 5, tolerance=1.5)
