@@ -15,9 +15,6 @@ from gmpq_mm.study.runner import execute
 
 def test_tiny_in_domain_study_writes_table_picture_and_resumes(
         tmp_path, run_tool):
-    pytest.importorskip(
-        'gmpq_mm.apis.sensitivity',
-        reason='the sensitivity tool (branch h3) not merged')
     work = tmp_path / 'study'
     cmd = [
         'tools/analysis/policy_study.py', 'tiny', '--work-dir', work,
@@ -63,9 +60,6 @@ def test_tiny_in_domain_study_writes_table_picture_and_resumes(
 
 @pytest.mark.slow
 def test_tiny_study_both_settings(tmp_path, run_tool):
-    pytest.importorskip(
-        'gmpq_mm.apis.sensitivity',
-        reason='the sensitivity tool (branch h3) not merged')
     work = tmp_path / 'study'
     run_tool(['tools/analysis/policy_study.py', 'tiny', '--work-dir', work],
              timeout=1200)
