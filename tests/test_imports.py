@@ -234,6 +234,7 @@ def test_no_import_circles(package):
 # The study's modules that read or decide but run nothing: a tool lists the
 # presets and a test checks the report maths without torch or OpenMMLab.
 STUDY_LIGHT = ('gmpq_mm.study', 'gmpq_mm.study.presets', 'gmpq_mm.study.plan',
+               'gmpq_mm.study.stats', 'gmpq_mm.study.verdict',
                'gmpq_mm.study.report')
 
 

@@ -6,6 +6,8 @@ the gaps. The modules, bottom up:
 
 * :mod:`.presets` -- the presets (plain data);
 * :mod:`.plan` -- which runs, in dependency order (plain Python);
+* :mod:`.stats`, :mod:`.verdict` -- the rank test and the report's
+  sentences (numpy);
 * :mod:`.report` -- ``study.md`` / ``study.png`` from finished runs (numpy);
 * :mod:`.results` -- each run's ``result.json``;
 * :mod:`.data`, :mod:`.configs`, :mod:`.policies`, :mod:`.runs` -- the

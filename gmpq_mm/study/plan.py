@@ -5,12 +5,41 @@ A task is ``(study, run name, kind, args)``; ``kind`` names a function of
 """
 import os.path as osp
 
-from .presets import SETTINGS, SPLITS
+from .presets import METHODS, SETTINGS, SPLITS
 
-__all__ = ['plan', 'budget_aware', 'search_name', 'METHODS']
+__all__ = [
+    'plan', 'budget_aware', 'budget_per_mac', 'search_name',
+    'fixed_policy_names', 'methods', 'SEARCHES'
+]
 
-# the searches of every setting and budget
-METHODS = ('gmpq', 'aw0')
+# the methods that train a supernet (the rest allocate without training)
+SEARCHES = ('gmpq', 'aw0')
+
+
+def budget_per_mac(k, study):
+    """BitOPs per MAC of budget ``k``: ``study['budget_bits'][k]`` where
+    the preset gives it, else midway between uniform WkAk and
+    W(k+1)A(k+1)."""
+    given = study.get('budget_bits', {}).get(k)
+    return (k * k + (k + 1)**2) / 2 if given is None else float(given)
+
+
+def methods(study):
+    """The study's methods of finding a policy at a budget, in
+    :data:`METHODS` order (presets from before the sensitivity baseline:
+    the two searches)."""
+    chosen = study.get('methods', SEARCHES)
+    return [m for m in METHODS if m in chosen]
+
+
+def fixed_policy_names(study):
+    """Names of the uniform and random policies, as
+    :func:`gmpq_mm.study.policies.write_policies` writes them."""
+    names = [f'w{b}a{b}' for b in study['uniform']]
+    return names + [
+        f'b{k}_random{r}' for k in study['budgets']
+        for r in range(study['n_random'])
+    ]
 
 
 def budget_aware(study):
@@ -27,7 +56,8 @@ def search_name(setting, method, budgets, study):
 
 
 def plan(study, budgets, paths):
-    """Task lists in dependency order: teachers; searches; finetunes.
+    """Task lists in dependency order: teachers; searches (and the
+    sensitivity allocations); finetunes.
 
     ``budgets``: ``{k: BitOPs}``; ``paths``: ``{fixed policy: file}``.
     Finetunes go seed by seed, searched policies first, so that a study cut
@@ -48,12 +78,18 @@ def plan(study, budgets, paths):
     groups = [{k: b} for k, b in budgets.items()] if budget_aware(study) \
         else [dict(budgets)]
     for setting in settings:
-        for method in METHODS:
-            for group in groups:
-                searches.append(
+        for method in methods(study):
+            if method in SEARCHES:
+                searches += [
                     task(
                         search_name(setting, method, group, study), 'search',
-                        setting, method, group))
+                        setting, method, group) for group in groups
+                ]
+            else:
+                searches += [
+                    task(f'search_{setting}_b{k}_{method}', method, setting, k,
+                         budget) for k, budget in budgets.items()
+                ]
             for k in budgets:
                 name = f'search_{setting}_b{k}_{method}'
                 policies.append((setting, f'b{k}_{method}',

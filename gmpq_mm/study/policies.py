@@ -4,13 +4,18 @@ import os
 import os.path as osp
 
 from .configs import base_config
+from .plan import budget_per_mac
 
 __all__ = ['layer_macs', 'write_policies', 'budget_of']
 
 
-def budget_of(k, total_macs):
-    """BitOPs midway between uniform WkAk and W(k+1)A(k+1)."""
-    return (k * k + (k + 1) * (k + 1)) * total_macs // 2
+def budget_of(k, total_macs, study):
+    """BitOPs of budget ``k`` over layers of ``total_macs`` MACs (see
+    :func:`gmpq_mm.study.plan.budget_per_mac`)."""
+    if k not in study.get('budget_bits', {}):
+        # integers, exactly as the first studies computed them
+        return (k * k + (k + 1) * (k + 1)) * total_macs // 2
+    return int(budget_per_mac(k, study) * total_macs)
 
 
 def layer_macs(study):
@@ -57,7 +62,7 @@ def write_policies(study):
     for b in study['uniform']:
         save(f'w{b}a{b}', {n: (b, b) for n in macs})
     for k in study['budgets']:
-        budget = budget_of(k, total)
+        budget = budget_of(k, total, study)
         budgets[k] = budget
         for r in range(study['n_random']):
             layers = random_policy_near_budget(

@@ -10,11 +10,20 @@ import json
 import math
 import os.path as osp
 import platform
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
-from .plan import budget_aware
+from .plan import (budget_aware, budget_per_mac, fixed_policy_names, methods,
+                   plan)
+from .presets import SETTINGS
+from .stats import stats
+from .verdict import METHOD_LABELS, ranks, tops, verdict
+
+__all__ = [
+    'normalised_entropy', 'collect', 'expected_runs', 'write_report',
+    'RANK_TEST'
+]
 
 SETTING_TITLES = {
     'in_domain':
@@ -22,9 +31,18 @@ SETTING_TITLES = {
     'transfer':
     'Transfer (search on classes 0-4; finetune and test on '
     'classes 5-9 from their own FP model)',
+    'small_to_large':
+    'Small to large (search on the 5,000-image subset; finetune and test '
+    'on the whole Fashion-MNIST, 60,000 / 10,000 images, from an FP model '
+    'trained on it)',
 }
-SEARCH_LABELS = (('gmpq', 'GMPQ search (attribution on)'),
-                 ('aw0', 'same search, aw = 0 (EdMIPS-style)'))
+# stated in the report's header, before any figure
+RANK_TEST = (
+    "The test, fixed before the runs: in each block, GMPQ's rank r among "
+    "the n random policies' mean top-1 (1 = best, a tie counts against "
+    'GMPQ); were GMPQ one more random draw, rank r or better has chance '
+    'r/(n+1). Across blocks (independent): the chance of as low a rank sum '
+    'and the binomial chance of ranking first in as many blocks.')
 
 
 def normalised_entropy(policy: dict) -> float:
@@ -56,22 +74,76 @@ def _policy_bitops(work_dir: str, name: str) -> Optional[int]:
         return json.load(f)['bitops']
 
 
-def stats(values: List[float]) -> dict:
-    """Mean, sample std (0 for one value), min, max and count."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.size == 0:
-        return dict(n=0)
-    return dict(
-        n=int(arr.size),
-        mean=float(arr.mean()),
-        std=float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
-        min=float(arr.min()),
-        max=float(arr.max()))
+def _search_seconds(work: str, result: Optional[dict]) -> Optional[float]:
+    """Wall seconds of the run that found a policy (a shared search's own
+    when one search was exported at every budget)."""
+    if result is None:
+        return None
+    if 'seconds' not in result and result.get('search'):
+        result = _load(work, result['search']) or {}
+    return result.get('seconds')
+
+
+def _method_rows(study, setting, k, top1s):
+    rows = []
+    for method in methods(study):
+        search = _load(study['work_dir'], f'search_{setting}_b{k}_{method}')
+        rows.append(
+            dict(
+                label=METHOD_LABELS[method],
+                kind=method,
+                bitops=search and search['bitops'],
+                entropy=search and search.get('entropy'),
+                seconds=_search_seconds(study['work_dir'], search),
+                top1=top1s(setting, f'b{k}_{method}')))
+    return rows
+
+
+def _random_rows(study, setting, k, top1s):
+    randoms = []
+    for r in range(study['n_random']):
+        name = f'b{k}_random{r}'
+        randoms.append(
+            dict(
+                label=f'random policy {r}',
+                kind='random',
+                bitops=_policy_bitops(study['work_dir'], name),
+                top1=top1s(setting, name),
+                entropy=None))
+    means = [np.mean(r['top1']) for r in randoms if r['top1']]
+    pooled = [v for r in randoms for v in r['top1']]
+    return [
+        dict(
+            label=f"random, {study['n_random']} policies pooled",
+            kind='random_pooled',
+            bitops=None,
+            entropy=None,
+            top1=pooled,
+            policy_means=means)
+    ] + randoms
+
+
+def _uniform_rows(study, setting, k, top1s):
+    # the uniform widths next to the budget: the dearest one that fits it
+    # and the cheapest one above it
+    mid = budget_per_mac(k, study)
+    below = [b for b in study['uniform'] if b * b <= mid]
+    above = [b for b in study['uniform'] if b * b > mid]
+    return [
+        dict(
+            label=f'uniform W{b}A{b}',
+            kind='uniform',
+            bitops=_policy_bitops(study['work_dir'], f'w{b}a{b}'),
+            top1=top1s(setting, f'w{b}a{b}'),
+            entropy=None) for b in ([max(below)] if below else []) +
+        ([min(above)] if above else [])
+    ]
 
 
 def collect(study: dict, budgets: Dict[int, int]) -> dict:
-    """``setting -> dict(teacher, blocks)``; a block is one budget's rows,
-    a row ``dict(label, kind, bitops, top1 (list), entropy)``."""
+    """``setting -> dict(teachers, blocks, ...)``; a block is one budget's
+    rows, a row ``dict(label, kind, bitops, top1 (list), entropy)`` (the
+    methods' rows also ``seconds``)."""
     work, seeds = study['work_dir'], study['seeds']
 
     def top1s(setting, policy):
@@ -83,67 +155,25 @@ def collect(study: dict, budgets: Dict[int, int]) -> dict:
         return out
 
     data = {}
-    for setting in study.get('settings', list(SETTING_TITLES)):
-        search_split, ft_split = (('all', 'all') if setting == 'in_domain' else
-                                  ('a', 'b'))
+    for setting in study['settings']:
+        search_split, ft_split = SETTINGS[setting]
         teachers = {
             s: _load(work, f'teacher_{s}')
             for s in {search_split, ft_split}
         }
         blocks = []
         for k, budget in budgets.items():
-            rows = []
-            for method, label in SEARCH_LABELS:
-                search = _load(work, f'search_{setting}_b{k}_{method}')
-                rows.append(
-                    dict(
-                        label=label,
-                        kind=method,
-                        bitops=search and search['bitops'],
-                        entropy=search and search['entropy'],
-                        top1=top1s(setting, f'b{k}_{method}')))
-            randoms = []
-            for r in range(study['n_random']):
-                name = f'b{k}_random{r}'
-                randoms.append(
-                    dict(
-                        label=f'random policy {r}',
-                        kind='random',
-                        bitops=_policy_bitops(work, name),
-                        top1=top1s(setting, name),
-                        entropy=None))
-            means = [np.mean(r['top1']) for r in randoms if r['top1']]
-            pooled = [v for r in randoms for v in r['top1']]
-            rows.append(
-                dict(
-                    label=f"random, {study['n_random']} policies pooled",
-                    kind='random_pooled',
-                    bitops=None,
-                    entropy=None,
-                    top1=pooled,
-                    policy_means=means))
-            rows += randoms
-            # the uniform widths next to the budget: the dearest one that
-            # fits it and the cheapest one above it
-            mid = (k * k + (k + 1)**2) / 2
-            below = [b for b in study['uniform'] if b * b <= mid]
-            above = [b for b in study['uniform'] if b * b > mid]
-            for b in ([max(below)] if below else []) + \
-                    ([min(above)] if above else []):
-                rows.append(
-                    dict(
-                        label=f'uniform W{b}A{b}',
-                        kind='uniform',
-                        bitops=_policy_bitops(work, f'w{b}a{b}'),
-                        top1=top1s(setting, f'w{b}a{b}'),
-                        entropy=None))
+            rows = _method_rows(study, setting, k, top1s)
+            rows += _random_rows(study, setting, k, top1s)
+            rows += _uniform_rows(study, setting, k, top1s)
             ft_teacher = teachers[ft_split]
             blocks.append(
                 dict(
                     k=k,
                     budget=budget,
                     rows=rows,
-                    fp_top1=ft_teacher and ft_teacher['top1']))
+                    fp_top1=ft_teacher and ft_teacher['top1'],
+                    headroom_bar=study.get('headroom_bar')))
         data[setting] = dict(
             teachers=teachers,
             blocks=blocks,
@@ -158,103 +188,12 @@ def _fmt(row: dict, budget: int) -> str:
     cost = '' if bitops is None else \
         f'{bitops / 1e6:.3f} ({100 * bitops / budget:.1f}%)'
     ent = '' if row.get('entropy') is None else f"{row['entropy']:.3f}"
+    secs = '' if row.get('seconds') is None else f"{row['seconds']:.0f}"
     if not s['n']:
-        return f"| {row['label']} | {cost} | (not run yet) | | | 0 | {ent} |"
+        return (f"| {row['label']} | {cost} | (not run yet) | | | 0 | {ent} "
+                f'| {secs} |')
     return (f"| {row['label']} | {cost} | {s['mean']:.2f} | {s['std']:.2f} | "
-            f"{s['min']:.2f}-{s['max']:.2f} | {s['n']} | {ent} |")
-
-
-def verdict(block: dict) -> List[str]:
-    """The gaps the issue asks about, from the rows of one budget."""
-    by = {r['kind']: r for r in block['rows']}
-    g, a0 = stats(by['gmpq']['top1']), stats(by['aw0']['top1'])
-    pool = by['random_pooled']
-    rnd = stats(pool['top1'])
-    unif = [
-        r for r in block['rows'] if r['kind'] == 'uniform'
-        and r['bitops'] is not None and r['bitops'] <= block['budget']
-    ]
-    lines = []
-    if not g['n'] or not rnd['n']:
-        return ['- gaps: not enough finished runs yet']
-    means = pool['policy_means']
-    means_range = float(np.ptp(means)) if len(means) > 1 else 0.0
-    # the stricter bar: beyond the pooled std, GMPQ's own std AND the
-    # range of the random policies' means (one random draw vs another)
-    spread = max(rnd['std'], g['std'], means_range)
-    gap = g['mean'] - rnd['mean']
-    lines.append(
-        f"- GMPQ - random: {gap:+.2f} points (random pooled std "
-        f"{rnd['std']:.2f}, GMPQ std {g['std']:.2f}, range of the "
-        f"{len(means)} random policies' means {means_range:.2f}): "
-        f"{'beats' if gap > spread else 'does NOT beat'} random by more "
-        f'than the largest of the three ({spread:.2f})')
-    if block.get('fp_top1') is not None:
-        # how far random sits below the FP network that every finetune
-        # starts from: a policy can hardly win more than that
-        head = block['fp_top1'] - rnd['mean']
-        lines.append(f"- headroom: FP teacher {block['fp_top1']:.2f} - "
-                     f"random mean {rnd['mean']:.2f} = {head:+.2f} points")
-    if means:
-        above = sum(g['mean'] > m for m in means)
-        lines.append(f'- GMPQ mean above {above} of the {len(means)} '
-                     "random policies' means (best random policy "
-                     f"{max(means):.2f})")
-    if unif:
-        u = stats(unif[-1]['top1'])
-        if u['n']:
-            gap_u = g['mean'] - u['mean']
-            lines.append(
-                f"- GMPQ - {unif[-1]['label']}: {gap_u:+.2f} points "
-                f"(std {u['std']:.2f}): "
-                f"{'beats' if gap_u > max(u['std'], g['std']) else 'does NOT beat'}"
-                ' it by more than the spread')
-    if a0['n']:
-        gap_a = g['mean'] - a0['mean']
-        lines.append(
-            f"- attribution on - off: {gap_a:+.2f} points (stds "
-            f"{g['std']:.2f} / {a0['std']:.2f}): "
-            f"{'on beats off' if gap_a > max(g['std'], a0['std']) else 'no gap beyond the spread'}"
-        )
-    return lines
-
-
-def tops(data: dict) -> List[str]:
-    """How often each search's mean tops every random policy's mean, and
-    how likely that is by chance.
-
-    If a searched policy were one more draw of the random policies
-    (exchangeable with them), its mean would be the highest of the ``N + 1``
-    with probability ``1 / (N + 1)`` in each block; the blocks are taken as
-    independent, so ``X`` tops in ``Y`` blocks has the binomial tail
-    ``P(>= X)``. Blocks with a missing run are left out.
-    """
-    lines = []
-    for method, label in SEARCH_LABELS:
-        wins = blocks = 0
-        n_rand = None
-        for d in data.values():
-            for block in d['blocks']:
-                by = {r['kind']: r for r in block['rows']}
-                randoms = [r for r in block['rows'] if r['kind'] == 'random']
-                if not by[method]['top1'] or not randoms or \
-                        not all(r['top1'] for r in randoms):
-                    continue
-                mean = float(np.mean(by[method]['top1']))
-                wins += all(mean > np.mean(r['top1']) for r in randoms)
-                blocks += 1
-                n_rand = len(randoms)
-        if not blocks:
-            continue
-        p0 = 1.0 / (n_rand + 1)
-        tail = sum(
-            math.comb(blocks, i) * p0**i * (1 - p0)**(blocks - i)
-            for i in range(wins, blocks + 1))
-        lines.append(
-            f"- {label}: mean above all {n_rand} random policies' means in "
-            f'{wins} of {blocks} blocks; as one more random draw it would do '
-            f'that in at least {wins} with probability {tail:.2g}')
-    return lines
+            f"{s['min']:.2f}-{s['max']:.2f} | {s['n']} | {ent} | {secs} |")
 
 
 def _epochs(study: dict) -> str:
@@ -263,17 +202,48 @@ def _epochs(study: dict) -> str:
 
 
 def expected_runs(study: dict, budgets: Dict[int, int]) -> int:
-    """How many ``result.json`` files a finished study has."""
-    settings = study.get('settings', list(SETTING_TITLES))
-    n_pol = len(study['uniform']) + len(budgets) * (study['n_random'] + 2)
-    teachers = 1 if settings == ['in_domain'] else \
-        2 if settings == ['transfer'] else 3
-    # result files of the searches: one per budget and method, plus the
-    # shared search's own when one search serves every budget
-    per_method = len(budgets) if len(budgets) == 1 or budget_aware(
-        study) else len(budgets) + 1
-    return teachers + len(settings) * (2 * per_method +
-                                       n_pol * len(study['seeds']))
+    """How many ``result.json`` files a finished study has: one per task
+    of :func:`gmpq_mm.study.plan.plan`, plus one per budget of each search
+    that one run exported at every budget."""
+    stages = plan(study, budgets, dict.fromkeys(fixed_policy_names(study)))
+    shared = [
+        t for t in stages[1]
+        if t[2] == 'search' and len(t[3][2]) > 1 and not budget_aware(study)
+    ]
+    return sum(map(len, stages)) + len(shared) * len(budgets)
+
+
+def _budget_title(k: int, budget: int, study: dict) -> str:
+    head = f'W{k}A{k}-W{k + 1}A{k + 1} midpoint' \
+        if k not in study.get('budget_bits', {}) else \
+        f'{budget_per_mac(k, study):g} BitOPs per MAC'
+    return f'### Budget {head}: {budget / 1e6:.3f} M BitOPs'
+
+
+def _header(study, macs, done, total, seconds, elapsed):
+    data = 'Fashion-MNIST subset' if 'full_data' not in study else \
+        'Fashion-MNIST (subset to search, whole set to finetune and test)'
+    sens = study.get('sensitivity')
+    sens = '' if 'sensitivity' not in methods(study) else (
+        f"; sensitivity: {sens['method']} on {sens['calib_batches']} "
+        "batch(es) of the search's data against its teacher, bits by an "
+        'exact knapsack at the budget')
+    return [
+        f"{data} at {study['resolution']}x{study['resolution']}; seeds "
+        f"{study['seeds']}; {study['n_random']} random policies per budget; "
+        f'finetunes of {_epochs(study)} epoch(s), ranges calibrated on '
+        f"{study['calibration_batches']} batch(es){sens}; searched layers: "
+        f'{len(macs)} convs, {sum(macs.values()) / 1e6:.3f} MMACs. Top-1 in '
+        '%, BitOPs in millions over the searched layers (share of the budget '
+        'in brackets); std is the sample std over seeds (pooled rows: over '
+        "every run); entropy is the search's final candidate entropy, mean "
+        'over layers of H(p) / log K (1 = uniform); search s: wall seconds '
+        'of the run that found the policy.', '', RANK_TEST, '',
+        f'Runs: {done}/{total}; compute {sum(seconds) / 60:.1f} min summed '
+        f'over runs; this invocation {elapsed / 60:.1f} min wall; '
+        f'{platform.processor() or platform.machine()}, '
+        f'{platform.system()}.', ''
+    ]
 
 
 def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
@@ -286,52 +256,31 @@ def write_report(study: dict, budgets: Dict[int, int], macs: Dict[str, int],
 
     work = study['work_dir']
     data = collect(study, budgets)
-    done = len(glob.glob(osp.join(work, 'runs', '*', 'result.json')))
-    total = expected_runs(study, budgets)
-    seconds = [
-        json.load(open(p)).get('seconds', 0)
-        for p in glob.glob(osp.join(work, 'runs', '*', 'result.json'))
-    ]
-    w_sum = sum(macs.values())
+    files = glob.glob(osp.join(work, 'runs', '*', 'result.json'))
+    done, total = len(files), expected_runs(study, budgets)
+    seconds = [json.load(open(p)).get('seconds', 0) for p in files]
     out = [f"# GMPQ policy study ({study['preset']} preset)", '']
     if done < total:
         out += [f'**PARTIAL: {done} of {total} runs finished.**', '']
-    out += [
-        f"Fashion-MNIST subset at {study['resolution']}x{study['resolution']}"
-        f"; seeds {study['seeds']}; {study['n_random']} random policies per "
-        f'budget; finetunes of {_epochs(study)} epoch(s), ranges calibrated '
-        f"on {study['calibration_batches']} batch(es); searched layers: "
-        f'{len(macs)} convs, '
-        f'{w_sum / 1e6:.3f} MMACs. Top-1 in %, BitOPs in millions over the '
-        'searched layers (share of the budget in brackets); std is the '
-        'sample std over seeds (pooled rows: over every run); entropy is '
-        "the search's final candidate entropy, mean over layers of "
-        'H(p) / log K (1 = uniform).', '',
-        f"Runs: {done}/{total}; compute {sum(seconds) / 60:.1f} min summed "
-        f'over runs; this invocation {elapsed / 60:.1f} min wall; '
-        f'{platform.processor() or platform.machine()}, '
-        f'{platform.system()}.', ''
-    ]
+    out += _header(study, macs, done, total, seconds, elapsed)
     for setting, d in data.items():
-        title = SETTING_TITLES[setting]
-        out += [f'## {title}', '']
+        out += [f'## {SETTING_TITLES[setting]}', '']
         for split, t in sorted(d['teachers'].items()):
             top1 = 'not run yet' if t is None else f"{t['top1']:.2f}"
             out.append(f'- FP teacher, split `{split}`: top-1 {top1}')
         out.append('')
         for block in d['blocks']:
-            k = block['k']
             out += [
-                f"### Budget W{k}A{k}-W{k + 1}A{k + 1} midpoint: "
-                f"{block['budget'] / 1e6:.3f} M BitOPs", '',
+                _budget_title(block['k'], block['budget'], study), '',
                 '| policy | BitOPs (M) | top-1 mean | std | min-max | n | '
-                'entropy |', '| --- | --- | --- | --- | --- | --- | --- |'
+                'entropy | search s |',
+                '| --- | --- | --- | --- | --- | --- | --- | --- |'
             ]
             out += [_fmt(row, block['budget']) for row in block['rows']]
             out += [''] + verdict(block) + ['']
-    ranks = tops(data)
-    if ranks:
-        out += ['## Across the blocks', ''] + ranks + ['']
+    across = ranks(data) + tops(data)
+    if across:
+        out += ['## Across the blocks', ''] + across + ['']
     md = osp.join(work, 'study.md')
     with atomic_path(md, suffix='.md') as tmp:
         with open(tmp, 'w') as f:

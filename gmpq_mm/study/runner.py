@@ -8,24 +8,29 @@ import os
 import os.path as osp
 import time
 
-from .data import write_split
+from .data import check_full_data, write_study_data
 from .plan import plan
 from .policies import write_policies
-from .presets import PRESETS, SETTINGS, SPLITS
+from .presets import DEFAULT_SETTINGS, PRESETS, SETTINGS
 from .results import result_path, write_result
 from .runs import KINDS
 
 __all__ = ['make_study', 'execute', 'init_worker', 'run_stage', 'run_study']
 
 
-def make_study(preset, work_dir, settings=None):
+def make_study(preset, work_dir, settings=None, full_data=None):
     """A copy of ``PRESETS[preset]`` with ``preset``, ``settings`` (in
-    :data:`SETTINGS` order; default all) and the absolute ``work_dir``."""
+    :data:`SETTINGS` order; default the preset's own, else in-domain and
+    transfer), the absolute ``work_dir`` and, if given, the folder of the
+    whole Fashion-MNIST (``full_data``)."""
     study = copy.deepcopy(PRESETS[preset])
-    chosen = SETTINGS if settings is None else settings
+    chosen = settings or study.get('settings', DEFAULT_SETTINGS)
     study['preset'] = preset
     study['settings'] = [s for s in SETTINGS if s in chosen]
     study['work_dir'] = osp.abspath(os.fspath(work_dir))
+    if full_data is not None:
+        study.setdefault('full_data', dict(train=60000, test=10000))
+        study['full_data']['root'] = osp.abspath(os.fspath(full_data))
     return study
 
 
@@ -83,6 +88,8 @@ def run_study(study, workers=1, threads=1, report_only=False):
     :func:`gmpq_mm.study.plan.plan` (unless ``report_only``), then write
     ``study.md`` / ``study.png``; returns their paths."""
     from .report import write_report
+    if not report_only:
+        check_full_data(study)  # before anything is written
     os.makedirs(study['work_dir'], exist_ok=True)
     log_file = open(osp.join(study['work_dir'], 'study.log'), 'a')
 
@@ -94,10 +101,7 @@ def run_study(study, workers=1, threads=1, report_only=False):
 
     start = time.time()
     if not report_only:
-        for split in SPLITS:
-            write_split(
-                osp.join(study['work_dir'], 'data', split), split,
-                study['resolution'], study['train_limit'], study['test_limit'])
+        write_study_data(study)
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
     paths, budgets, macs = write_policies(study)

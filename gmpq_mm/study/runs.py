@@ -13,7 +13,9 @@ from .presets import SETTINGS
 from .report import normalised_entropy
 from .results import read_result, write_result
 
-__all__ = ['run_teacher', 'run_search', 'run_finetune', 'KINDS']
+__all__ = [
+    'run_teacher', 'run_search', 'run_sensitivity', 'run_finetune', 'KINDS'
+]
 
 
 def run_runner(cfg, name, work_dir, seed, test=True):
@@ -33,18 +35,21 @@ def run_teacher(study, split):
     """Train the FP network on ``split`` from scratch; its top-1 and
     final checkpoint."""
     t = study['teacher']
+    # one count for every split, or one per split
+    epochs = t['epochs'][split] if isinstance(t['epochs'],
+                                              dict) else t['epochs']
     cfg = with_data(base_config('pretrain'), study, split)
     cfg.optim_wrapper.optimizer.lr = t['lr']
     cfg.param_scheduler = dict(
-        type='CosineAnnealingLR', T_max=t['epochs'], by_epoch=True)
-    cfg.train_cfg = dict(by_epoch=True, max_epochs=t['epochs'])
+        type='CosineAnnealingLR', T_max=epochs, by_epoch=True)
+    cfg.train_cfg = dict(by_epoch=True, max_epochs=epochs)
     cfg.default_hooks.checkpoint = dict(
-        type='CheckpointHook', interval=t['epochs'], save_last=False)
+        type='CheckpointHook', interval=epochs, save_last=False)
     work = osp.join(study['work_dir'], 'runs', f'teacher_{split}')
     _, metrics = run_runner(cfg, f'teacher_{split}', work, 0)
     return dict(
         top1=metrics['accuracy/top1'],
-        checkpoint=osp.join(work, f"epoch_{t['epochs']}.pth"))
+        checkpoint=osp.join(work, f'epoch_{epochs}.pth'))
 
 
 def run_search(study, setting, method, budgets):
@@ -80,6 +85,38 @@ def run_search(study, setting, method, budgets):
     return dict(exports=sorted(out))
 
 
+def run_sensitivity(study, setting, k, budget):
+    """The training-free baseline at budget ``k`` (``budget`` BitOPs): each
+    searched layer's sensitivity to each (w, a) pair, measured on the
+    search's data against the search's teacher, and the exact allocation
+    of bits at the budget (:mod:`gmpq_mm.apis.sensitivity`). The policy,
+    its table and picture land in ``runs/search_<setting>_b<k>_sensitivity``.
+    """
+    from gmpq_mm.apis.sensitivity import sensitivity_policy
+    s = study['sensitivity']
+    split = SETTINGS[setting][0]
+    cfg = search_config(study, setting, 'gmpq', budget)
+    # the FP network as it is: no attribution stages
+    cfg.model.backbone.backbone.out_indices = (3, )
+    folder = osp.join(study['work_dir'], 'runs',
+                      f'search_{setting}_b{k}_sensitivity')
+    out = sensitivity_policy(
+        cfg,
+        read_result(study, f'teacher_{split}')['checkpoint'],
+        target_bitops=budget,
+        method=s['method'],
+        calib_batches=s['calib_batches'],
+        work_dir=folder,
+        seed=0)
+    return dict(
+        policy=osp.join(folder, 'policy.json'),
+        bitops=out['policy']['bitops'],
+        budget=budget,
+        entropy=None,
+        method=s['method'],
+        sensitivity_seconds=round(float(out['seconds']), 1))
+
+
 def run_finetune(study, setting, policy_name, policy_path, seed):
     """Finetune the FP weights of the setting's finetune split under the
     policy file ``policy_path`` with ``seed``; its top-1."""
@@ -102,4 +139,8 @@ def run_finetune(study, setting, policy_name, policy_path, seed):
     return dict(top1=metrics['accuracy/top1'])
 
 
-KINDS = dict(teacher=run_teacher, search=run_search, finetune=run_finetune)
+KINDS = dict(
+    teacher=run_teacher,
+    search=run_search,
+    sensitivity=run_sensitivity,
+    finetune=run_finetune)

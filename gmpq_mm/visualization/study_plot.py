@@ -10,6 +10,8 @@ __all__ = ['study_figure']
 STYLE = {
     'gmpq': dict(color='tab:red', marker='*', ms=12, label='GMPQ search'),
     'aw0': dict(color='tab:blue', marker='D', ms=7, label='search, aw = 0'),
+    'sensitivity':
+    dict(color='tab:green', marker='^', ms=8, label='sensitivity'),
     'random': dict(color='0.55', marker='o', ms=5, label='random policy'),
     'uniform': dict(color='k', marker='s', ms=6, label='uniform'),
 }

@@ -22,24 +22,29 @@ def test_tiny_in_domain_study_writes_table_picture_and_resumes(
     ]
     out = run_tool(cmd, timeout=600).output
     runs = sorted(p.name for p in (work / 'runs').iterdir())
-    # the `all` teacher, GMPQ and aw=0 searches, (W2A2, 1 random, 2
-    # searched) policies x 1 seed
-    assert len(runs) == 1 + 2 + 4, runs
+    # the `all` teacher, GMPQ and aw=0 searches, the sensitivity
+    # allocation, (W2A2, 1 random, 3 found) policies x 1 seed
+    assert len(runs) == 1 + 3 + 5, runs
     assert all((work / 'runs' / r / 'result.json').is_file() for r in runs)
     md = (work / 'study.md').read_text()
     assert 'PARTIAL' not in md and '## Transfer' not in md
     for text in ('## In-domain', '| GMPQ search', '| same search, aw = 0',
-                 '| random policy 0', '| uniform W2A2', 'GMPQ - random:',
-                 'attribution on - off:', 'FP teacher, split `all`'):
+                 '| sensitivity allocation', '| random policy 0',
+                 '| uniform W2A2', 'GMPQ - random:', 'GMPQ - sensitivity:',
+                 'GMPQ - aw0 (attribution on - off):',
+                 "GMPQ's rank among the 1 random policies' means:",
+                 'search cost (wall seconds', 'The test, fixed before',
+                 'FP teacher, split `all`'):
         assert text in md, text
     png = (work / 'study.png').read_bytes()
     assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10000
-    # every searched policy spends 98-100% of its budget
-    for method in ('gmpq', 'aw0'):
+    # every policy found spends 98-100% of its budget
+    for method in ('gmpq', 'aw0', 'sensitivity'):
         r = json.loads((work / 'runs' / f'search_in_domain_b2_{method}' /
                         'result.json').read_text())
         assert 0.98 * r['budget'] <= r['bitops'] <= r['budget']
-        assert 0 < r['entropy'] <= 1
+        assert r['seconds'] > 0
+        assert method == 'sensitivity' or 0 < r['entropy'] <= 1
     assert 'written:' in out
 
     # Resume: nothing reruns; a deleted run comes back with the same figure
@@ -59,7 +64,7 @@ def test_tiny_study_both_settings(tmp_path, run_tool):
     run_tool(['tools/analysis/policy_study.py', 'tiny', '--work-dir', work],
              timeout=1200)
     runs = sorted(p.name for p in (work / 'runs').iterdir())
-    assert len(runs) == 3 + 4 + 8, runs
+    assert len(runs) == 3 + 6 + 10, runs
     md = (work / 'study.md').read_text()
     assert 'PARTIAL' not in md
     assert 'FP teacher, split `a`' in md and 'FP teacher, split `b`' in md
@@ -77,13 +82,14 @@ def test_partial_report(tmp_path, run_tool):
         '--report-only'
     ])
     md = (work / 'study.md').read_text()
-    assert '**PARTIAL: 0 of 15 runs finished.**' in md
+    # 3 teachers + 2 x (2 searches, 1 sensitivity, 5 finetunes)
+    assert '**PARTIAL: 0 of 19 runs finished.**' in md
     assert '(not run yet)' in md
     assert (work / 'study.png').is_file()
 
 
 def test_stats_by_hand():
-    from gmpq_mm.study.report import stats
+    from gmpq_mm.study.stats import stats
     s = stats([80.0, 82.0, 84.0])
     assert s == dict(n=3, mean=82.0, std=2.0, min=80.0, max=84.0)
     assert stats([75.0])['std'] == 0.0
@@ -91,7 +97,7 @@ def test_stats_by_hand():
 
 
 def test_verdict_reports_gaps():
-    from gmpq_mm.study.report import verdict
+    from gmpq_mm.study.verdict import verdict
     block = dict(
         budget=100,
         rows=[
@@ -116,14 +122,18 @@ def test_verdict_reports_gaps():
         in lines
     assert "GMPQ mean above 2 of the 2 random policies' means" in lines
     # 91 - 91 = 0: no win over uniform
-    assert 'GMPQ - uniform W2A2: +0.00 points' in lines
-    assert 'does NOT beat it' in lines
-    assert 'attribution on - off: +6.00 points' in lines
-    assert 'on beats off' in lines
+    assert 'GMPQ - uniform W2A2: +0.00 points (stds 1.00 / 1.41): does ' \
+        'NOT beat it by more than the spread' in lines
+    assert 'GMPQ - aw0 (attribution on - off): +6.00 points (stds 1.00 / ' \
+        '0.00): beats it by more than the spread' in lines
+    # 91 is above both random means (81, 83): rank 1 of 3
+    assert "GMPQ's rank among the 2 random policies' means: 1 of 3; as " \
+        'one more random draw, rank 1 or better has chance 1/3 = 0.33' \
+        in lines
 
 
 def test_verdict_needs_the_gap_beyond_the_random_means_range():
-    from gmpq_mm.study.report import verdict
+    from gmpq_mm.study.verdict import verdict
 
     # four random policies at 84, one at 90 (3 seeds each): the gap 3.0
     # beats the pooled std (2.48) and GMPQ's (0) but not the 6-point range
@@ -234,10 +244,15 @@ def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
 
     from gmpq_mm.study.report import expected_runs
     budgets = {2: 100, 3: 200}
+    # the sensitivity allocation needs no training: one run per budget
+    sens = [
+        'search_in_domain_b2_sensitivity', 'search_in_domain_b3_sensitivity'
+    ]
     for mode, searches in (('budget', [
             'search_in_domain_b2_gmpq', 'search_in_domain_b3_gmpq',
             'search_in_domain_b2_aw0', 'search_in_domain_b3_aw0'
-    ]), ('reference', ['search_in_domain_gmpq', 'search_in_domain_aw0'])):
+    ] + sens), ('reference',
+                ['search_in_domain_gmpq', 'search_in_domain_aw0'] + sens)):
         study = copy.deepcopy(PRESETS['tiny'])
         study['search']['cd_mode'] = mode
         study.update(
@@ -248,10 +263,14 @@ def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
         ft = {t[1]: t[3][2] for t in stage3}
         assert ft['ft_in_domain_b3_aw0_s0'].endswith(
             'search_in_domain_b3_aw0/policy.json')
+        assert ft['ft_in_domain_b2_sensitivity_s0'].endswith(
+            'search_in_domain_b2_sensitivity/policy.json')
+        assert stage2[-1][2:] == ('sensitivity', ('in_domain', 3, 200))
         # the result files: teacher, searches (+ the shared search's own),
-        # (1 uniform + 2 x (1 random + 2 searched)) x 1 seed finetunes
-        assert expected_runs(study,
-                             budgets) == 1 + (4 if mode == 'budget' else 6) + 7
+        # 2 sensitivity runs, (1 uniform + 2 x (1 random + 3 found)) x 1
+        # seed finetunes
+        assert expected_runs(
+            study, budgets) == 1 + (4 if mode == 'budget' else 6) + 2 + 9
 
 
 def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
@@ -320,7 +339,7 @@ def test_search_diagnostics_records_each_term(tmp_path, run_tool):
 
 
 def test_verdict_states_the_headroom_below_the_fp_network():
-    from gmpq_mm.study.report import verdict
+    from gmpq_mm.study.verdict import verdict
     rows = [
         dict(kind='gmpq', top1=[80.0, 81.0], bitops=99),
         dict(kind='aw0', top1=[], bitops=None),
@@ -361,13 +380,14 @@ def test_full_finetune_calibrates_on_the_presets_batches(tmp_path):
     # the counts the study must keep: 2+ budgets, 5+ random policies, 3+
     # seeds (5 since the third study; the second study's preset kept 3)
     full = PRESETS['full']
-    assert len(full['budgets']) >= 2 and full['n_random'] >= 5
+    assert len(full['budgets']) >= 2 and full['n_random'] >= 10
+    assert full['methods'] == ['gmpq', 'aw0', 'sensitivity']
     assert full['seeds'] == [0, 1, 2, 3, 4]
     assert PRESETS['full_1epoch_finetune']['seeds'] == [0, 1, 2]
 
 
 def test_tops_counts_blocks_and_gives_the_chance_of_as_many():
-    from gmpq_mm.study.report import tops
+    from gmpq_mm.study.verdict import tops
 
     def block(gmpq, aw0, randoms):
         rows = [dict(kind='gmpq', top1=gmpq), dict(kind='aw0', top1=aw0)]

@@ -6,13 +6,15 @@ process (or a few worker processes), every run of the comparison:
 1. FP teachers of the slim ResNet-18: all 10 classes, classes 0-4 ("A") and
    classes 5-9 ("B"), each trained from scratch and tested.
 2. At each BitOPs budget (midway between uniform WkAk and W(k+1)A(k+1)),
-   met exactly through ``target_bitops``: the GMPQ search (attribution on)
-   and the same search with ``aw = 0`` (EdMIPS-style), in-domain (search on
-   all classes) and for transfer (search on A against the A teacher). With
-   the complexity loss against the budget (``cd_mode='budget'``, the
-   ``full`` preset) each budget has its own search; with the released,
-   budget-blind loss one search per method is exported at every budget.
-3. Every policy -- the two searched ones, uniform W2A2/W3A3/W4A4, and
+   met exactly through ``target_bitops``: the GMPQ search (attribution on),
+   the same search with ``aw = 0`` (EdMIPS-style) and the training-free
+   sensitivity allocation (``gmpq_mm.apis.sensitivity``), in-domain
+   (search on all classes) and for transfer (search on A against the A
+   teacher). With the complexity loss against the budget
+   (``cd_mode='budget'``, the ``full`` preset) each budget has its own
+   search; with the released, budget-blind loss one search per method is
+   exported at every budget.
+3. Every policy -- the three found ones, uniform W2A2/W3A3, and
    ``n_random`` random policies drawn over the whole candidate space with
    BitOPs in ``[0.98, 1] x budget`` -- finetuned from the same FP weights
    with each seed and tested: in-domain on all classes, transfer on B from
@@ -23,7 +25,13 @@ it (resume). Seeds fix every run, and on CPU each worker runs one thread, so
 the figures do not depend on ``--workers``. At the end (and with
 ``--report-only`` from whatever has finished) it writes ``study.md`` (mean,
 std and min-max of top-1 per policy; the entropy of each search's final
-candidate probabilities) and ``study.png`` (top-1 vs BitOPs, error bars).
+candidate probabilities; each method's search seconds; GMPQ's rank among
+the random policies, the test fixed before the runs) and ``study.png``
+(top-1 vs BitOPs, error bars).
+
+The ``small_to_large`` preset searches on the subset and finetunes and
+tests on the whole Fashion-MNIST (``--full-data``; Debian: ``apt-get
+install dataset-fashion-mnist``), checked before anything runs.
 
 The study itself lives in :mod:`gmpq_mm.study` (presets, plan, runner,
 report); this is its command line.
@@ -32,10 +40,12 @@ Usage::
 
     python tools/analysis/policy_study.py full --work-dir work_dirs/study
     python tools/analysis/policy_study.py tiny --work-dir /tmp/s --workers 1
+    python tools/analysis/policy_study.py small_to_large \
+        --work-dir work_dirs/study_s2l --workers 2
 """
 import argparse
 
-from gmpq_mm.study.presets import PRESETS, SETTINGS
+from gmpq_mm.study.presets import FULL_FASHION_MNIST, PRESETS, SETTINGS
 
 
 def main(argv=None):
@@ -58,16 +68,29 @@ def main(argv=None):
         '--settings',
         nargs='+',
         choices=sorted(SETTINGS),
-        default=sorted(SETTINGS),
-        help='in_domain and/or transfer (default: both)')
+        help='in_domain, transfer and/or small_to_large (default: the '
+        "preset's own; in_domain and transfer for all but small_to_large)")
+    parser.add_argument(
+        '--full-data',
+        help='folder of the whole Fashion-MNIST in the original idx layout '
+        '(plain or .gz) for the small_to_large setting (default: '
+        f'{FULL_FASHION_MNIST}, where Debian\'s dataset-fashion-mnist '
+        'package puts it)')
     parser.add_argument(
         '--report-only',
         action='store_true',
         help='write study.md / study.png from the runs '
         'that have finished, run nothing')
     args = parser.parse_args(argv)
+    from gmpq_mm.study.data import check_full_data
     from gmpq_mm.study.runner import make_study, run_study
-    study = make_study(args.preset, args.work_dir, args.settings)
+    study = make_study(args.preset, args.work_dir, args.settings,
+                       args.full_data)
+    if not args.report_only:
+        try:
+            check_full_data(study)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'error: {e}')
     run_study(study, args.workers, args.threads, args.report_only)
 
 

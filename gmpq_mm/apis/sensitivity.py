@@ -1,0 +1,362 @@
+"""A bit policy at a budget from per-layer sensitivity, without a search.
+
+Floor 2 glue for ``tools/analysis/sensitivity.py`` (and the policy study):
+the network, the searchable layers, their candidates and MACs come from a
+search config (its ``MixedPrecisionBackbone``), the weights from the FP
+checkpoint of that network (the search's teacher), the calibration batches
+from the config's training dataloader. The numerics are floor 1's
+(:mod:`gmpq_mm.quantization.sensitivity`), the allocation the exact solver
+of :mod:`gmpq_mm.quantization.solver` with ``score = -sensitivity``::
+
+    from gmpq_mm.apis.sensitivity import sensitivity_policy
+    out = sensitivity_policy(
+        'configs/gmpq/demo/search_r18_fashion_mnist.py',
+        'work_dirs/demo/pretrain/epoch_3.pth', target_bitops=30e6,
+        work_dir='work_dirs/demo/sensitivity')
+    out['policy']['layers'], out['seconds']
+
+Every check on the inputs (method, budget, files, the checkpoint against
+the network, the calibration data) runs before anything is measured.
+"""
+import copy
+import json
+import os
+import os.path as osp
+import time
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from mmengine.registry import init_default_scope
+
+from gmpq_mm.compat import load_trusted_checkpoint
+from gmpq_mm.quantization.budget import bitops_constraint
+from gmpq_mm.quantization.complexity import count_macs
+from gmpq_mm.quantization.convert import detect_signed_inputs, select_layers
+from gmpq_mm.quantization.policy import make_policy, save_policy
+from gmpq_mm.quantization.sensitivity import (METHODS, allocate_bits,
+                                              layer_sensitivity)
+from gmpq_mm.registry import MODELS
+from gmpq_mm.utils import register_all_modules
+from gmpq_mm.utils.config_checks import find_missing_paths
+from gmpq_mm.utils.model import state_dict_mismatch
+from gmpq_mm.utils.quantization_summary import config_type, inner_backbone
+from .deploy import as_config, model_config
+
+__all__ = ['sensitivity_policy', 'pair_key']
+
+DEFAULT_TOLERANCE = 0.02
+OUTPUT_FILES = ('policy.json', 'sensitivity.json', 'sensitivity.md',
+                'sensitivity.png')
+
+
+def pair_key(w_bits: int, a_bits: int) -> str:
+    """``(4, 3) -> 'w4a3'``: how a pair is named in the table."""
+    return f'w{int(w_bits)}a{int(a_bits)}'
+
+
+def _check_budget(value, name):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not value > 0 or value != value or value == float('inf'):
+        raise ValueError(f'{name} must be a positive finite number, got '
+                         f'{value!r}')
+    return value
+
+
+def _search_backbone(cfg, where):
+    backbone = cfg.model.get('backbone')
+    if config_type(backbone) != 'MixedPrecisionBackbone':
+        raise ValueError(f'{where}: model.backbone must be a '
+                         f'MixedPrecisionBackbone (a search config), got '
+                         f'{config_type(backbone) or backbone!r}')
+    return backbone
+
+
+def _fp_classifier_cfg(cfg, backbone):
+    """The FP network: the wrapped backbone with the config's neck and head,
+    as a plain ImageClassifier (the search's teacher is not built)."""
+    full = model_config(cfg)
+    out = dict(
+        type='ImageClassifier',
+        backbone=copy.deepcopy(inner_backbone(dict(backbone))))
+    for key in ('neck', 'head', 'data_preprocessor'):
+        if full.get(key) is not None:
+            out[key] = full[key]
+    return out
+
+
+def _load_checkpoint(model, checkpoint, where):
+    state = load_trusted_checkpoint(checkpoint, map_location='cpu')
+    state = state.get('state_dict', state)
+    state = {
+        k[7:] if k.startswith('module.') else k: v
+        for k, v in state.items()
+    }
+    problems = state_dict_mismatch(state, model.state_dict())
+    if problems:
+        raise ValueError(f'checkpoint {checkpoint} does not fit the network '
+                         f'of {where}: ' + '; '.join(problems))
+    model.load_state_dict(state)
+
+
+def _calibration_batches(cfg, model, count, seed, where):
+    from mmengine.runner import Runner
+    loader_cfg = copy.deepcopy(cfg.get('train_dataloader'))
+    if not loader_cfg:
+        raise ValueError(f'{where}: no train_dataloader to read calibration '
+                         'batches from')
+    loader = Runner.build_dataloader(loader_cfg, seed=seed)
+    batches = []
+    for data in loader:
+        if len(batches) == count:
+            break
+        with torch.no_grad():
+            batches.append(model.data_preprocessor(data, False))
+    if len(batches) < count:
+        raise ValueError(f'{where}: train_dataloader gives {len(batches)} '
+                         f'batch(es), calib_batches asks for {count}')
+    return batches, len(loader.dataset)
+
+
+def _loss(model, batch):
+    return model.loss(batch['inputs'], batch['data_samples'])['loss']
+
+
+def _signed(backbone_cfg, net, names, input_shape):
+    signed = backbone_cfg.get('signed', 'auto')
+    if signed == 'auto':
+        return detect_signed_inputs(net, names, input_shape)
+    if isinstance(signed, bool):
+        return dict.fromkeys(names, signed)
+    return {n: bool(dict(signed).get(n, False)) for n in names}
+
+
+def _traces(row):
+    """The Hessian traces of a row (``'hessian'`` only), whole and per
+    element."""
+    if 'weight_trace' not in row:
+        return {}
+    return dict(
+        weight_trace=float(row['weight_trace']),
+        input_trace=float(row['input_trace']),
+        weight_trace_per_element=row['weight_trace'] / row['weight_numel'],
+        input_trace_per_element=row['input_trace'] / row['input_numel'])
+
+
+def _table(result, names, macs, params, policy, pairs):
+    rows = []
+    for name in names:
+        row = result['layers'][name]
+        rows.append(
+            OrderedDict(
+                name=name,
+                macs=int(macs[name]),
+                params=int(params[name]),
+                signed=bool(row['signed']),
+                chosen=list(policy[name]),
+                sensitivity={
+                    pair_key(*p): float(row['sensitivity'][p])
+                    for p in pairs
+                },
+                **_traces(row),
+                w_error={
+                    str(b): v
+                    for b, v in row['w_error'].items()
+                },
+                a_error={
+                    str(b): v
+                    for b, v in row['a_error'].items()
+                },
+                a_range={
+                    str(b): v
+                    for b, v in row['a_range'].items()
+                }))
+    return rows
+
+
+def sensitivity_policy(config,
+                       checkpoint: str,
+                       *,
+                       target_bitops: Optional[float] = None,
+                       tolerance: float = DEFAULT_TOLERANCE,
+                       method: str = 'hessian',
+                       calib_batches: int = 4,
+                       num_samples: int = 16,
+                       calib_method: str = 'release',
+                       work_dir: Optional[str] = None,
+                       seed: int = 0,
+                       cfg_options: Optional[dict] = None) -> dict:
+    """Measure each searchable layer's sensitivity and allocate bits.
+
+    Args:
+        config: A search config (path, Config or dict) whose
+            ``model.backbone`` is a ``MixedPrecisionBackbone``: it names
+            the searchable layers and the (w, a) candidates;
+            ``model.input_shape`` gives the shape the MACs are counted at.
+        checkpoint: The full-precision checkpoint of that network (the
+            search's teacher: keys ``backbone.*``, ``head.*``).
+        target_bitops: BitOPs budget of the searchable layers; the policy
+            spends ``[(1 - tolerance) * B, B]``.
+        tolerance: Width of that band (0.02, as the policy study).
+        method: ``'hessian'`` (default) or ``'perturbation'``.
+        calib_batches: Batches of the training dataloader to measure on.
+        num_samples: Hutchinson vectors per batch (``'hessian'``).
+        calib_method: Quantizer thresholds and ranges, as the finetune's
+            ``CalibrationHook`` (``'release'`` by default).
+        work_dir: If given, ``policy.json``, ``sensitivity.json``,
+            ``sensitivity.md`` and ``sensitivity.png`` are written there.
+        seed: Seed of the dataloader's shuffle / augmentation and of the
+            Hutchinson vectors.
+        cfg_options: Overrides merged into the config.
+
+    Returns:
+        dict: ``policy`` (a policy dict, as ``policy.json``), ``table``
+        (as ``sensitivity.json``), ``seconds`` (measuring + allocating,
+        wall clock) and ``files`` (paths written, if any).
+    """
+    start = time.perf_counter()
+    where = config if isinstance(config, str) else '<config>'
+    if isinstance(config, str) and not osp.isfile(config):
+        raise FileNotFoundError(f'config file not found: {config}')
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    if _check_budget(target_bitops, 'target_bitops') is None:
+        raise ValueError('give a budget: target_bitops')
+    if isinstance(tolerance, bool) or not 0 <= tolerance < 1:
+        raise ValueError(f'tolerance must be in [0, 1), got {tolerance!r}')
+    for value, name in ((calib_batches, 'calib_batches'), (num_samples,
+                                                           'num_samples')):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive int, got {value!r}')
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    cfg = as_config(config, cfg_options)
+    missing = find_missing_paths(
+        dict(train_dataloader=cfg.get('train_dataloader')), ('train', ))
+    if missing:
+        key, path = missing[0]
+        raise FileNotFoundError(f'calibration data not found: {key}: {path} '
+                                f'(in {where})')
+    backbone_cfg = _search_backbone(cfg, where)
+
+    register_all_modules()
+    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
+    torch.manual_seed(seed)
+    net = MODELS.build(_fp_classifier_cfg(cfg, backbone_cfg))
+    _load_checkpoint(net, checkpoint, where)
+    net.eval()
+    names = select_layers(
+        net.backbone,
+        include=backbone_cfg.get('include'),
+        exclude=backbone_cfg.get('exclude'))
+    w_cands = tuple(backbone_cfg.get('w_bits', (2, 3, 4, 6)))
+    a_cands = tuple(backbone_cfg.get('a_bits', (2, 3, 4, 6)))
+    input_shape = tuple(cfg.model.get('input_shape', (3, 32, 32)))
+    all_macs = count_macs(net.backbone, input_shape)
+    macs = OrderedDict((n, all_macs[n].macs) for n in names)
+    params = OrderedDict(
+        (n, int(dict(net.backbone.named_modules())[n].weight.numel()))
+        for n in names)
+    pairs = [(w, a) for w in w_cands for a in a_cands]
+    constraint = bitops_constraint(macs, names, target_bitops, tolerance)
+    # An unreachable budget fails here, before anything is measured.
+    try:
+        allocate_bits({n: {
+            p: 0.0
+            for p in pairs
+        }
+                       for n in names}, [constraint])
+    except ValueError as err:
+        raise ValueError(f'target_bitops={target_bitops:g} (tolerance '
+                         f'{tolerance}): {err}') from None
+    batches, dataset_len = _calibration_batches(cfg, net, calib_batches, seed,
+                                                where)
+    signed = _signed(backbone_cfg, net.backbone, names, input_shape)
+    prep = time.perf_counter()
+
+    prefixed = [f'backbone.{n}' for n in names]
+    result = layer_sensitivity(
+        net,
+        prefixed,
+        _loss,
+        batches,
+        w_cands,
+        a_cands,
+        method=method,
+        signed={
+            f'backbone.{n}': s
+            for n, s in signed.items()
+        },
+        calib_method=calib_method,
+        per_channel=bool(backbone_cfg.get('per_channel', False)),
+        num_samples=num_samples,
+        seed=seed)
+    result['layers'] = OrderedDict(
+        (n, result['layers'][p]) for n, p in zip(names, prefixed))
+    measured = time.perf_counter()
+    policy_layers = allocate_bits(
+        {n: result['layers'][n]['sensitivity']
+         for n in names}, [constraint])
+    done = time.perf_counter()
+
+    bitops = constraint.cost(policy_layers)
+    total = sum(result['layers'][n]['sensitivity'][tuple(b)]
+                for n, b in policy_layers.items())
+    batch_size = int(batches[0]['inputs'].shape[0])
+    seconds = OrderedDict(
+        build=prep - start,
+        measure=measured - prep,
+        allocate=done - measured,
+        total=done - start)
+    source = (f'sensitivity ({method}) of {checkpoint} on {calib_batches} '
+              f'x {batch_size} training images of {where}')
+    policy = make_policy(
+        policy_layers,
+        w_candidates=list(w_cands),
+        a_candidates=list(a_cands),
+        input_shape=list(input_shape),
+        bitops=int(bitops),
+        budget=target_bitops,
+        source=source,
+        layer_macs=dict(macs),
+        layer_params=dict(params),
+        sensitivity_method=method,
+        predicted_loss_increase=float(total))
+    table = OrderedDict(
+        config=where,
+        checkpoint=checkpoint,
+        method=method,
+        calib_method=calib_method,
+        calib_batches=calib_batches,
+        batch_size=batch_size,
+        dataset_size=dataset_len,
+        num_samples=num_samples if method == 'hessian' else None,
+        seed=seed,
+        input_shape=list(input_shape),
+        base_loss=float(result['base_loss']),
+        pairs=[pair_key(*p) for p in pairs],
+        target_bitops=target_bitops,
+        tolerance=tolerance,
+        bitops=int(bitops),
+        predicted_loss_increase=float(total),
+        seconds=seconds,
+        layers=_table(result, names, macs, params, policy_layers, pairs))
+    files = _write(work_dir, policy, table) if work_dir else []
+    return dict(policy=policy, table=table, seconds=done - start, files=files)
+
+
+def _write(work_dir, policy, table):
+    from gmpq_mm.utils.sensitivity_report import sensitivity_markdown
+    from gmpq_mm.visualization.sensitivity_plot import plot_sensitivity
+    os.makedirs(work_dir, exist_ok=True)
+    paths = [osp.join(work_dir, f) for f in OUTPUT_FILES]
+    save_policy(policy, paths[0])
+    with open(paths[1], 'w', encoding='utf-8') as f:
+        json.dump(table, f, indent=2)
+        f.write('\n')
+    with open(paths[2], 'w', encoding='utf-8') as f:
+        f.write(sensitivity_markdown(table))
+    plot_sensitivity(table, paths[3])
+    return paths
