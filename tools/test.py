@@ -46,9 +46,12 @@ def main(argv=None):
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
+    from gmpq_mm.utils.cli import fail_in_one_line
+    with fail_in_one_line():
+        register_all_modules()  # first: it also shims mmengine's look-ups
+    from gmpq_mm.engine.launch import (finish_distributed,
+                                       prepare_cpu_distributed)
     from gmpq_mm.utils.bit_record import add_bit_record_hook
-    register_all_modules()  # first: it also shims mmengine's config look-up
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
@@ -71,7 +74,7 @@ def main(argv=None):
         raise SystemExit(f'error: {err}')
     add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
-    with restore_work_dir_on_failure(cfg):
+    with fail_in_one_line(cfg), restore_work_dir_on_failure(cfg):
         runner = Runner.from_cfg(cfg)
         metrics = runner.test()
     # Which policy / uniform bits were tested, for tools/analysis/pareto.py.

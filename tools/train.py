@@ -124,9 +124,13 @@ def main(argv=None):
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
+    from gmpq_mm.utils.cli import fail_in_one_line
+    with fail_in_one_line():
+        register_all_modules()  # first: it also shims mmengine's look-ups
+    from gmpq_mm.engine.hooks import add_exact_resume
+    from gmpq_mm.engine.launch import (finish_distributed,
+                                       prepare_cpu_distributed)
     from gmpq_mm.utils.bit_record import add_bit_record_hook
-    register_all_modules()  # first: it also shims mmengine's config look-up
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
     phases = ('train', ) if cfg.get('val_cfg') is None else ('train', 'val')
@@ -135,8 +139,9 @@ def main(argv=None):
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
     add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
+    add_exact_resume(cfg)  # a resumed run repeats the uninterrupted one
     prepare_cpu_distributed(cfg)
-    with restore_work_dir_on_failure(cfg):
+    with fail_in_one_line(cfg), restore_work_dir_on_failure(cfg):
         runner = Runner.from_cfg(cfg)
         runner.train()
     finish_distributed(runner)

@@ -36,7 +36,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from torch import nn
 
-from gmpq_mm.compat import load_trusted_checkpoint
+from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
 from gmpq_mm.models.backbones.mixed_precision_backbone import stem_in_channels
 from gmpq_mm.models.utils import classifier_attribution_maps, match_map_size
 from gmpq_mm.quantization.layers import is_quantized_layer
@@ -91,7 +91,7 @@ class ExplainedImage:
 # ------------------------------------------------------------------ models --
 def _state_and_meta(checkpoint: str):
     """The checkpoint's state dict (``module.`` stripped) and its meta."""
-    loaded = load_trusted_checkpoint(checkpoint, map_location='cpu')
+    loaded = load_checkpoint_file(checkpoint, map_location='cpu')
     state = loaded.get('state_dict', loaded)
     state = {
         k[7:] if k.startswith('module.') else k: v

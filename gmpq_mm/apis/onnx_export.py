@@ -74,8 +74,8 @@ def check_finetuned_checkpoint(checkpoint: str) -> None:
     ``alpha_a``); a full-precision one holds no activation range
     (``act_range``). Both are refused with a ``ValueError`` naming the file.
     """
-    from gmpq_mm.compat import load_trusted_checkpoint
-    ckpt = load_trusted_checkpoint(checkpoint, map_location='cpu')
+    from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
+    ckpt = load_checkpoint_file(checkpoint, map_location='cpu')
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f'{checkpoint}: not a checkpoint (no state dict)')

@@ -28,6 +28,7 @@ from .policy import (Policy, load_policy, make_policy, policy_layers,
                      save_policy, validate_policy)
 from .probe import eval_mode
 from .quantizers import SUPPORTED_BITS, quantize_activation, quantize_weight
+from .solver import Constraint, solve_policy
 
 __all__ = [
     # Convert a model: a searchable supernet, or fixed bits from a policy.
@@ -54,6 +55,9 @@ __all__ = [
     'best_policy_under_budget',
     'log_probs_from_model',
     'policy_cost',
+    # Any scores under any linear budgets (exact).
+    'solve_policy',
+    'Constraint',
     # Calibrate and export a fixed-bit network.
     'calibrate_model',
     'save_artifact',

@@ -8,31 +8,84 @@ one (weight bits, activation bits) pair ``(i, j)`` and we solve, exactly,
     maximise   sum_l  log p_w,l[i] + log p_a,l[j]
     subject to sum_l  MACs_l * bw_i * ba_j <= budget
 
-a multiple-choice knapsack, as a small 0/1 integer program (one binary per
-layer and pair, one equality per layer, one budget row) with
-``scipy.optimize.milp``. Greedy "lower the cheapest layer" heuristics are not
-optimal for it; with about 50 layers x 16 pairs the exact solve takes
-milliseconds.
+a multiple-choice knapsack, solved exactly by :func:`.solver.solve_policy`
+(any per-layer-per-pair score, any number of linear budgets; this module
+builds the log-prob scores and the BitOPs row). Greedy "lower the cheapest
+layer" heuristics are not optimal for it; with about 50 layers x 16 pairs
+the exact solve takes milliseconds.
 
 Pure PyTorch / numpy / scipy: nothing from mmengine / mmpretrain is imported.
 """
+import math
+import numbers
 from collections import OrderedDict
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .bits import check_candidates
-from .complexity import LayerMacs, human_units
+from .bits import SUPPORTED_BITS, check_candidates
+from .complexity import MB, LayerMacs, weight_size_bits
 from .layers import is_mixed_layer
+from .solver import BudgetError, Constraint, solve_policy
 
 __all__ = [
-    'best_policy_under_budget', 'log_probs_from_model', 'policy_cost',
-    'random_policy_near_budget'
+    'best_policy_under_budget', 'bitops_constraint', 'size_constraint',
+    'policy_size_mb', 'log_probs_from_model', 'policy_cost',
+    'random_policy_near_budget', 'check_budget', 'check_tolerance',
+    'BudgetError', 'Constraint', 'solve_policy'
 ]
 
 Bits = Tuple[int, int]
+
+
+def check_budget(value, field: str, example: str = '8.9e9'):
+    """A budget read from a config: ``None`` or a positive finite number.
+
+    Args:
+        value: The configured value.
+        field (str): Its config key (e.g. ``'model.target_bitops'``), named
+            in the error.
+        example (str): A valid value to show in the error.
+
+    Returns:
+        float | None: ``value`` as a float.
+
+    Raises:
+        BudgetError: One line naming ``field``, for a string, a list, a
+            boolean (``True`` is not a budget of 1), NaN / inf, or a value
+            that is not positive.
+
+    Example:
+        >>> check_budget(True, 'model.target_bitops')
+        Traceback (most recent call last):
+        ...
+        gmpq_mm.quantization.solver.BudgetError: model.target_bitops must ...
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(float(value)) or value <= 0:
+        raise BudgetError(f'{field} must be a positive number such as '
+                          f'{example}, got {value!r} '
+                          f'({type(value).__name__})')
+    return float(value)
+
+
+def check_tolerance(value, field: str, budget_field: str, budget):
+    """A budget's tolerance: ``None``, or a number in ``[0, 1)`` set
+    together with its budget (``budget_field``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not 0 <= value < 1:
+        raise BudgetError(f'{field} must be a number in [0, 1) such as '
+                          f'0.02, got {value!r} ({type(value).__name__})')
+    if budget is None:
+        raise BudgetError(f'{field} needs {budget_field} (the budget it is '
+                          f'a fraction of)')
+    return float(value)
 
 
 def _as_array(values, name: str, kind: str, size: int) -> np.ndarray:
@@ -120,111 +173,104 @@ def best_policy_under_budget(log_probs: Mapping[str, Tuple[Sequence[float],
         ...                               budget=5000))  # 100*8 + 1000*4
         {'a': (4, 2), 'b': (2, 2)}
     """
-    # scipy is imported here, not at the top: it costs seconds, and only
-    # the budget solver needs it.
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import lil_matrix
-
     w_cands = check_candidates(w_candidates, where='w_candidates')
     a_cands = check_candidates(a_candidates, where='a_candidates')
-    budget = float(budget)
-    if not np.isfinite(budget) or budget < 0:
+    if isinstance(budget, bool) or not isinstance(
+            budget, numbers.Real) or (not np.isfinite(budget) or budget < 0):
         raise ValueError(f'budget must be a finite non-negative number of '
                          f'BitOPs, got {budget!r}')
     names = list(log_probs)
     if not names:
         raise ValueError('no layers given')
-
-    # Per layer: score and cost of every allowed (i, j) pair.
-    pairs = [(i, j) for i in range(len(w_cands)) for j in range(len(a_cands))]
-    scores, costs, allowed = [], [], []
+    scores = OrderedDict()
     for name in names:
         logp_w, logp_a = log_probs[name]
         lw = _as_array(logp_w, name, 'weight', len(w_cands))
         la = _as_array(logp_a, name, 'activation', len(a_cands))
-        layer_macs = _macs_int(macs, name)
-        ok = [(i, j) for i, j in pairs
-              if np.isfinite(lw[i]) and np.isfinite(la[j])]
-        if not ok:
-            raise ValueError(f'layer {name!r}: every candidate has '
-                             f'probability zero')
-        allowed.append(ok)
-        scores.append([lw[i] + la[j] for i, j in ok])
-        costs.append([layer_macs * w_cands[i] * a_cands[j] for i, j in ok])
-
-    # Shortcut: the argmax policy is the unconstrained optimum.
-    argmax = [ok[int(np.argmax(s))] for ok, s in zip(allowed, scores)]
-    argmax_cost = sum(c[ok.index(p)]
-                      for ok, c, p in zip(allowed, costs, argmax))
+        scores[name] = OrderedDict(((w, a), lw[i] + la[j])
+                                   for i, w in enumerate(w_cands)
+                                   for j, a in enumerate(a_cands))
     min_bitops = float(min_bitops)
     if min_bitops > budget:
         raise ValueError(f'min_bitops {min_bitops:.0f} is above the budget '
-                         f'{budget:.0f}')
-    if min_bitops <= argmax_cost <= budget:
-        return OrderedDict((name, (w_cands[i], a_cands[j]))
-                           for name, (i, j) in zip(names, argmax))
+                         f'{float(budget):.0f}')
+    return solve_policy(scores, [
+        bitops_constraint(
+            macs, scores, budget, floor=min_bitops if min_bitops > 0 else None)
+    ])
 
-    cheapest = sum(min(c) for c in costs)
-    if cheapest > budget:
-        raise ValueError(
-            f'BitOPs budget {human_units(budget)} ({budget:.0f}) is below '
-            f'the smallest reachable {human_units(cheapest)} ({cheapest}) '
-            f'BitOPs of these {len(names)} layers (every layer at its '
-            f'cheapest allowed bits)')
 
-    dearest = sum(max(c) for c in costs)
-    if dearest < min_bitops:
-        raise ValueError(
-            f'min_bitops {min_bitops:.0f} is above the largest reachable '
-            f'{human_units(dearest)} ({dearest}) BitOPs of these '
-            f'{len(names)} layers (every layer at its dearest allowed bits)')
+def bitops_constraint(macs: Mapping,
+                      layers: Sequence[str],
+                      budget: float,
+                      tolerance: Optional[float] = None,
+                      floor: Optional[float] = None) -> Constraint:
+    """The BitOPs budget of ``layers`` as a :class:`Constraint`.
 
-    # 0/1 program: x[l, p] = 1 iff layer l takes pair p.
-    offsets = np.cumsum([0] + [len(ok) for ok in allowed])
-    n_vars = int(offsets[-1])
-    objective = -np.concatenate([np.asarray(s) for s in scores])
-    flat_costs = np.concatenate(
-        [np.asarray(c, dtype=np.float64) for c in costs])
-    one_hot = lil_matrix((len(names), n_vars))
-    for row in range(len(names)):
-        one_hot[row, offsets[row]:offsets[row + 1]] = 1.0
-    # Costs are scaled by the budget so the row is O(1) for the solver's
-    # absolute feasibility tolerance; feasibility is re-checked exactly below.
-    scale = budget if budget > 0 else 1.0
-    rhs = budget / scale
-    for _ in range(5):
-        result = milp(
-            objective,
-            integrality=np.ones(n_vars),
-            bounds=Bounds(0, 1),
-            constraints=[
-                LinearConstraint(one_hot.tocsr(), 1, 1),
-                LinearConstraint(
-                    flat_costs[None, :] / scale,
-                    min_bitops / scale if min_bitops > 0 else -np.inf, rhs)
-            ],
-            options={'mip_rel_gap': 0.0})
-        if not result.success or result.x is None:
-            raise RuntimeError(f'budget MILP failed: {result.message}')
-        choice = [
-            allowed[row][int(
-                np.argmax(result.x[offsets[row]:offsets[row + 1]]))]
-            for row in range(len(names))
-        ]
-        policy = OrderedDict((name, (w_cands[i], a_cands[j]))
-                             for name, (i, j) in zip(names, choice))
-        cost = policy_cost(macs, policy)
-        if cost <= budget:
-            if cost < min_bitops:
-                raise RuntimeError(
-                    f'budget MILP returned {cost} BitOPs, below min_bitops '
-                    f'{min_bitops:.0f}')
-            return policy
-        # Within the solver's tolerance but over in exact arithmetic:
-        # tighten the right-hand side by the overshoot and solve again.
-        rhs -= max((cost - budget) / scale * 1.01, 1e-6)
-    raise RuntimeError(f'budget MILP kept returning policies over the budget '
-                       f'({cost} > {budget:.0f} BitOPs)')
+    Args:
+        macs: ``name -> MACs`` (int or :class:`LayerMacs`).
+        layers: The searched layer names (e.g. the scores' keys).
+        budget / tolerance / floor: As in :class:`Constraint`.
+
+    Returns:
+        Constraint: named ``'BitOPs'``, cost ``MACs * w_bits * a_bits`` of
+        every supported pair (exact ints).
+    """
+    pairs = [(w, a) for w in SUPPORTED_BITS for a in SUPPORTED_BITS]
+    costs = OrderedDict()
+    for name in layers:
+        layer_macs = _macs_int(macs, name)
+        costs[name] = {(w, a): layer_macs * w * a for w, a in pairs}
+    return Constraint(
+        'BitOPs', costs, budget, tolerance=tolerance, floor=floor)
+
+
+def policy_size_mb(fixed_bits: int, numels: Mapping, layers: Mapping) -> float:
+    """Model size in MB (1e6 bytes) of ``name -> (w_bits, a_bits)``.
+
+    ``fixed_bits`` and ``numels`` as :func:`.complexity.size_terms` returns
+    them: everything but the layers' weights, and their weight counts.
+    """
+    bits = fixed_bits + sum(
+        weight_size_bits(numels[name], int(w))
+        for name, (w, _) in layers.items())
+    return bits / 8 / MB
+
+
+def size_constraint(fixed_bits: int,
+                    numels: Mapping,
+                    budget_mb: float,
+                    tolerance: Optional[float] = None) -> Constraint:
+    """A model-size budget (MB of 1e6 bytes) as a :class:`Constraint`.
+
+    The cost of a layer at ``(w, a)`` is its weight packed at ``w`` bits
+    (:func:`.complexity.weight_size_bits`); the row's budget is the size
+    budget less ``fixed_bits`` (everything else at 32 bits), so the band
+    ``[(1 - tolerance) * budget_mb, budget_mb]`` is on the whole model's
+    size. Costs are exact ints (bits).
+
+    Args:
+        fixed_bits / numels: As :func:`.complexity.size_terms` returns them.
+        budget_mb (float): The model size allowed.
+        tolerance (float, optional): Width of the band below the budget.
+    """
+    budget_bits = budget_mb * 8 * MB
+    floor = None if tolerance is None else (1 - tolerance) * budget_bits
+    costs = OrderedDict((name, {
+        (w, a): weight_size_bits(n, w)
+        for w in SUPPORTED_BITS
+        for a in SUPPORTED_BITS
+    }) for name, n in numels.items())
+
+    def fmt(bits):
+        return f'{(bits + fixed_bits) / 8 / MB:.6g} MB'
+
+    return Constraint(
+        'size',
+        costs,
+        budget_bits - fixed_bits,
+        floor=None if floor is None else floor - fixed_bits,
+        fmt=fmt)
 
 
 def random_policy_near_budget(macs: Mapping,

@@ -22,9 +22,10 @@ a single warning.
 """
 import logging
 import os.path as osp
+import sys
+import warnings
 from typing import Optional
 
-from mmengine.logging import print_log
 from torch import nn
 
 from gmpq_mm.quantization.layers import is_mixed_layer, is_quantized_layer
@@ -36,6 +37,17 @@ __all__ = [
 
 RECORD_KEY = 'gmpq_bit_widths'
 _warned = set()
+
+
+def _warn(msg: str) -> None:
+    """Into the run's log when mmengine is loaded (a Runner, a tool), else
+    a Python warning: this floor never imports mmengine itself."""
+    mmengine_logging = sys.modules.get('mmengine.logging')
+    if mmengine_logging is not None:
+        mmengine_logging.print_log(
+            msg, logger='current', level=logging.WARNING)
+    else:
+        warnings.warn(msg, stacklevel=3)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -114,13 +126,10 @@ def check_bit_widths(model: nn.Module,
     if saved is None:
         if built and checkpoint_file not in _warned:
             _warned.add(checkpoint_file)
-            print_log(
-                f'{checkpoint_file} does not record the bit widths it was '
-                'trained with (written before gmpq_mm stored them, or by '
-                'another tool): cannot check that they match '
-                f'{policy_file or "the model"}.',
-                logger='current',
-                level=logging.WARNING)
+            _warn(f'{checkpoint_file} does not record the bit widths it was '
+                  'trained with (written before gmpq_mm stored them, or by '
+                  'another tool): cannot check that they match '
+                  f'{policy_file or "the model"}.')
         return
     if not saved:
         return  # a full-precision checkpoint: a valid start for any bits

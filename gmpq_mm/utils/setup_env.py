@@ -3,17 +3,18 @@ _done = False
 
 
 def register_all_modules(init_default_scope: bool = False) -> None:
-    """Register every gmpq_mm type and patch mmengine's checkpoint loading.
+    """Check the stack, patch mmengine and register every gmpq_mm type.
 
-    Imports :mod:`gmpq_mm.datasets`, :mod:`gmpq_mm.engine` and
-    :mod:`gmpq_mm.models` (their classes register themselves into
-    mmpretrain's registries, see :mod:`gmpq_mm.registry`), registers
-    mmpretrain's own types, refuses an unsupported stack (importing
-    :mod:`gmpq_mm.compat` does) and applies the compatibility
-    patches (:func:`gmpq_mm.compat.apply_compat_patches`: mmengine's local
-    and http checkpoint loading through
-    :func:`gmpq_mm.compat.load_trusted_checkpoint`, and the shims for newer
-    setuptools and numpy).
+    In this order: refuses an unsupported stack
+    (:func:`gmpq_mm.compat.check_versions`, one-line
+    :class:`gmpq_mm.compat.UnsupportedStackError`), applies the version
+    shims (:func:`gmpq_mm.compat.apply_compat_patches`), registers
+    mmpretrain's types, imports :mod:`gmpq_mm.datasets`,
+    :mod:`gmpq_mm.engine` and :mod:`gmpq_mm.models` (their classes register
+    themselves into mmpretrain's registries, see :mod:`gmpq_mm.registry`)
+    and routes mmengine's checkpoint reading and writing through
+    :mod:`gmpq_mm.engine.checkpoint_load` (nothing in a file runs unless
+    trusted) and :mod:`gmpq_mm.engine.checkpoint_save` (atomic writes).
     Calling it again does nothing more. This is mmpretrain's
     ``register_all_modules`` pattern: importing a gmpq_mm module never has
     these effects by itself.
@@ -25,9 +26,9 @@ def register_all_modules(init_default_scope: bool = False) -> None:
     """
     global _done
     # Imported here: these imports are the registration (and cost seconds).
-    # Importing compat checks the stack's versions (one-line ImportError).
-    from gmpq_mm.compat import apply_compat_patches
+    from gmpq_mm.compat import apply_compat_patches, check_versions
     if not _done:
+        check_versions()
         # Before mmpretrain is imported: the setuptools/numpy shims must be
         # in place when it and mmengine look packages up.
         apply_compat_patches()
@@ -39,5 +40,9 @@ def register_all_modules(init_default_scope: bool = False) -> None:
     import gmpq_mm.datasets  # noqa: F401
     import gmpq_mm.engine  # noqa: F401
     import gmpq_mm.models  # noqa: F401
+    from gmpq_mm.engine.checkpoint_load import patch_checkpoint_loading
+    from gmpq_mm.engine.checkpoint_save import patch_checkpoint_saving
+    patch_checkpoint_loading()
+    patch_checkpoint_saving()
 
     _done = True

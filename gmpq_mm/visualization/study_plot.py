@@ -16,7 +16,7 @@ STYLE = {
 
 
 def study_figure(data: Mapping, path: str) -> str:
-    """``data`` as :func:`gmpq_mm.utils.policy_study.collect` returns it:
+    """``data`` as :func:`gmpq_mm.study.report.collect` returns it:
     mean top-1 with min-max error bars over seeds, per policy."""
     fig, axes = plt.subplots(1, len(data), figsize=(6 * len(data), 4.5))
     axes = np.atleast_1d(axes)

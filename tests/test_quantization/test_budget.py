@@ -12,6 +12,7 @@ from gmpq_mm.quantization.budget import (best_policy_under_budget,
                                          log_probs_from_model, policy_cost)
 from gmpq_mm.quantization.complexity import count_macs
 from gmpq_mm.quantization.convert import to_mixed_precision
+from gmpq_mm.quantization.solver import Constraint, solve_policy
 
 W, A = (2, 4), (2, 4)
 # Probabilities of the candidates (2, 4) of each layer.
@@ -195,3 +196,221 @@ def test_supernet_under_budget():
     cheap = best_policy_under_budget(lp, layer_macs, cands, cands, 589_824)
     assert policy_cost(layer_macs, cheap) <= 589_824
     assert cheap['1'] != (6, 6)
+
+
+# --- solve_policy: any scores, several budgets with tolerance bands -------
+def brute_force_general(scores, constraints):
+    """Best total score over every policy in every band (None if none)."""
+    names = list(scores)
+    best, best_score = None, -math.inf
+    for combo in itertools.product(*[list(scores[n]) for n in names]):
+        policy = dict(zip(names, combo))
+        if not all(c.holds(c.cost(policy)) for c in constraints):
+            continue
+        s = sum(scores[n][p] for n, p in policy.items())
+        if s > best_score:
+            best, best_score = policy, s
+    return best, best_score
+
+
+def random_instance(rng, n_layers, pairs):
+    names = [f'l{i}' for i in range(n_layers)]
+    # not separable into a weight and an activation part
+    scores = {n: {p: float(rng.normal()) for p in pairs} for n in names}
+    macs = {n: int(rng.integers(1, 20)) for n in names}
+    params = {n: int(rng.integers(1, 50)) for n in names}
+    bitops = {n: {(w, a): macs[n] * w * a for w, a in pairs} for n in names}
+    size = {n: {(w, a): params[n] * w for w, a in pairs} for n in names}
+    return scores, bitops, size
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_solve_policy_matches_brute_force_two_bands(seed):
+    rng = np.random.default_rng(seed)
+    pairs = [(2, 4), (4, 4), (4, 8), (8, 8)]
+    scores, bitops, size = random_instance(rng, 5, pairs)
+    top_b = sum(max(c.values()) for c in bitops.values())
+    top_s = sum(max(c.values()) for c in size.values())
+    checked = 0
+    for fb, fs, tol in [(0.5, 0.6, 0.1), (0.4, 0.9, 0.05), (0.7, 0.4, 0.2),
+                        (0.3, 0.3, None)]:
+        cons = [
+            Constraint('BitOPs', bitops, fb * top_b, tolerance=tol),
+            Constraint('size', size, fs * top_s, tolerance=tol)
+        ]
+        best, best_score = brute_force_general(scores, cons)
+        if best is None:
+            with pytest.raises(ValueError, match='BitOPs|size'):
+                solve_policy(scores, cons)
+            continue
+        got = solve_policy(scores, cons)
+        assert all(c.holds(c.cost(got)) for c in cons)
+        assert sum(scores[n][p] for n, p in got.items()) == pytest.approx(
+            best_score, abs=1e-12)
+        checked += 1
+    assert checked >= 2
+
+
+def test_solve_policy_hand_case_and_ties():
+    scores = {'a': {(2, 8): 0.0, (4, 8): 1.0}, 'b': {(2, 8): 0.0, (4, 8): 2.0}}
+    size = {n: {(2, 8): 2, (4, 8): 4} for n in scores}
+    # no budget: the argmax; 6 units: only one layer gets 4 bits, b (+2)
+    assert solve_policy(scores) == {'a': (4, 8), 'b': (4, 8)}
+    assert solve_policy(scores, [Constraint('size', size, 6)]) == {
+        'a': (2, 8),
+        'b': (4, 8)
+    }
+    # band [5.4, 6]: a policy of 4 units (both 2-bit) is refused, 6 kept
+    assert solve_policy(scores, [Constraint('size', size, 6, 0.1)]) == {
+        'a': (2, 8),
+        'b': (4, 8)
+    }
+    # a floor pulls the argmax up: only 8 units lie in [7, 8]
+    low = {n: {(2, 8): 1.0, (4, 8): 0.0} for n in scores}
+    assert solve_policy(low, [Constraint('size', size, 8, floor=7)]) == {
+        'a': (4, 8),
+        'b': (4, 8)
+    }
+    # ties keep the pair listed first
+    tie = {'a': {(4, 8): 0.5, (2, 8): 0.5}}
+    assert solve_policy(tie) == {'a': (4, 8)}
+
+
+def test_solve_policy_errors():
+    scores = {'a': {(2, 8): 0.0, (4, 8): 1.0}, 'b': {(2, 8): 0.0, (4, 8): 2.0}}
+    size = {n: {(2, 8): 2, (4, 8): 4} for n in scores}
+    with pytest.raises(
+            ValueError,
+            match=r'size budget 3 \(3\) is below the '
+            r'smallest reachable 4 \(4\)'):
+        solve_policy(scores, [Constraint('size', size, 3)])
+    with pytest.raises(ValueError, match='size floor .* above the largest'):
+        solve_policy(scores, [Constraint('size', size, 20, floor=9)])
+    # each band reachable alone, not together
+    ops = {n: {(2, 8): 10, (4, 8): 1} for n in scores}
+    with pytest.raises(ValueError, match='no policy meets all of size in'):
+        solve_policy(scores,
+                     [Constraint('size', size, 4),
+                      Constraint('ops', ops, 11)])
+    with pytest.raises(ValueError, match="no cost for layer 'b'"):
+        solve_policy(
+            scores,
+            [Constraint('size', {
+                'a': size['a'],
+                'b': {
+                    (2, 8): 1
+                }
+            }, 9)])
+    with pytest.raises(
+            ValueError, match=r"costs given for layer\(s\) \['z'\]"):
+        solve_policy(scores, [Constraint('size', dict(size, z={}), 9)])
+    with pytest.raises(ValueError, match="layer 'a': every pair is forbidden"):
+        solve_policy({'a': {(2, 8): -math.inf}})
+    for bad in (math.nan, math.inf, True, 'x'):
+        with pytest.raises(ValueError, match="layer 'a': score of"):
+            solve_policy({'a': {(2, 8): bad}})
+    with pytest.raises(ValueError, match='bit width 9'):
+        solve_policy({'a': {(9, 8): 0.0}})
+    for bad in ('abc', True, [1, 2], math.nan):
+        with pytest.raises(ValueError, match='size budget must be'):
+            Constraint('size', size, bad)
+    with pytest.raises(ValueError, match='size tolerance must be in'):
+        Constraint('size', size, 5, tolerance=1.5)
+
+
+# --- the model-size budget -------------------------------------------------
+def _small_net():
+    torch.manual_seed(0)
+    # odd weight counts (3*5*9 = 135, 5*7*9 = 315, 7*3 = 21) so that packing
+    # rounds up to whole bytes
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5),
+        nn.Conv2d(5, 7, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(7, 3))
+
+
+def test_size_terms_and_policy_size_by_hand():
+    import copy
+
+    from gmpq_mm.quantization.budget import policy_size_mb
+    from gmpq_mm.quantization.complexity import (complexity_report, size_terms,
+                                                 weight_size_bits)
+    from gmpq_mm.quantization.convert import to_quantized
+    net = _small_net()
+    supernet = to_mixed_precision(
+        copy.deepcopy(net), (2, 3, 8), (4, 8),
+        names=['0', '2', '5'],
+        input_shape=(3, 6, 6))
+    fixed, numels = size_terms(supernet, ['0', '2', '5'])
+    assert numels == {'0': 135, '2': 315, '5': 21}
+    # fixed: biases 5 + 7 + 3, BatchNorm 5 + 5, one activation range per
+    # layer (3, not the supernet's 2 per layer), all at 32 bits
+    assert fixed == (5 + 7 + 3 + 10 + 3) * 32
+    assert weight_size_bits(135, 3) == 51 * 8  # 405 bits -> 51 bytes
+    assert weight_size_bits(21, 32) == 21 * 32
+    layers = {'0': (3, 4), '2': (2, 8), '5': (8, 8)}
+    by_hand = (fixed + 51 * 8 + 79 * 8 + 21 * 8) / 8 / 1e6
+    assert policy_size_mb(fixed, numels, layers) == pytest.approx(
+        by_hand, rel=1e-15)
+    # the fixed-bit model the policy makes reports the same size
+    fixed_net = to_quantized(copy.deepcopy(net), layers, input_shape=(3, 6, 6))
+    report = complexity_report(fixed_net, (3, 6, 6))
+    assert report['totals']['size_mb'] == pytest.approx(by_hand, rel=1e-15)
+
+
+def test_size_budget_matches_brute_force_with_and_without_bitops():
+    from gmpq_mm.quantization.budget import (bitops_constraint, policy_size_mb,
+                                             size_constraint)
+    rng = np.random.default_rng(3)
+    numels = {'a': 135, 'b': 315, 'c': 21, 'd': 600}
+    macs = {'a': 4860, 'b': 11340, 'c': 21, 'd': 5000}
+    fixed = 28 * 32
+    cands = (2, 4, 8)
+    scores = {
+        n: {
+            (w, a): float(rng.normal())
+            for w in cands
+            for a in cands
+        }
+        for n in numels
+    }
+    sizes = [
+        policy_size_mb(fixed, numels, {n: (w, 8)
+                                       for n in numels}) for w in cands
+    ]
+    for budget_mb in np.linspace(sizes[0], sizes[-1], 6)[1:]:
+        for tol in (None, 0.05):
+            for with_bitops in (False, True):
+                cons = [size_constraint(fixed, numels, budget_mb, tol)]
+                if with_bitops:
+                    cons.append(
+                        bitops_constraint(macs, numels,
+                                          30 * sum(macs.values()), 0.2))
+                best, best_score = brute_force_general(scores, cons)
+                if best is None:
+                    with pytest.raises(ValueError):
+                        solve_policy(scores, cons)
+                    continue
+                got = solve_policy(scores, cons)
+                size = policy_size_mb(fixed, numels, got)
+                assert size <= budget_mb
+                if tol is not None:
+                    assert size >= (1 - tol) * budget_mb
+                assert sum(scores[n][p] for n, p in got.items()) == \
+                    pytest.approx(best_score, abs=1e-12)
+    # all 2-bit: 112 fixed bytes + 34 + 79 + 6 + 150 packed = 381 bytes
+    with pytest.raises(
+            ValueError,
+            match=r'size budget 0.0001 MB is below the smallest '
+            r'reachable 0\.000381 MB of these 4 layers'):
+        solve_policy(scores, [size_constraint(fixed, numels, 1e-4)])
+
+
+@pytest.mark.parametrize('value', ['abc', [1, 2], True, False, math.nan, 0])
+def test_budget_values_are_checked(value):
+    from gmpq_mm.quantization.budget import BudgetError, check_budget
+    with pytest.raises(BudgetError) as err:
+        check_budget(value, 'model.target_size_mb', '5.5')
+    assert str(err.value).startswith('model.target_size_mb must be a '
+                                     'positive number such as 5.5, got')
+    assert '\n' not in str(err.value)

@@ -28,7 +28,7 @@ _SCRIPT = textwrap.dedent('''
     from types import SimpleNamespace
     import torch
     from mmengine.config import Config
-    from gmpq_mm.compat import finish_distributed, prepare_cpu_distributed
+    from gmpq_mm.engine.launch import finish_distributed, prepare_cpu_distributed
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
 

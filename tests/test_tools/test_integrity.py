@@ -117,27 +117,55 @@ def test_artifact_config_allow_list(tmp_path, change, match):
         build_deployed_model(str(tmp_path / 'bad.safetensors'))
 
 
-# ------------------------------------------------------- the strict flag ---
+# ------------------------------------------- every switch, the same words ---
+SWITCHES = ('GMPQ_MM_STRICT_LOAD', 'GMPQ_MM_TRUST_CHECKPOINTS',
+            'GMPQ_MM_SKIP_VERSION_CHECK')
+
+
+@pytest.mark.parametrize('name', SWITCHES)
 @pytest.mark.parametrize('value, on', [('1', True), ('true', True),
                                        ('TRUE', True), ('yes', True),
                                        ('On', True), ('0', False),
                                        ('false', False), ('no', False),
                                        ('OFF', False), ('', False),
                                        (None, False)])
-def test_strict_flag_values(monkeypatch, value, on):
-    from gmpq_mm.compat import strict_load_enabled
+def test_switch_values(monkeypatch, name, value, on):
+    from gmpq_mm.utils.env_flags import env_flag
     if value is None:
-        monkeypatch.delenv('GMPQ_MM_STRICT_LOAD', raising=False)
+        monkeypatch.delenv(name, raising=False)
     else:
-        monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', value)
-    assert strict_load_enabled() is on
+        monkeypatch.setenv(name, value)
+    assert env_flag(name) is on
 
 
-def test_strict_flag_typo_is_an_error(monkeypatch):
-    from gmpq_mm.compat import strict_load_enabled
+@pytest.mark.parametrize('name', SWITCHES)
+def test_switch_typo_is_an_error(monkeypatch, name):
+    from gmpq_mm.utils.env_flags import env_flag
+    monkeypatch.setenv(name, 'ture')
+    with pytest.raises(ValueError, match=f"{name}='ture'"):
+        env_flag(name)
+
+
+def test_strict_flag_reads_the_same_words(monkeypatch):
+    from gmpq_mm.engine.checkpoint_load import strict_load_enabled
+    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', 'Yes')
+    assert strict_load_enabled() is True
     monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', 'ture')
     with pytest.raises(ValueError, match="GMPQ_MM_STRICT_LOAD='ture'"):
         strict_load_enabled()
+
+
+def test_version_check_switch_takes_every_on_word(monkeypatch):
+    from gmpq_mm import compat
+    real = compat._installed_version
+    monkeypatch.setattr(compat, '_installed_version', lambda m: '2.0.1'
+                        if m == 'torch' else real(m))
+    for word in ('1', 'true', 'yes', 'ON'):
+        monkeypatch.setenv(compat.SKIP_CHECK_ENV, word)
+        compat.check_versions()  # skipped
+    monkeypatch.setenv(compat.SKIP_CHECK_ENV, 'off')
+    with pytest.raises(compat.UnsupportedStackError, match='torch 2.0.1'):
+        compat.check_versions()
 
 
 class _Payload:
@@ -151,13 +179,13 @@ class _Payload:
 
 @pytest.mark.parametrize('value', ['true', 'YES', 'on', '1'])
 def test_strict_checkpoint_refuses_payload(tmp_path, monkeypatch, value):
-    from gmpq_mm.compat import load_trusted_checkpoint
+    from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
     marker = tmp_path / 'ran'
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {}, 'x': _Payload(str(marker))}, path)
     monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', value)
     with pytest.raises(pickle.UnpicklingError, match=str(path)):
-        load_trusted_checkpoint(str(path))
+        load_checkpoint_file(str(path))
     assert not marker.exists()
 
 
@@ -177,10 +205,10 @@ def _bad_files(tmp_path):
 
 
 def test_unreadable_checkpoint_names_file(tmp_path):
-    from gmpq_mm.compat import load_trusted_checkpoint
+    from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
     for path in _bad_files(tmp_path):
         with pytest.raises(ValueError, match=str(path)):
-            load_trusted_checkpoint(str(path))
+            load_checkpoint_file(str(path))
 
 
 def test_unreadable_teacher_names_file(tmp_path):

@@ -1,8 +1,16 @@
-"""tools/analysis/policy_study.py on its tiny preset, and its pieces."""
+"""tools/analysis/policy_study.py on its tiny preset, and the pieces of
+:mod:`gmpq_mm.study` under it."""
 import json
 import os
 
 import pytest
+
+from gmpq_mm.study.configs import base_config, with_data
+from gmpq_mm.study.data import write_split
+from gmpq_mm.study.plan import plan
+from gmpq_mm.study.policies import write_policies
+from gmpq_mm.study.presets import PRESETS, RELEASED_SEARCH
+from gmpq_mm.study.runner import execute
 
 
 def test_tiny_in_domain_study_writes_table_picture_and_resumes(
@@ -75,7 +83,7 @@ def test_partial_report(tmp_path, run_tool):
 
 
 def test_stats_by_hand():
-    from gmpq_mm.utils.policy_study import stats
+    from gmpq_mm.study.report import stats
     s = stats([80.0, 82.0, 84.0])
     assert s == dict(n=3, mean=82.0, std=2.0, min=80.0, max=84.0)
     assert stats([75.0])['std'] == 0.0
@@ -83,7 +91,7 @@ def test_stats_by_hand():
 
 
 def test_verdict_reports_gaps():
-    from gmpq_mm.utils.policy_study import verdict
+    from gmpq_mm.study.report import verdict
     block = dict(
         budget=100,
         rows=[
@@ -115,7 +123,7 @@ def test_verdict_reports_gaps():
 
 
 def test_verdict_needs_the_gap_beyond_the_random_means_range():
-    from gmpq_mm.utils.policy_study import verdict
+    from gmpq_mm.study.report import verdict
 
     # four random policies at 84, one at 90 (3 seeds each): the gap 3.0
     # beats the pooled std (2.48) and GMPQ's (0) but not the 6-point range
@@ -207,21 +215,13 @@ def test_study_figure(tmp_path):
 def test_run_configs_skip_yapf_but_stay_loadable(tmp_path):
     """The study's configs are not yapf-formatted (the formatting cost most
     of a short run), and the text mmengine dumps still loads."""
-    import importlib.util
-    import os.path as osp
-
     from mmengine.config import Config
 
+    from gmpq_mm.study.configs import base_config
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
-    path = osp.join(
-        osp.dirname(__file__), '..', '..', 'tools', 'analysis',
-        'policy_study.py')
-    spec = importlib.util.spec_from_file_location('policy_study_mod', path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     for name in ('pretrain', 'search', 'finetune'):
-        cfg = tool.base_config(name)
+        cfg = base_config(name)
         assert cfg._format_python_code is False
         dumped = tmp_path / f'{name}.py'
         cfg.dump(str(dumped))
@@ -229,33 +229,20 @@ def test_run_configs_skip_yapf_but_stay_loadable(tmp_path):
         assert again.model.to_dict() == cfg.model.to_dict()
 
 
-def _tool():
-    import importlib.util
-    import os.path as osp
-    path = osp.join(
-        osp.dirname(__file__), '..', '..', 'tools', 'analysis',
-        'policy_study.py')
-    spec = importlib.util.spec_from_file_location('policy_study_mod', path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_plan_one_search_per_budget_only_when_the_loss_sees_it(tmp_path):
     import copy
 
-    from gmpq_mm.utils.policy_study import expected_runs
-    tool = _tool()
+    from gmpq_mm.study.report import expected_runs
     budgets = {2: 100, 3: 200}
     for mode, searches in (('budget', [
             'search_in_domain_b2_gmpq', 'search_in_domain_b3_gmpq',
             'search_in_domain_b2_aw0', 'search_in_domain_b3_aw0'
     ]), ('reference', ['search_in_domain_gmpq', 'search_in_domain_aw0'])):
-        study = copy.deepcopy(tool.PRESETS['tiny'])
+        study = copy.deepcopy(PRESETS['tiny'])
         study['search']['cd_mode'] = mode
         study.update(
             settings=['in_domain'], work_dir=str(tmp_path), budgets=[2, 3])
-        _, stage2, stage3 = tool.plan(study, budgets, {'w2a2': 'w.json'})
+        _, stage2, stage3 = plan(study, budgets, {'w2a2': 'w.json'})
         assert [t[1] for t in stage2] == searches
         # every searched policy is finetuned from its budget's export
         ft = {t[1]: t[3][2] for t in stage3}
@@ -274,20 +261,19 @@ def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
     import json
 
     from gmpq_mm.utils import register_all_modules
-    tool = _tool()
     register_all_modules()
-    study = copy.deepcopy(tool.PRESETS['tiny'])
-    study['search'] = dict(tool.RELEASED_SEARCH, epochs=2)
+    study = copy.deepcopy(PRESETS['tiny'])
+    study['search'] = dict(RELEASED_SEARCH, epochs=2)
     study.update(
         preset='tiny',
         settings=['in_domain'],
         work_dir=str(tmp_path),
         budgets=[2, 3])
-    tool.write_split(str(tmp_path / 'data' / 'all'), 'all', 16, 32, 20)
-    _, budgets, _ = tool.write_policies(study)
-    tool.execute((study, 'teacher_all', 'teacher', ('all', )))
-    name, state, _ = tool.execute((study, 'search_in_domain_gmpq', 'search',
-                                   ('in_domain', 'gmpq', budgets)))
+    write_split(str(tmp_path / 'data' / 'all'), 'all', 16, 32, 20)
+    _, budgets, _ = write_policies(study)
+    execute((study, 'teacher_all', 'teacher', ('all', )))
+    name, state, _ = execute((study, 'search_in_domain_gmpq', 'search',
+                              ('in_domain', 'gmpq', budgets)))
     assert state == 'done'
     shared = json.loads((tmp_path / 'runs' / name / 'result.json').read_text())
     assert shared['exports'] == [2, 3]
@@ -303,14 +289,13 @@ def test_budget_blind_search_is_exported_at_every_budget(tmp_path):
 def test_search_diagnostics_records_each_term(tmp_path, run_tool):
     import copy
 
-    tool = _tool()
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
-    study = copy.deepcopy(tool.PRESETS['tiny'])
+    study = copy.deepcopy(PRESETS['tiny'])
     study.update(preset='tiny', settings=['in_domain'], work_dir=str(tmp_path))
     for split in ('all', ):
-        tool.write_split(str(tmp_path / 'data' / split), split, 16, 32, 20)
-    tool.execute((study, 'teacher_all', 'teacher', ('all', )))
+        write_split(str(tmp_path / 'data' / split), split, 16, 32, 20)
+    execute((study, 'teacher_all', 'teacher', ('all', )))
     out = run_tool([
         'tools/analysis/search_diagnostics.py', 'tiny', '--work-dir', tmp_path,
         '--setting', 'in_domain', '--every', '1', '--tag', 't', '--search',
@@ -335,7 +320,7 @@ def test_search_diagnostics_records_each_term(tmp_path, run_tool):
 
 
 def test_verdict_states_the_headroom_below_the_fp_network():
-    from gmpq_mm.utils.policy_study import verdict
+    from gmpq_mm.study.report import verdict
     rows = [
         dict(kind='gmpq', top1=[80.0, 81.0], bitops=99),
         dict(kind='aw0', top1=[], bitops=None),
@@ -358,31 +343,31 @@ def test_full_finetune_calibrates_on_the_presets_batches(tmp_path):
     """`full` finetunes three epochs from ranges calibrated on 16 batches;
     the one-epoch, one-batch finetune of the earlier study stays a preset."""
     import copy
-    tool = _tool()
+
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
     for preset, batches, epochs in (('full', 16, 3), ('full_1epoch_finetune',
                                                       1, 1), ('tiny', 1, 1)):
-        study = copy.deepcopy(tool.PRESETS[preset])
+        study = copy.deepcopy(PRESETS[preset])
         study['work_dir'] = str(tmp_path)
         assert set(study['finetune']['epochs'].values()) == {epochs}
-        cfg = tool.with_data(tool.base_config('finetune'), study, 'all')
+        cfg = with_data(base_config('finetune'), study, 'all')
         hooks = [h for h in cfg.custom_hooks if h['type'] == 'CalibrationHook']
         assert len(hooks) == 1 and hooks[0]['num_batches'] == batches, preset
         assert hooks[0]['bins'] == study['calibration_bins']
     # the searches were not touched by the finetune's change
-    assert tool.PRESETS['full']['search'] == \
-        tool.PRESETS['full_1epoch_finetune']['search']
+    assert PRESETS['full']['search'] == \
+        PRESETS['full_1epoch_finetune']['search']
     # the counts the study must keep: 2+ budgets, 5+ random policies, 3+
     # seeds (5 since the third study; the second study's preset kept 3)
-    full = tool.PRESETS['full']
+    full = PRESETS['full']
     assert len(full['budgets']) >= 2 and full['n_random'] >= 5
     assert full['seeds'] == [0, 1, 2, 3, 4]
-    assert tool.PRESETS['full_1epoch_finetune']['seeds'] == [0, 1, 2]
+    assert PRESETS['full_1epoch_finetune']['seeds'] == [0, 1, 2]
 
 
 def test_tops_counts_blocks_and_gives_the_chance_of_as_many():
-    from gmpq_mm.utils.policy_study import tops
+    from gmpq_mm.study.report import tops
 
     def block(gmpq, aw0, randoms):
         rows = [dict(kind='gmpq', top1=gmpq), dict(kind='aw0', top1=aw0)]

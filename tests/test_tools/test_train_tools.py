@@ -180,7 +180,7 @@ def test_plain_torch_load_of_mmengine_checkpoint(trained_cifar_r18,
                                                  record_property):
     """Records whether torch's default (weights_only) loader accepts an
     mmengine checkpoint; the tools must work either way (see the resume and
-    load_from tests), which is what gmpq_mm.compat is for."""
+    load_from tests), which is what gmpq_mm.engine.checkpoint_load is for."""
     try:
         torch.load(trained_cifar_r18 / 'epoch_2.pth', map_location='cpu')
         outcome = 'loads'
@@ -190,33 +190,33 @@ def test_plain_torch_load_of_mmengine_checkpoint(trained_cifar_r18,
     print(f'plain torch.load(mmengine checkpoint): {outcome}')
 
 
-def test_load_trusted_checkpoint(trained_cifar_r18, monkeypatch):
-    from gmpq_mm.compat import load_trusted_checkpoint
+def test_load_checkpoint_file(trained_cifar_r18, monkeypatch):
+    from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
     monkeypatch.delenv('GMPQ_MM_STRICT_LOAD', raising=False)
-    ckpt = load_trusted_checkpoint(
+    ckpt = load_checkpoint_file(
         str(trained_cifar_r18 / 'epoch_2.pth'), map_location='cpu')
     assert ckpt['meta']['epoch'] == 2
     assert 'head.fc.weight' in ckpt['state_dict']
     assert 'message_hub' in ckpt and 'optimizer' in ckpt
     with pytest.raises(FileNotFoundError, match='no_such.pth'):
-        load_trusted_checkpoint(str(trained_cifar_r18 / 'no_such.pth'))
+        load_checkpoint_file(str(trained_cifar_r18 / 'no_such.pth'))
 
 
 def test_mmengine_loader_is_patched(trained_cifar_r18):
-    """mmengine's own loading goes through gmpq_mm.compat once registered."""
+    """mmengine's own loading goes through gmpq_mm's once registered."""
     from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 
-    from gmpq_mm import compat
+    from gmpq_mm.engine import checkpoint_load
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
-    assert CheckpointLoader._schemes[''] is compat._load_local
+    assert CheckpointLoader._schemes[''] is checkpoint_load._load_local
     ckpt = _load_checkpoint(
         str(trained_cifar_r18 / 'epoch_1.pth'), map_location='cpu')
     assert ckpt['meta']['epoch'] == 1
 
 
-def test_strict_load_refuses_foreign_objects(tmp_path, monkeypatch):
-    from gmpq_mm import compat
+def test_foreign_objects_need_the_trust_switch(tmp_path, monkeypatch):
+    from gmpq_mm.engine import checkpoint_load
     path = tmp_path / 'foreign.pth'
     torch.save({
         'state_dict': {
@@ -224,25 +224,22 @@ def test_strict_load_refuses_foreign_objects(tmp_path, monkeypatch):
         },
         'extra': NotAllowListed(3)
     }, path)
-    warnings = []
-    monkeypatch.setattr(compat, 'print_log',
-                        lambda msg, **kw: warnings.append(msg))
-
-    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')
-    with pytest.raises(pickle.UnpicklingError, match='refusing'):
-        compat.load_trusted_checkpoint(str(path))
-    assert not warnings
-
-    # Default: trusted, so it loads -- with a warning naming the file.
-    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '0')
-    ckpt = compat.load_trusted_checkpoint(str(path))
+    monkeypatch.delenv('GMPQ_MM_STRICT_LOAD', raising=False)
+    monkeypatch.setenv('GMPQ_MM_TRUST_CHECKPOINTS', '0')
+    with pytest.raises(checkpoint_load.CheckpointNotTrusted) as info:
+        checkpoint_load.load_checkpoint_file(str(path))
+    msg = str(info.value)
+    assert '\n' not in msg and str(path) in msg
+    assert 'NotAllowListed' in msg and 'GMPQ_MM_TRUST_CHECKPOINTS=1' in msg
+    # Trusted: loads.
+    monkeypatch.setenv('GMPQ_MM_TRUST_CHECKPOINTS', '1')
+    ckpt = checkpoint_load.load_checkpoint_file(str(path))
     assert isinstance(ckpt['extra'], NotAllowListed)
     assert ckpt['extra'].value == 3
-    assert len(warnings) == 1 and str(path) in warnings[0]
 
 
-def test_strict_load_accepts_tensor_only_checkpoint(tmp_path, monkeypatch):
-    from gmpq_mm import compat
+def test_safe_load_accepts_tensor_only_checkpoint(tmp_path, monkeypatch):
+    from gmpq_mm.engine import checkpoint_load
     path = tmp_path / 'weights.pth'
     torch.save({
         'state_dict': {
@@ -252,23 +249,24 @@ def test_strict_load_accepts_tensor_only_checkpoint(tmp_path, monkeypatch):
             'epoch': 1
         }
     }, path)
-    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')
-    ckpt = compat.load_trusted_checkpoint(str(path))
+    monkeypatch.setenv('GMPQ_MM_TRUST_CHECKPOINTS', '0')
+    ckpt = checkpoint_load.load_checkpoint_file(str(path))
     assert torch.equal(ckpt['state_dict']['w'], torch.arange(3.))
 
 
-def test_strict_load_accepts_mmengine_checkpoint(trained_cifar_r18,
-                                                 monkeypatch):
+def test_safe_load_accepts_mmengine_checkpoint(trained_cifar_r18, monkeypatch):
     """Safe loading of a full mmengine checkpoint needs torch>=2.6 (the
-    restricted getattr); older torch refuses it in strict mode, saying so."""
+    restricted getattr); older torch refuses it when trust is off, saying
+    so."""
     from gmpq_mm import compat
-    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')
+    from gmpq_mm.engine import checkpoint_load
+    monkeypatch.setenv('GMPQ_MM_TRUST_CHECKPOINTS', '0')
     path = str(trained_cifar_r18 / 'epoch_2.pth')
-    if not compat._SAFE_GLOBALS_USABLE:
+    if not compat.SAFE_GLOBALS_USABLE:
         with pytest.raises(pickle.UnpicklingError, match='torch>=2.6'):
-            compat.load_trusted_checkpoint(path, map_location='cpu')
+            checkpoint_load.load_checkpoint_file(path, map_location='cpu')
         return
-    ckpt = compat.load_trusted_checkpoint(path, map_location='cpu')
+    ckpt = checkpoint_load.load_checkpoint_file(path, map_location='cpu')
     assert ckpt['meta']['epoch'] == 2
     assert 'message_hub' in ckpt
 
@@ -285,12 +283,12 @@ class _Payload:
 def test_strict_load_refuses_other_getattr(tmp_path, monkeypatch):
     import torch
 
-    from gmpq_mm import compat
+    from gmpq_mm.engine import checkpoint_load
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': {}, 'x': _Payload()}, path)
-    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')
+    monkeypatch.setenv('GMPQ_MM_STRICT_LOAD', '1')  # the deprecated switch
     with pytest.raises(pickle.UnpicklingError, match='evil.pth'):
-        compat.load_trusted_checkpoint(str(path))
+        checkpoint_load.load_checkpoint_file(str(path))
 
 
 # ------------------------------------------------------- dist_train.sh --

@@ -18,8 +18,9 @@ import os.path as osp
 import re
 
 import numpy as np
-from make_fashion_mnist_subset import read_idx
 from PIL import Image
+
+from gmpq_mm.utils.idx_file import read_idx
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
                          'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')

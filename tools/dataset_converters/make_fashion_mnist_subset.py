@@ -20,7 +20,6 @@ Example::
 ``*-idx?-ubyte.gz`` files of https://github.com/zalandoresearch/fashion-mnist.
 """
 import argparse
-import gzip
 import hashlib
 import os
 import os.path as osp
@@ -29,6 +28,8 @@ import subprocess
 import sys
 
 import numpy as np
+
+from gmpq_mm.utils.idx_file import read_idx, write_idx
 
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
            'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -39,48 +40,8 @@ SPLITS = (
     ('test', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 )
 
-IDX_UBYTE = 0x08  # element type code for unsigned byte
 DEBIAN_PKG = 'dataset-fashion-mnist'
 DEBIAN_COPYRIGHT = '/usr/share/doc/dataset-fashion-mnist/copyright'
-
-
-def _open(path):
-    """Open an idx file, plain or gzip-compressed (``path`` or
-    ``path + '.gz'``)."""
-    if osp.exists(path):
-        return open(path, 'rb')
-    if osp.exists(path + '.gz'):
-        return gzip.open(path + '.gz', 'rb')
-    raise FileNotFoundError(f'Neither {path} nor {path}.gz exists')
-
-
-def read_idx(path):
-    """Read an unsigned-byte IDX file into a numpy array (checks header)."""
-    with _open(path) as f:
-        data = f.read()
-    zero, zero2, dtype_code, ndim = data[0], data[1], data[2], data[3]
-    if zero != 0 or zero2 != 0 or dtype_code != IDX_UBYTE:
-        raise ValueError(f'{path}: not an unsigned-byte IDX file')
-    dims = [
-        int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)
-    ]
-    offset = 4 + 4 * ndim
-    arr = np.frombuffer(data, dtype=np.uint8, offset=offset)
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f'{path}: header dims {dims} do not match '
-                         f'{arr.size} payload bytes')
-    return arr.reshape(dims)
-
-
-def write_idx(path, arr):
-    """Write a uint8 array as an IDX file (magic 0x0000_08_<ndim>, big-endian
-    int32 dims, then the raw bytes), exactly as the original release."""
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    header = bytes([0, 0, IDX_UBYTE, arr.ndim])
-    header += b''.join(int(d).to_bytes(4, 'big') for d in arr.shape)
-    with open(path, 'wb') as f:
-        f.write(header)
-        f.write(arr.tobytes())
 
 
 def select_balanced(labels, per_class, rng):

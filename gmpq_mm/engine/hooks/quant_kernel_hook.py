@@ -1,7 +1,7 @@
 """Pick the quantization kernels for a training run by its length."""
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 
-from gmpq_mm.compat import print_log
 from gmpq_mm.quantization import is_mixed_layer, is_quantized_layer
 from gmpq_mm.quantization.kernel_backend import (AUTO_COMPILE_SAMPLES,
                                                  get_kernel_backend_setting,

@@ -10,6 +10,8 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapperDict
 from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import DataLoader, Subset
 
+from gmpq_mm.datasets.sample_seeding import seed_every_sample, unwrap_seeded
+from gmpq_mm.engine.hooks.exact_resume_hook import skip_done_batches
 from gmpq_mm.registry import DATASETS, LOOPS
 from gmpq_mm.utils.model import unwrap_model
 
@@ -222,7 +224,7 @@ class SearchLoop(EpochBasedTrainLoop):
             if arch_dataloader is not None:
                 arch_loader_cfg = copy.deepcopy(arch_dataloader)
             else:
-                dataset = dataloader['dataset']
+                dataset = unwrap_seeded(dataloader['dataset'])
                 if isinstance(dataset, dict):
                     dataset = DATASETS.build(dataset)
                 weights_part, arch_part = split_dataset(
@@ -233,6 +235,10 @@ class SearchLoop(EpochBasedTrainLoop):
                 })
                 arch_loader_cfg['dataset'] = arch_part
                 dataloader['dataset'] = weights_part
+            # Every sample under a random state of its own: a resumed
+            # search draws the augmentation the uninterrupted one drew.
+            dataloader = seed_every_sample(dataloader)
+            arch_loader_cfg = seed_every_sample(arch_loader_cfg)
         super().__init__(runner, dataloader, max_epochs, **kwargs)
         self.arch_dataloader = None
         if arch_loader_cfg is not None:
@@ -268,6 +274,11 @@ class SearchLoop(EpochBasedTrainLoop):
             sampler = getattr(self.arch_dataloader, 'sampler', None)
             if hasattr(sampler, 'set_epoch'):
                 sampler.set_epoch(self._epoch)
+            # Resumed mid-epoch: the arch batches already taken this epoch
+            # (one per iteration past the warm-up) are not taken again.
+            done = self._iter - self._epoch * len(self.dataloader)
+            if self._epoch >= self.arch_warmup_epochs:
+                skip_done_batches(self.arch_dataloader, done)
             self._arch_iter = iter(self.arch_dataloader)
         super().run_epoch()
 

@@ -1,8 +1,10 @@
-"""Table and picture of ``tools/analysis/policy_study.py`` from its runs.
+"""Table and picture of a policy study from its runs.
 
 Reads ``WORK_DIR/runs/<name>/result.json`` (whatever has finished) and
 writes ``WORK_DIR/study.md`` and ``WORK_DIR/study.png``. Nothing here
 trains; a missing run is counted and the report says it is partial.
+Plain numpy (no torch, no OpenMMLab): the maths of the report can be
+checked on hand-made rows.
 """
 import json
 import math
@@ -12,6 +14,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .plan import budget_aware
+
 SETTING_TITLES = {
     'in_domain':
     'In-domain (search, finetune and test on all 10 classes)',
@@ -19,8 +23,21 @@ SETTING_TITLES = {
     'Transfer (search on classes 0-4; finetune and test on '
     'classes 5-9 from their own FP model)',
 }
-METHODS = (('gmpq', 'GMPQ search (attribution on)'),
-           ('aw0', 'same search, aw = 0 (EdMIPS-style)'))
+SEARCH_LABELS = (('gmpq', 'GMPQ search (attribution on)'),
+                 ('aw0', 'same search, aw = 0 (EdMIPS-style)'))
+
+
+def normalised_entropy(policy: dict) -> float:
+    """Mean over layers and over w/a of H(p) / log K (1 = uniform) of a
+    searched policy's ``probabilities``."""
+    values = []
+    for probs in policy['probabilities'].values():
+        for key in ('w', 'a'):
+            p = np.asarray(probs[key], dtype=np.float64)
+            k = len(p)
+            p = p[p > 0]
+            values.append(float(-(p * np.log(p)).sum() / math.log(k)))
+    return float(np.mean(values))
 
 
 def _load(work_dir: str, name: str) -> Optional[dict]:
@@ -76,7 +93,7 @@ def collect(study: dict, budgets: Dict[int, int]) -> dict:
         blocks = []
         for k, budget in budgets.items():
             rows = []
-            for method, label in METHODS:
+            for method, label in SEARCH_LABELS:
                 search = _load(work, f'search_{setting}_b{k}_{method}')
                 rows.append(
                     dict(
@@ -213,7 +230,7 @@ def tops(data: dict) -> List[str]:
     ``P(>= X)``. Blocks with a missing run are left out.
     """
     lines = []
-    for method, label in METHODS:
+    for method, label in SEARCH_LABELS:
         wins = blocks = 0
         n_rand = None
         for d in data.values():
@@ -246,14 +263,15 @@ def _epochs(study: dict) -> str:
 
 
 def expected_runs(study: dict, budgets: Dict[int, int]) -> int:
+    """How many ``result.json`` files a finished study has."""
     settings = study.get('settings', list(SETTING_TITLES))
     n_pol = len(study['uniform']) + len(budgets) * (study['n_random'] + 2)
     teachers = 1 if settings == ['in_domain'] else \
         2 if settings == ['transfer'] else 3
     # result files of the searches: one per budget and method, plus the
     # shared search's own when one search serves every budget
-    per_method = len(budgets) if len(budgets) == 1 or study['search'].get(
-        'cd_mode', 'reference') == 'budget' else len(budgets) + 1
+    per_method = len(budgets) if len(budgets) == 1 or budget_aware(
+        study) else len(budgets) + 1
     return teachers + len(settings) * (2 * per_method +
                                        n_pol * len(study['seeds']))
 
