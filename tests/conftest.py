@@ -2,8 +2,9 @@
 
 Everything here is small and CPU-only: datasets are a few dozen images written
 in the *real* on-disk formats into pytest's temporary directories, and the
-tools (``tools/train.py``, ``tools/test.py``, ``tools/dist_train.sh``) run as
-subprocesses exactly as a user would run them.
+tools (``tools/train.py``, ``tools/test.py``, ``tools/dist_train.sh``) run
+with the user's arguments: in a subprocess (``run_tool``) where a fresh
+interpreter is the point, else in this process (``run_in_process``).
 
 Fixtures (use them by name in a test's arguments):
 
@@ -29,13 +30,30 @@ Fixtures (use them by name in a test's arguments):
     the :func:`run_tool` helper: run ``tools/<script>`` (or any command) in a
     subprocess from the repo root with a clean environment and a timeout;
     asserts success (showing the output tail on failure) unless told not to.
+``run_in_process``
+    the :func:`run_in_process` helper: the same call and result as
+    ``run_tool`` for a Python tool, but its ``main(argv)`` runs in the test
+    process (no 5 s of imports per run), isolated from the rest of the
+    session (:func:`isolated_openmmlab_state`). Use it wherever a fresh
+    interpreter is not the point; keep ``run_tool`` for torchrun / gloo,
+    shell scripts, start-up and import behaviour.
+``openmmlab_isolation``
+    the isolation of ``run_in_process`` as a fixture, for a test that builds
+    and runs an mmengine ``Runner`` itself.
 ``trained_cifar_r18``
     session-scoped work_dir of a 2-epoch run of the tiny CIFAR-10 ResNet-18
     (``epoch_1.pth``, ``epoch_2.pth``, ``last_checkpoint``, logs). Only built
-    when a test asks for it; treat it as read-only (copy it to resume).
+    when a test asks for it, once per test run even under pytest-xdist
+    (:func:`shared_session_folder`); treat it as read-only (copy it to
+    resume).
+``tiny_search``
+    session-scoped: the default tiny bilevel search of
+    :func:`write_search_configs` against ``trained_cifar_r18``, run once;
+    ``config``, ``teacher_ckpt``, ``work_dir``, ``output``. Read-only.
 
 Session-wide and automatic: ``mmpretrain::`` config look-ups are memoized
-(a pure speed-up of ``Config.fromfile`` in the test process).
+(a pure speed-up of ``Config.fromfile`` in the test process), and
+``gmpq_mm.utils.register_all_modules()`` runs once.
 
 Smaller ones: ``imagenet_classes``, ``tiny_cifar_options`` (the bare
 ``key=value`` list), ``free_tcp_port``.
@@ -116,6 +134,17 @@ def _cached_external_config_lookup():
     cfg_utils._get_cfg_metainfo = cached
     yield
     cfg_utils._get_cfg_metainfo = original
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _register_all_modules_once():
+    """``gmpq_mm.utils.register_all_modules()`` once for the session, so a
+    test that builds a registered type works alone, in any order and on
+    any xdist worker (as every tool, the registration runs before any
+    build; it is idempotent). Import-floor checks run in subprocesses."""
+    from gmpq_mm.utils import register_all_modules
+    register_all_modules()
+    yield
 
 
 # ---------------------------------------------------------------- CIFAR-10 --
@@ -512,19 +541,331 @@ def run_tool_fixture():
     return run_tool
 
 
+# ------------------------------------------------------ in-process runs --
+_TOOL_MODULES = {}
+_LAST_START = {}  # work_dir -> start time of the last in-process run there
+
+
+def load_tool(script):
+    """The module of the tool script ``script`` (a path relative to the
+    repository root, e.g. ``'tools/train.py'``), imported once by its path
+    under a private name (its ``if __name__ == '__main__'`` block does not
+    run)."""
+    path = (REPO_ROOT / str(script)).resolve()
+    if path not in _TOOL_MODULES:
+        import importlib.util
+        name = '_gmpq_tool_' + ''.join(
+            c if c.isalnum() else '_'
+            for c in str(path.relative_to(REPO_ROOT)))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TOOL_MODULES[path] = module
+    return _TOOL_MODULES[path]
+
+
+def _manager_classes():
+    """mmengine's global singletons (MMLogger, MessageHub, Visualizer,
+    DefaultScope, ...): every class built on ``ManagerMixin``."""
+    from mmengine.utils import ManagerMixin
+    found, todo = [], [ManagerMixin]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if '_instance_dict' in vars(cls):
+            found.append(cls)
+    return found
+
+
+def _registries():
+    """Every registry of mmengine and mmpretrain (gmpq_mm registers into
+    mmpretrain's)."""
+    import mmengine.registry
+    import mmpretrain.registry
+    from mmengine.registry import Registry
+    found = {}
+    for module in (mmengine.registry, mmpretrain.registry):
+        for value in vars(module).values():
+            if isinstance(value, Registry):
+                found[id(value)] = value
+    return list(found.values())
+
+
+@pytest.fixture
+def openmmlab_isolation():
+    """Isolate what building an mmengine Runner changes in this process.
+
+    Before: ``register_all_modules()`` (once; later calls do nothing), then
+    the global state is saved: mmengine's singletons (loggers, message
+    hubs, visualizers, default scopes -- emptied, so a run makes its own,
+    with unique names and its own output stream), gmpq_mm's kernel-backend
+    choice, the random generators and torch's thread count. After: the
+    run's loggers are closed (their log files flushed), its visualizers
+    closed, and everything is put back, so runs and tests do not leak
+    into each other. Yields nothing; :func:`run_in_process` uses the
+    same context manager, :func:`isolated_openmmlab_state`.
+    """
+    with isolated_openmmlab_state():
+        yield
+
+
+class isolated_openmmlab_state:
+    """Context manager behind the ``openmmlab_isolation`` fixture."""
+
+    def __enter__(self):
+        import random
+
+        import torch
+
+        from gmpq_mm.quantization import kernel_backend
+        from gmpq_mm.utils import register_all_modules
+        register_all_modules()
+        self.managers = {
+            cls: cls._instance_dict.copy()
+            for cls in _manager_classes()
+        }
+        for cls in self.managers:
+            cls._instance_dict.clear()
+        self.kernels = {
+            key: getattr(kernel_backend, key)
+            for key in ('_kernel_backend', '_long_run', '_compile_failed')
+        }
+        self.rng = (torch.get_rng_state(), np.random.get_state(),
+                    random.getstate())
+        self.threads = torch.get_num_threads()
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+        import logging
+        import random
+
+        import torch
+
+        from gmpq_mm.quantization import kernel_backend
+        for cls, saved in self.managers.items():
+            for instance in cls._instance_dict.values():
+                if isinstance(instance, logging.Logger):
+                    for handler in list(instance.handlers):
+                        handler.close()
+                        instance.removeHandler(handler)
+                elif callable(getattr(instance, 'close', None)):
+                    instance.close()  # a Visualizer: flush its backends
+            cls._instance_dict.clear()
+            cls._instance_dict.update(saved)
+        for key, value in self.kernels.items():
+            setattr(kernel_backend, key, value)
+        torch.set_rng_state(self.rng[0])
+        np.random.set_state(self.rng[1])
+        random.setstate(self.rng[2])
+        torch.set_num_threads(self.threads)
+        gc.collect()
+        return False
+
+
+def _forget_modules_under(folders, names):
+    """Drop the modules ``names`` imported from ``folders`` (a config's
+    ``custom_imports`` from a test's folder) and what they registered, so a
+    later run may import a module of the same name again."""
+    gone = set()
+    for name in names:
+        file = getattr(sys.modules.get(name), '__file__', None) or ''
+        if any(file.startswith(str(folder)) for folder in folders):
+            del sys.modules[name]
+            gone.add(name)
+    for reg in _registries() if gone else ():
+        for key, obj in list(reg._module_dict.items()):
+            if getattr(obj, '__module__', None) in gone:
+                del reg._module_dict[key]
+
+
+def _work_dir_of(args):
+    for flag in ('--work-dir', '--work_dir'):
+        if flag in args and args.index(flag) + 1 < len(args):
+            return osp.abspath(args[args.index(flag) + 1])
+    return None
+
+
+def run_in_process(args, *, check=True, timeout=None, env=None, cwd=None):
+    """Run a Python tool's ``main(argv)`` in this process, as
+    :func:`run_tool` would run it in a fresh one (same arguments, same
+    :class:`ToolResult`).
+
+    For the many runs where a fresh interpreter is not the point: it saves
+    the ~5 s of imports of each subprocess. Inside
+    :func:`isolated_openmmlab_state`, from ``cwd`` (the repository root by
+    default), with ``env`` set in ``os.environ`` (an extra ``PYTHONPATH``
+    also goes first on ``sys.path``, and modules imported from it are
+    forgotten afterwards), one torch thread (as ``OMP_NUM_THREADS=1`` in
+    :func:`tool_env`), and stdout, stderr, mmengine's log lines and Python
+    warnings (each shown once per run, as in a new process) captured
+    together into ``output``. ``returncode`` is what the process would
+    have exited with: 0, the code of a ``SystemExit`` (its message, when
+    it is one, goes into ``output`` and the code is 1), ``main``'s integer
+    return value (``sys.exit(main())``), or 1 with the traceback in
+    ``output`` for any other exception. Two runs into the same
+    ``--work-dir`` start in different seconds, so each gets its own
+    timestamped log folder as separate processes would. ``timeout`` is
+    accepted for :func:`run_tool`'s signature and not enforced.
+
+    Keep :func:`run_tool` (a subprocess) for torchrun / gloo, shell
+    scripts, start-up and import behaviour, and the one train -> test ->
+    export smoke test.
+    """
+    import contextlib
+    import io
+    import traceback
+    import warnings
+
+    import torch
+
+    args = [str(a) for a in args]
+    assert args[0].endswith('.py'), f'not a Python tool: {args[0]}'
+    tool = load_tool(args[0])
+    work_dir = _work_dir_of(args)
+    if work_dir in _LAST_START:
+        last = _LAST_START[work_dir]
+        if int(time.time()) == int(last):
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)
+    env = {k: str(v) for k, v in (env or {}).items()}
+    extra_path = env.get('PYTHONPATH')
+    old_environ, old_cwd = dict(os.environ), os.getcwd()
+    old_modules = set(sys.modules)
+    buffer = io.StringIO()
+    returncode = 0
+    start = time.time()
+    if work_dir:
+        _LAST_START[work_dir] = start
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        buffer.write(
+            warnings.formatwarning(message, category, filename, lineno, line))
+
+    with isolated_openmmlab_state(), warnings.catch_warnings():
+        warnings.simplefilter('default')
+        warnings.showwarning = show
+        os.environ.pop('LOCAL_RANK', None)
+        os.environ.pop('RANK', None)
+        os.environ.pop('WORLD_SIZE', None)
+        os.environ.update(env)
+        if extra_path:
+            sys.path[:0] = extra_path.split(os.pathsep)
+        os.chdir(str(cwd or REPO_ROOT))
+        torch.set_num_threads(1)
+        try:
+            with contextlib.redirect_stdout(buffer), \
+                    contextlib.redirect_stderr(buffer):
+                value = tool.main(args[1:])
+            if isinstance(value, int) and not isinstance(value, bool):
+                returncode = value
+        except SystemExit as err:
+            if err.code is None or isinstance(err.code, int):
+                returncode = err.code or 0
+            else:
+                buffer.write(f'{err.code}\n')
+                returncode = 1
+        except Exception:  # noqa: BLE001 - what the process would print
+            buffer.write(traceback.format_exc())
+            returncode = 1
+        finally:
+            os.chdir(old_cwd)
+            os.environ.clear()
+            os.environ.update(old_environ)
+            if extra_path:
+                for entry in extra_path.split(os.pathsep):
+                    sys.path.remove(entry)
+                _forget_modules_under(
+                    extra_path.split(os.pathsep),
+                    set(sys.modules) - old_modules)
+    result = ToolResult(['<in process>'] + args, returncode, buffer.getvalue(),
+                        time.time() - start)
+    if check:
+        assert returncode == 0, (
+            f'exit status {returncode}: {" ".join(args)}\n'
+            f'--- output tail ---\n{result.tail()}')
+    return result
+
+
+@pytest.fixture(name='run_in_process')
+def run_in_process_fixture():
+    """The :func:`run_in_process` helper."""
+    return run_in_process
+
+
+def shared_session_folder(tmp_path_factory, name, build):
+    """A folder built once per test run, even across pytest-xdist workers.
+
+    The first worker to ask calls ``build(folder)`` under a file lock; the
+    others wait for it and reuse the result (each xdist worker is its own
+    session, so a plain session fixture would be built once per worker).
+    Without xdist it is an ordinary session-scoped folder.
+
+    Returns:
+        pathlib.Path: ``<base temp>/<name>``, built.
+    """
+    import shutil
+
+    from filelock import FileLock  # a torch dependency
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # shared by the workers of this run
+    folder = root / name
+    with FileLock(str(root / f'{name}.lock')):
+        if not (folder / '.built').is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / '.built').write_text('')
+    return folder
+
+
 @pytest.fixture(scope='session')
 def trained_cifar_r18(tmp_path_factory, cifar10_root):
-    """work_dir of ``tools/train.py`` on the tiny CIFAR-10 set-up, 2 epochs.
+    """work_dir of ``tools/train.py`` on the tiny CIFAR-10 set-up, 2 epochs
+    (run in process, once per test run: :func:`shared_session_folder`).
 
     Holds ``epoch_1.pth``, ``epoch_2.pth``, ``last_checkpoint``, the run's
     timestamped log folder and ``train_output.txt`` (the console output).
     Read-only for tests: copy it before resuming into it.
     """
-    work_dir = tmp_path_factory.mktemp('cifar_r18_2ep')
-    result = run_tool(['tools/train.py'] +
-                      tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=2))
-    (work_dir / 'train_output.txt').write_text(result.output)
-    return work_dir
+
+    def build(work_dir):
+        result = run_in_process(
+            ['tools/train.py'] +
+            tiny_cifar_cfg(work_dir, cifar10_root, max_epochs=2))
+        (work_dir / 'train_output.txt').write_text(result.output)
+
+    return shared_session_folder(tmp_path_factory, 'cifar_r18_2ep', build)
+
+
+@pytest.fixture(scope='session')
+def tiny_search(tmp_path_factory, cifar10_root, trained_cifar_r18):
+    """The default tiny bilevel search, run once per test run (in process;
+    :func:`shared_session_folder`).
+
+    :func:`write_search_configs` with its defaults (2 epochs against the
+    ``trained_cifar_r18`` teacher's ``epoch_2.pth``) and ``tools/train.py``.
+    A namespace: ``config`` (the search config), ``teacher_ckpt``,
+    ``work_dir`` (``epoch_1.pth``, ``epoch_2.pth``, ``policy.json``,
+    ``policy_epoch_{1,2}.json``, the log folder) and ``output`` (the
+    console output). Read-only for tests: copy what you change.
+    """
+    from types import SimpleNamespace
+    teacher_ckpt = trained_cifar_r18 / 'epoch_2.pth'
+
+    def build(folder):
+        config = write_search_configs(folder, REPO_ROOT, cifar10_root,
+                                      teacher_ckpt)
+        result = run_in_process(
+            ['tools/train.py', config, '--work-dir', folder / 'work'])
+        (folder / 'train_output.txt').write_text(result.output)
+
+    folder = shared_session_folder(tmp_path_factory, 'tiny_search', build)
+    return SimpleNamespace(
+        config=folder / 'search.py',
+        teacher_ckpt=teacher_ckpt,
+        work_dir=folder / 'work',
+        output=(folder / 'train_output.txt').read_text())
 
 
 def assert_png(path, size):

@@ -173,14 +173,14 @@ def _configs(tmp_path, repo_root, name, data_root):
 
 @pytest.mark.parametrize('name', list(SETS))
 def test_search_config_runs_on_real_layout(name, tmp_path, repo_root,
-                                           run_tool):
+                                           run_in_process):
     writer, _ = SETS[name]
     root = tmp_path / name
     writer(str(root), N_TRAIN, N_TEST)
     cfg = _configs(tmp_path, repo_root, name, root)
     work = tmp_path / 'work'
-    out = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                   timeout=600).output
+    out = run_in_process(['tools/train.py', cfg, '--work-dir', work],
+                         timeout=600).output
     assert 'Epoch(train) [1][2/2]' in out, out[-3000:]
     assert 'loss_attr' in out and 'accuracy/top1' in out
     import json
@@ -191,16 +191,16 @@ def test_search_config_runs_on_real_layout(name, tmp_path, repo_root,
 
 @pytest.mark.parametrize('name', list(SETS))
 def test_missing_annotation_named_before_start(name, tmp_path, repo_root,
-                                               run_tool):
+                                               run_in_process):
     writer, needed = SETS[name]
     root = tmp_path / name
     writer(str(root), N_TRAIN, N_TEST)
     os.remove(root / needed)
     cfg = _configs(tmp_path, repo_root, name, root)
     work = tmp_path / 'work'
-    result = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                      check=False,
-                      timeout=300)
+    result = run_in_process(['tools/train.py', cfg, '--work-dir', work],
+                            check=False,
+                            timeout=300)
     assert result.returncode != 0
     assert str(root / needed) in result.output, result.tail()
     assert 'Traceback' not in result.output  # a clean message, not a crash

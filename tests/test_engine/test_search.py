@@ -51,11 +51,11 @@ def alphas(ckpt):
     }
 
 
-def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
-                                      teacher_ckpt, run_tool):
-    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
-    work = tmp_path / 'work'
-    out = run_tool(['tools/train.py', cfg, '--work-dir', work]).output
+def test_bilevel_search_writes_policy(tiny_search, teacher_ckpt,
+                                      run_in_process):
+    # The session's tiny bilevel search: write_search_configs' defaults.
+    work, out = tiny_search.work_dir, tiny_search.output
+    assert tiny_search.teacher_ckpt == teacher_ckpt
     for key in ('loss_cls', 'loss_attr', 'loss_complexity', 'expected_gbitops',
                 'mean_w_bits', 'arch_loss'):
         assert key in out, key
@@ -67,7 +67,7 @@ def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
     assert policy['bitops'] > 0
     assert (work / 'policy_epoch_1.json').is_file()
     # The complexity tool reads the exported policy.
-    report = run_tool([
+    report = run_in_process([
         'tools/analysis/complexity.py', 'configs/gmpq/pretrain_r18_cifar10.py',
         '--policy', work / 'policy.json'
     ]).output
@@ -88,7 +88,7 @@ def test_bilevel_search_writes_policy(tmp_path, repo_root, cifar10_root,
 
 
 def test_single_level_search(tmp_path, repo_root, cifar10_root, teacher_ckpt,
-                             run_tool):
+                             run_in_process):
     cfg = write_search_configs(
         tmp_path,
         repo_root,
@@ -96,7 +96,7 @@ def test_single_level_search(tmp_path, repo_root, cifar10_root, teacher_ckpt,
         teacher_ckpt,
         base='configs/gmpq/search_r18_cifar10_single.py')
     work = tmp_path / 'work'
-    out = run_tool([
+    out = run_in_process([
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=1'
     ]).output
@@ -105,15 +105,14 @@ def test_single_level_search(tmp_path, repo_root, cifar10_root, teacher_ckpt,
     assert any((v - 0.01).abs().max() > 0 for v in start.values())
 
 
-def test_resume_gives_identical_alphas(tmp_path, repo_root, cifar10_root,
-                                       teacher_ckpt, run_tool):
-    cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
-    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
-    run_tool(['tools/train.py', cfg, '--work-dir', straight])
+def test_resume_gives_identical_alphas(tmp_path, tiny_search, run_in_process):
+    # Straight through: the session's tiny search (2 epochs, same config).
+    cfg, straight = tiny_search.config, tiny_search.work_dir
+    resumed = tmp_path / 'resumed'
     # An interruption after epoch 1: only epoch_1.pth survives.
     resumed.mkdir()
     shutil.copy(straight / 'epoch_1.pth', resumed / 'epoch_1.pth')
-    out = run_tool([
+    out = run_in_process([
         'tools/train.py', cfg, '--work-dir', resumed, '--resume',
         resumed / 'epoch_1.pth'
     ]).output
@@ -158,7 +157,7 @@ def test_two_gloo_processes_keep_alphas_identical(tmp_path, repo_root,
 
 
 def test_teacher_with_wrong_classes_fails_before_training(
-        tmp_path, repo_root, cifar10_root, teacher_ckpt, run_tool):
+        tmp_path, repo_root, cifar10_root, teacher_ckpt, run_in_process):
     state = torch.load(teacher_ckpt, weights_only=False)
     sd = state['state_dict']
     sd['head.fc.weight'] = sd['head.fc.weight'][:5]
@@ -166,42 +165,42 @@ def test_teacher_with_wrong_classes_fails_before_training(
     bad = tmp_path / 'teacher_5cls.pth'
     torch.save(state, bad)
     cfg = write_search_configs(tmp_path, repo_root, cifar10_root, bad)
-    result = run_tool(['tools/train.py', cfg, '--work-dir', tmp_path / 'w'],
-                      check=False)
+    result = run_in_process(
+        ['tools/train.py', cfg, '--work-dir', tmp_path / 'w'], check=False)
     assert result.returncode != 0
     assert str(bad) in result.output and 'classes' in result.output
     assert 'Epoch(train)' not in result.output
 
 
 def test_missing_teacher_checkpoint_is_named(tmp_path, repo_root, cifar10_root,
-                                             run_tool):
+                                             run_in_process):
     missing = tmp_path / 'nowhere.pth'
     cfg = write_search_configs(tmp_path, repo_root, cifar10_root, missing)
-    result = run_tool(['tools/train.py', cfg, '--work-dir', tmp_path / 'w'],
-                      check=False)
+    result = run_in_process(
+        ['tools/train.py', cfg, '--work-dir', tmp_path / 'w'], check=False)
     assert result.returncode != 0 and str(missing) in result.output
 
 
 def test_unreachable_budget_states_smallest_bitops(tmp_path, repo_root,
                                                    cifar10_root, teacher_ckpt,
-                                                   run_tool):
+                                                   run_in_process):
     cfg = write_search_configs(
         tmp_path,
         repo_root,
         cifar10_root,
         teacher_ckpt,
         base='configs/gmpq/search_r18_cifar10_budget.py')
-    result = run_tool([
+    result = run_in_process([
         'tools/train.py', cfg, '--work-dir', tmp_path / 'w', '--cfg-options',
         'model.target_bitops=1000'
     ],
-                      check=False)
+                            check=False)
     assert result.returncode != 0
     assert 'smallest reachable' in result.output
 
 
 def test_budget_policy_respects_budget(tmp_path, repo_root, cifar10_root,
-                                       teacher_ckpt, run_tool):
+                                       teacher_ckpt, run_in_process):
     # All-2-bit over the tiny net's 19 convs at 32x32 is 4 x its MACs;
     # ask for a budget between that and the argmax policy's cost.
     cfg = write_search_configs(
@@ -211,7 +210,7 @@ def test_budget_policy_respects_budget(tmp_path, repo_root, cifar10_root,
         teacher_ckpt,
         base='configs/gmpq/search_r18_cifar10_budget.py')
     work = tmp_path / 'w'
-    run_tool([
+    run_in_process([
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=1', 'model.target_bitops=1.5e8'
     ])
@@ -222,10 +221,10 @@ def test_budget_policy_respects_budget(tmp_path, repo_root, cifar10_root,
 
 @pytest.mark.parametrize('mode', ['bilevel', 'single'])
 def test_arch_warmup_freezes_alphas_first(tmp_path, repo_root, cifar10_root,
-                                          teacher_ckpt, run_tool, mode):
+                                          teacher_ckpt, run_in_process, mode):
     cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
     work = tmp_path / 'work'
-    run_tool([
+    run_in_process([
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=2', 'train_cfg.arch_warmup_epochs=1',
         f'train_cfg.mode={mode}'
@@ -240,14 +239,14 @@ def test_arch_warmup_freezes_alphas_first(tmp_path, repo_root, cifar10_root,
 
 def test_arch_warmup_must_leave_search_epochs(tmp_path, repo_root,
                                               cifar10_root, teacher_ckpt,
-                                              run_tool):
+                                              run_in_process):
     cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
-    result = run_tool([
+    result = run_in_process([
         'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
         '--cfg-options', 'train_cfg.max_epochs=2',
         'train_cfg.arch_warmup_epochs=2'
     ],
-                      check=False)
+                            check=False)
     assert result.returncode != 0
     assert 'arch_warmup_epochs must be an integer in [0, max_epochs=2)' in \
         result.output
@@ -279,7 +278,7 @@ class RecordTemperatureHook(Hook):
 
 
 def test_temperature_schedule(tmp_path, repo_root, cifar10_root, teacher_ckpt,
-                              run_tool):
+                              run_in_process):
     (tmp_path / 'temperature_hook.py').write_text(TEMPERATURE_HOOK)
     cfg = write_search_configs(
         tmp_path,
@@ -290,12 +289,12 @@ def test_temperature_schedule(tmp_path, repo_root, cifar10_root, teacher_ckpt,
         "'temperature_hook'])",
         custom_hooks="[dict(type='RecordTemperatureHook')]")
     work = tmp_path / 'work'
-    run_tool([
+    run_in_process([
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=3', 'train_cfg.arch_warmup_epochs=1',
         'train_cfg.temperature.start=2.0', 'train_cfg.temperature.end=0.125'
     ],
-             env={'PYTHONPATH': tmp_path})
+                   env={'PYTHONPATH': tmp_path})
     seen = json.loads((work / 'temperatures.json').read_text())
     assert all(len(ts) == 1 for ts in seen)  # every layer alike
     ts = [t[0] for t in seen]
@@ -309,21 +308,21 @@ def test_temperature_schedule(tmp_path, repo_root, cifar10_root, teacher_ckpt,
 
 
 def test_temperature_is_checked(tmp_path, repo_root, cifar10_root,
-                                teacher_ckpt, run_tool):
+                                teacher_ckpt, run_in_process):
     cfg = write_search_configs(tmp_path, repo_root, cifar10_root, teacher_ckpt)
-    result = run_tool([
+    result = run_in_process([
         'tools/train.py', cfg, '--work-dir', tmp_path / 'work',
         '--cfg-options', 'train_cfg.temperature.start=1.0',
         'train_cfg.temperature.end=0'
     ],
-                      check=False)
+                            check=False)
     assert result.returncode != 0
     assert "temperature['end'] must be a number > 0, got 0" in result.output
 
 
 def test_budget_complexity_makes_budgets_differ(tmp_path, repo_root,
                                                 cifar10_root, teacher_ckpt,
-                                                run_tool):
+                                                run_in_process):
     """With the released linear cost the budget changes only the exported
     policy; measured against the budget, two budgets train differently."""
     cfg = write_search_configs(
@@ -337,7 +336,7 @@ def test_budget_complexity_makes_budgets_differ(tmp_path, repo_root,
         # all-2-bit is 3.46e7 here, uniform alphas expect 1.21e8
         for budget in ('6e7', '1.5e8'):
             work = tmp_path / f'{mode}_{budget}'
-            run_tool([
+            run_in_process([
                 'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
                 'train_cfg.max_epochs=1', f'model.target_bitops={budget}',
                 f'model.complexity_loss.mode={mode}',

@@ -7,7 +7,7 @@ import torch
 
 
 def test_search_r18_cars_runs_at_224(tmp_path, repo_root, imagenet_root,
-                                     run_tool):
+                                     run_in_process):
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
@@ -41,8 +41,8 @@ def test_search_r18_cars_runs_at_224(tmp_path, repo_root, imagenet_root,
         default_hooks = dict(logger=dict(interval=1))
     '''))
     work = tmp_path / 'work'
-    out = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                   timeout=600).output
+    out = run_in_process(['tools/train.py', cfg, '--work-dir', work],
+                         timeout=600).output
     assert 'loss_attr' in out
     policy = json.loads((work / 'policy.json').read_text())
     assert len(policy['layers']) == 19

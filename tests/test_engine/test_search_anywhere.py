@@ -14,7 +14,7 @@ CONFIG = 'configs/gmpq/search_r18_cifar10.py'
 
 
 def test_search_config_runs_from_another_folder(tmp_path_factory, repo_root,
-                                                cifar10_root, run_tool):
+                                                cifar10_root, run_in_process):
     from mmengine.config import Config
 
     from gmpq_mm.registry import MODELS
@@ -46,7 +46,7 @@ def test_search_config_runs_from_another_folder(tmp_path_factory, repo_root,
         options[f'{phase}_dataloader.persistent_workers'] = False
         options[f'{phase}_dataloader.dataset.data_root'] = cifar10_root
     work = elsewhere / 'work'
-    result = run_tool(
+    result = run_in_process(
         [
             str(repo_root / 'tools/train.py'),
             str(repo_root / CONFIG), '--work-dir', 'work', '--cfg-options'

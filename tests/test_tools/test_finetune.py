@@ -126,9 +126,9 @@ def setup(tmp_path_factory, imagenet_root):
 
 @pytest.fixture(scope='module')
 def finetuned(setup, tmp_path_factory):
-    from conftest import run_tool
+    from conftest import run_in_process
     work_dir = tmp_path_factory.mktemp('finetune_r18')
-    result = run_tool(
+    result = run_in_process(
         ['tools/train.py', CONFIG, '--work-dir', work_dir, '--cfg-options'] +
         _cli(setup['options']))
     (work_dir / 'train_output.txt').write_text(result.output)
@@ -158,9 +158,9 @@ def test_finetune_calibrates_and_trains(setup, finetuned):
 
 
 def test_test_tool_prints_accuracy_and_bitops(setup, finetuned):
-    from conftest import run_tool
+    from conftest import run_in_process
     out_json = finetuned / 'test_result.json'
-    result = run_tool([
+    result = run_in_process([
         'tools/test.py', CONFIG, finetuned /
         'epoch_1.pth', '--work-dir', finetuned /
         'test', '--out', out_json, '--cfg-options'
@@ -271,11 +271,11 @@ def test_checkpoint_records_bit_widths(setup, finetuned):
 
 
 def test_test_tool_refuses_another_policy(setup, finetuned, tmp_path):
-    from conftest import run_tool
+    from conftest import run_in_process
     layer, policy_b = _policy_b(setup, tmp_path)
     options = dict(setup['options'], **{'model.backbone.policy': policy_b})
     ckpt = finetuned / 'epoch_1.pth'
-    result = run_tool(
+    result = run_in_process(
         [
             'tools/test.py', CONFIG, ckpt, '--work-dir', tmp_path / 'test',
             '--cfg-options'
@@ -304,14 +304,14 @@ def test_export_refuses_another_policy(setup, finetuned, tmp_path, repo_root,
 
 
 def test_load_from_refuses_another_policy(setup, finetuned, tmp_path):
-    from conftest import run_tool
+    from conftest import run_in_process
     layer, policy_b = _policy_b(setup, tmp_path)
     options = dict(
         setup['options'], **{
             'model.backbone.policy': policy_b,
             'load_from': finetuned / 'epoch_1.pth'
         })
-    result = run_tool(
+    result = run_in_process(
         [
             'tools/train.py', CONFIG, '--work-dir', tmp_path / 'wd',
             '--cfg-options'

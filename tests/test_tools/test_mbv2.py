@@ -113,9 +113,10 @@ def search_config(tmp_path_factory, repo_root, cifar10_root, teacher):
 @pytest.fixture(scope='module')
 def searched(search_config, tmp_path_factory):
     """work_dir of one search epoch (5 bilevel iterations)."""
-    from conftest import run_tool  # the fixture is function-scoped
+    from conftest import run_in_process  # the fixture is function-scoped
     work = tmp_path_factory.mktemp('mbv2_search_work')
-    result = run_tool(['tools/train.py', search_config, '--work-dir', work])
+    result = run_in_process(
+        ['tools/train.py', search_config, '--work-dir', work])
     return work, result.output
 
 

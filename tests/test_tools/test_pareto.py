@@ -119,9 +119,10 @@ def test_kinds():
     assert row['compression_searched'] == pytest.approx(512 / 6)
 
 
-def test_table_and_plot_end_to_end(run_tool, png_check, results, tmp_path):
+def test_table_and_plot_end_to_end(run_in_process, png_check, results,
+                                   tmp_path):
     md, png = tmp_path / 'out' / 'pareto.md', tmp_path / 'out' / 'p.png'
-    out = run_tool(
+    out = run_in_process(
         [TOOL] + results +
         ['--out-md', md, '--out-png', png, '--title', 'tiny']).output
     png_check(png, PNG_SIZE)

@@ -97,9 +97,9 @@ def test_units_and_sizes():
     assert policy_figure_size(50) == pytest.approx((19.0, 6.5))
 
 
-def test_plot_from_policy_counts(run_tool, png_check, tmp_path):
+def test_plot_from_policy_counts(run_in_process, png_check, tmp_path):
     path = save_policy(tiny_policy(), tmp_path / 'tiny.json')
-    out = run_tool([TOOL, path]).output
+    out = run_in_process([TOOL, path]).output
     png = tmp_path / 'tiny.png'  # default: next to the policy
     png_check(png, PNG_3_LAYERS)
     assert f'written: {png}' in out

@@ -94,9 +94,8 @@ def teacher_ckpt(trained_cifar_r18):
 
 
 # ------------------------------------------------------------ end to end --
-def test_search_logs_curves_and_tool_plots_them(tmp_path, cifar10_root,
-                                                teacher_ckpt, run_tool,
-                                                png_check):
+def test_search_logs_curves_and_tool_plots_them(tmp_path, tiny_search,
+                                                run_in_process, png_check):
     import torch
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
@@ -105,9 +104,8 @@ def test_search_logs_curves_and_tool_plots_them(tmp_path, cifar10_root,
     from gmpq_mm.utils import register_all_modules
     register_all_modules()
 
-    cfg = write_search_config(tmp_path, cifar10_root, teacher_ckpt)
-    work = tmp_path / 'work'
-    run_tool(['tools/train.py', cfg, '--work-dir', work])
+    # The session's tiny search: write_search_config's defaults, 2 epochs.
+    cfg, work = tiny_search.config, tiny_search.work_dir
 
     # Bilevel split of 40 images: 20 for the weights, batch 4 -> 5
     # iterations an epoch, each logged (interval 1).
@@ -151,7 +149,7 @@ def test_search_logs_curves_and_tool_plots_them(tmp_path, cifar10_root,
     assert lines[-1]['expected_gbitops'] == pytest.approx(end, rel=1e-6)
 
     png = tmp_path / 'curves.png'
-    out = run_tool([TOOL, work, '--out', png]).output
+    out = run_in_process([TOOL, work, '--out', png]).output
     assert 'policies: 2 epoch files (epochs 1..2)' in out
     assert 'scalars: 10 training lines, iterations 1..10, from 1 run(s)' \
         in out
@@ -162,11 +160,12 @@ def test_search_logs_curves_and_tool_plots_them(tmp_path, cifar10_root,
 
 
 def test_single_level_logs_the_bitops_before_its_step(tmp_path, cifar10_root,
-                                                      teacher_ckpt, run_tool):
+                                                      teacher_ckpt,
+                                                      run_in_process):
     cfg = write_search_config(
         tmp_path, cifar10_root, teacher_ckpt, base=SINGLE_CONFIG)
     work = tmp_path / 'work'
-    run_tool([
+    run_in_process([
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=1'
     ])
@@ -184,8 +183,8 @@ def test_single_level_logs_the_bitops_before_its_step(tmp_path, cifar10_root,
 
 
 def test_tensorboard_recipe_gets_the_search_scalars(tmp_path, cifar10_root,
-                                                    teacher_ckpt, run_tool,
-                                                    repo_root):
+                                                    teacher_ckpt,
+                                                    run_in_process, repo_root):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import \
         EventAccumulator
@@ -195,7 +194,7 @@ def test_tensorboard_recipe_gets_the_search_scalars(tmp_path, cifar10_root,
     cfg = write_search_config(
         tmp_path, cifar10_root, teacher_ckpt, extra=block)
     work = tmp_path / 'work'
-    run_tool([
+    run_in_process([
         'tools/train.py', cfg, '--work-dir', work, '--cfg-options',
         'train_cfg.max_epochs=1'
     ])

@@ -184,10 +184,11 @@ def _pair_args(tiny, images, out, with_teacher=True):
 
 
 # -------------------------------------------------------------- the tool --
-def test_quantized_network_and_its_teacher(tiny, tmp_path, run_tool,
+def test_quantized_network_and_its_teacher(tiny, tmp_path, run_in_process,
                                            png_check):
     out = tmp_path / 'pair.png'
-    result = run_tool([TOOL] + _pair_args(tiny, tiny['rgb'], out), timeout=120)
+    result = run_in_process(
+        [TOOL] + _pair_args(tiny, tiny['rgb'], out), timeout=120)
     assert str(out) in result.output
     png_check(out, grid_size_px(2))
 

@@ -34,10 +34,7 @@ Example::
 """
 import argparse
 import json
-import os.path as osp
-import shutil
 import statistics
-import tempfile
 import time
 
 STEPS = ('fp', 'w4a4', 'supernet', 'single', 'bilevel')
@@ -76,89 +73,43 @@ def build(args, device):
     """Step callables (one optimizer update each) and a GPU batch."""
     import torch
     from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import init_default_scope
-    from mmpretrain.registry import MODELS
     from mmpretrain.structures import DataSample
 
+    from gmpq_mm.apis.benchmark_models import (build_classifier,
+                                               build_search_model)
     from gmpq_mm.engine import bilevel_step, single_level_step
-    from gmpq_mm.utils import register_all_modules
-    register_all_modules()
-    init_default_scope('mmpretrain')
     torch.manual_seed(0)
     num_classes = 10 if args.cifar else 1000
-    backbone = dict(type='ResNet_CIFAR', depth=18) if args.cifar else \
-        dict(type='ResNet', depth=18)
-    head = dict(
-        type='LinearClsHead',
-        num_classes=num_classes,
-        in_channels=512,
-        loss=dict(type='CrossEntropyLoss'))
+    stem = 'cifar' if args.cifar else 'imagenet'
+    # ImageNet's mean and std for both stems (the throughput does not
+    # depend on them).
     preprocessor = dict(
         type='ClsDataPreprocessor',
         num_classes=num_classes,
         mean=[123.675, 116.28, 103.53],
         std=[58.395, 57.12, 57.375],
         to_rgb=False)
-    fp_cfg = dict(
-        type='ImageClassifier',
-        backbone=backbone,
-        neck=dict(type='GlobalAveragePooling'),
-        head=head)
     wrapper = dict(type='AmpOptimWrapper', loss_scale='dynamic') \
         if args.amp else dict(type='OptimWrapper')
     sgd = dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4)
 
-    def classifier(cfg):
-        model = MODELS.build(dict(cfg, data_preprocessor=preprocessor))
+    def classifier(kind):
+        model = build_classifier(
+            kind, stem, num_classes, preprocessor=preprocessor)
         model.to(device).train()
-        return model, build_optim_wrapper(model, dict(wrapper, optimizer=sgd))
+        optim = build_optim_wrapper(model, dict(wrapper, optimizer=sgd))
+        return lambda b: model.train_step(b, optim_wrapper=optim)
 
-    steps = {}
-    if 'fp' in args.steps:
-        fp, fp_optim = classifier(fp_cfg)
-        steps['fp'] = lambda b: fp.train_step(b, optim_wrapper=fp_optim)
-    if 'w4a4' in args.steps:
-        q, q_optim = classifier(
-            dict(
-                fp_cfg,
-                backbone=dict(
-                    type='QuantizedBackbone',
-                    backbone=backbone,
-                    w_bits=4,
-                    a_bits=4)))
-        steps['w4a4'] = lambda b: q.train_step(b, optim_wrapper=q_optim)
-    if 'supernet' in args.steps:
-        sn, sn_optim = classifier(
-            dict(
-                fp_cfg,
-                backbone=dict(
-                    type='MixedPrecisionBackbone',
-                    backbone=backbone,
-                    w_bits=[2, 3, 4, 6],
-                    a_bits=[2, 3, 4, 6])))
-        steps['supernet'] = lambda b: sn.train_step(b, optim_wrapper=sn_optim)
+    steps = {
+        kind: classifier(kind)
+        for kind in ('fp', 'w4a4', 'supernet') if kind in args.steps
+    }
     if {'single', 'bilevel'} & set(args.steps):
-        teacher = MODELS.build(dict(fp_cfg, data_preprocessor=preprocessor))
-        ckpt = osp.join(tempfile.mkdtemp(), 'teacher.pth')
-        torch.save({'state_dict': teacher.state_dict()}, ckpt)
-        search = MODELS.build(
-            dict(
-                type='GMPQSearchClassifier',
-                backbone=dict(
-                    type='MixedPrecisionBackbone',
-                    backbone=backbone,
-                    w_bits=[2, 3, 4, 6],
-                    a_bits=[2, 3, 4, 6]),
-                neck=dict(type='GlobalAveragePooling'),
-                head=head,
-                teacher=fp_cfg,
-                teacher_checkpoint=ckpt,
-                input_shape=(3, args.input_size, args.input_size),
-                attribution_loss=dict(
-                    type='AttributionRankLoss', loss_weight=40.),
-                complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
-                data_preprocessor=preprocessor)).to(device).train()
-        shutil.rmtree(osp.dirname(ckpt))  # read at construction
+        search = build_search_model(
+            stem,
+            num_classes,
+            preprocessor=preprocessor,
+            input_shape=(3, args.input_size, args.input_size)).to(device)
         search_optim = build_optim_wrapper(
             search,
             dict(

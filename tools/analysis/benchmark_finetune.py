@@ -57,25 +57,15 @@ def parse_args(argv=None):
 
 
 def build(quantized, policy=None):
-    from mmengine.registry import init_default_scope
-
-    from gmpq_mm.registry import MODELS
-    init_default_scope('mmpretrain')
-    backbone = dict(type='ResNet', depth=18, out_indices=(3, ))
+    """The ImageNet ResNet-18 (FP, or W4A4 / ``policy``) and its config."""
+    from gmpq_mm.apis.benchmark_models import build_classifier, classifier_cfg
+    kind, kwargs = 'fp', {}
     if quantized:
-        backbone = dict(
-            type='QuantizedBackbone', backbone=backbone, signed=False)
+        kind, kwargs = 'w4a4', dict(signed=False)
         if policy:
-            backbone['policy'] = policy
-        else:
-            backbone.update(w_bits=4, a_bits=4)
-    cfg = dict(
-        type='ImageClassifier',
-        backbone=backbone,
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=1000, in_channels=512))
-    # PyTorch's default init: the cost of a step does not depend on it.
-    return MODELS.build(cfg), cfg
+            kwargs['policy'] = policy
+    cfg = classifier_cfg(kind, 'imagenet', 1000, **kwargs)
+    return build_classifier(kind, 'imagenet', 1000, **kwargs), cfg
 
 
 def make_step(model, batch_size, size):

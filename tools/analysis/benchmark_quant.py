@@ -2,13 +2,14 @@
 """Time and memory cost of the quantized layers on a CIFAR ResNet-18.
 
 Compares one training step (forward + backward) of three networks built
-from the same ResNet-18 (CIFAR stem):
+from the configs' ResNet-18 (CIFAR stem) through the registered backbones
+(:mod:`gmpq_mm.apis.benchmark_models`):
 
 * ``fp``: the full-precision network;
-* ``supernet``: every conv except the stem replaced by a
+* ``supernet``: ``MixedPrecisionBackbone``, every conv except the stem a
   ``MixedPrecisionConv2d`` (weights and activations {2, 3, 4, 6} bits);
-* ``w4a4``: every conv except the stem replaced by a ``QuantizedConv2d``
-  with 4-bit weights and activations.
+* ``w4a4``: ``QuantizedBackbone``, every conv except the stem a
+  ``QuantizedConv2d`` with 4-bit weights and activations.
 
 Memory: each variant runs in its own subprocess, so its peak resident
 memory (``ru_maxrss``) is its own; the script reports the peak minus the
@@ -81,10 +82,6 @@ def parse_args():
         choices=['auto', 'eager', 'compile'],
         help='quantization kernel backends to run the quantized networks '
         'with (auto: as a long training run gets it by default)')
-    parser.add_argument(
-        '--local-resnet',
-        action='store_true',
-        help='use the script\'s own ResNet-18 even if mmpretrain imports')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
         '--max-spread',
@@ -114,127 +111,6 @@ def parse_args():
 
 
 # ---------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------
-def build_local_resnet18(num_classes=10):
-    """A ResNet-18 with the CIFAR stem and mmpretrain's module names."""
-    import torch.nn as nn
-
-    class BasicBlock(nn.Module):
-
-        def __init__(self, in_channels, out_channels, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(
-                in_channels, out_channels, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(out_channels)
-            self.conv2 = nn.Conv2d(
-                out_channels, out_channels, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(out_channels)
-            self.relu = nn.ReLU(inplace=True)
-            self.downsample = None
-            if stride != 1 or in_channels != out_channels:
-                self.downsample = nn.Sequential(
-                    nn.Conv2d(
-                        in_channels, out_channels, 1, stride, bias=False),
-                    nn.BatchNorm2d(out_channels))
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return self.relu(out + identity)
-
-    class ResNet18CIFAR(nn.Module):
-
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            in_ch = 64
-            for i, (ch, stride) in enumerate([(64, 1), (128, 2), (256, 2),
-                                              (512, 2)]):
-                blocks = [BasicBlock(in_ch, ch, stride), BasicBlock(ch, ch, 1)]
-                self.add_module(f'layer{i + 1}', nn.Sequential(*blocks))
-                in_ch = ch
-
-        def forward(self, x):
-            x = self.relu(self.bn1(self.conv1(x)))
-            for i in range(4):
-                x = getattr(self, f'layer{i + 1}')(x)
-            return x
-
-    return build_classifier(ResNet18CIFAR(), 512, num_classes), 'local'
-
-
-def build_classifier(backbone, channels, num_classes):
-    """Backbone + global average pool + linear head (the head stays FP)."""
-    import torch.nn as nn
-
-    class _Net(nn.Module):
-
-        def __init__(self):
-            super().__init__()
-            self.backbone = backbone
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.fc = nn.Linear(channels, num_classes)
-
-        def forward(self, x):
-            feat = self.backbone(x)
-            if isinstance(feat, (tuple, list)):
-                feat = feat[-1]
-            return self.fc(self.pool(feat).flatten(1))
-
-    return _Net()
-
-
-def build_resnet18(prefer_mmpretrain=True):
-    """ResNet-18 CIFAR from mmpretrain when it imports, else the local one.
-
-    Returns:
-        tuple: The classifier (backbone + pool + fc) and where it came from.
-    """
-    if prefer_mmpretrain:
-        try:
-            from mmpretrain.models import ResNet_CIFAR
-        except Exception:  # noqa: BLE001 - any import failure -> fallback
-            pass
-        else:
-            net = build_classifier(ResNet_CIFAR(depth=18), 512, 10)
-            return net, 'mmpretrain.ResNet_CIFAR'
-    return build_local_resnet18()
-
-
-def swap_convs(net, variant):
-    """Replace every conv of the backbone except the stem ``conv1``."""
-    import torch.nn as nn
-
-    from gmpq_mm.quantization.layers import (MixedPrecisionConv2d,
-                                             QuantizedConv2d)
-    backbone = net.backbone
-    names = [
-        name for name, m in backbone.named_modules()
-        if isinstance(m, nn.Conv2d) and name != 'conv1'
-    ]
-    for name in names:
-        parent_name, _, child = name.rpartition('.')
-        parent = backbone.get_submodule(parent_name) if parent_name \
-            else backbone
-        conv = getattr(parent, child)
-        if variant == 'supernet':
-            new = MixedPrecisionConv2d.from_float(
-                conv,
-                w_candidates=(2, 3, 4, 6),
-                a_candidates=(2, 3, 4, 6),
-                layer_name=name)
-        else:
-            new = QuantizedConv2d.from_float(
-                conv, w_bits=4, a_bits=4, layer_name=name)
-        setattr(parent, child, new)
-    return len(names)
-
-
-# ---------------------------------------------------------------------------
 # Workers (subprocesses)
 # ---------------------------------------------------------------------------
 def _maxrss_mib():
@@ -243,12 +119,21 @@ def _maxrss_mib():
 
 
 def _build_variant(variant, args):
-    """The classifier for ``variant`` and the number of swapped convs."""
+    """The classifier for ``variant`` and the number of quantized convs.
+
+    The configs' ResNet-18 (CIFAR stem) through the registered backbones
+    (:mod:`gmpq_mm.apis.benchmark_models`): its forward is backbone, global
+    average pooling and the FP linear head.
+    """
     import torch
+
+    from gmpq_mm.apis.benchmark_models import build_classifier
+    from gmpq_mm.quantization.layers import is_mixed_layer, is_quantized_layer
     torch.manual_seed(args.seed)
-    net, source = build_resnet18(not args.local_resnet)
-    num_swapped = swap_convs(net, variant) if variant != 'fp' else 0
-    return net.train(), source, num_swapped
+    net = build_classifier(variant, 'cifar', 10)
+    num_swapped = sum(
+        is_mixed_layer(m) or is_quantized_layer(m) for m in net.modules())
+    return net.train(), 'mmpretrain.ResNet_CIFAR', num_swapped
 
 
 def _make_step(net, backend):
@@ -261,7 +146,7 @@ def _make_step(net, backend):
         set_kernel_backend(backend)
         if backend == 'auto':
             plan_run(10**9)  # what a long training run gets
-        loss = F.cross_entropy(net(images), labels)
+        loss = F.cross_entropy(net(images, mode='tensor'), labels)
         loss.backward()
         net.zero_grad(set_to_none=False)
 
@@ -358,8 +243,6 @@ def _run_subprocess(extra_args, args, env_extra=None):
         str(args.threads), '--seed',
         str(args.seed)
     ] + extra_args
-    if args.local_resnet:
-        cmd.append('--local-resnet')
     env = dict(os.environ)
     repo_root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
     env['PYTHONPATH'] = os.pathsep.join(

@@ -35,25 +35,16 @@ Example::
 """
 import argparse
 import json
-import os.path as osp
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 from gmpq_mm.utils.timing import MAX_SPREAD, load_average, summarize_ratio
 
 MODES = ('single', 'bilevel')
 TARGETS = dict(single=dict(time=1.6, mem=2.0), bilevel=dict(time=3.2, mem=2.0))
-BACKBONE = dict(
-    type='ResNet_CIFAR',
-    depth=18,
-    num_stages=4,
-    out_indices=(3, ),
-    style='pytorch')
 
 
 def parse_args():
@@ -90,57 +81,21 @@ def build(batch_size):
     """Models, optimizers and step callables for every variant."""
     import torch
     from mmengine.optim import OptimWrapper
-    from mmengine.registry import init_default_scope
-    from mmpretrain.registry import MODELS
     from mmpretrain.structures import DataSample
 
-    from gmpq_mm.utils import register_all_modules
-    register_all_modules()
-
+    from gmpq_mm.apis.benchmark_models import (build_classifier,
+                                               build_search_model)
     from gmpq_mm.engine import (SearchOptimWrapperConstructor, bilevel_step,
                                 single_level_step)
     from gmpq_mm.quantization.kernel_backend import (plan_run,
                                                      set_kernel_backend)
     plan_run(10**9)  # 'auto' as a long training run gets it
-    init_default_scope('mmpretrain')
     torch.manual_seed(0)
-    head = dict(
-        type='LinearClsHead',
-        num_classes=10,
-        in_channels=512,
-        loss=dict(type='CrossEntropyLoss'))
-    preprocessor = dict(
-        type='ClsDataPreprocessor',
-        num_classes=10,
-        mean=[125.3, 123.0, 113.9],
-        std=[63.0, 62.1, 66.7])
-    fp_cfg = dict(
-        type='ImageClassifier',
-        backbone=BACKBONE,
-        neck=dict(type='GlobalAveragePooling'),
-        head=head)
-    fp = MODELS.build(dict(fp_cfg, data_preprocessor=preprocessor))
+    fp = build_classifier('fp', 'cifar', 10, preprocessor=True)
     fp_optim = OptimWrapper(
         torch.optim.SGD(
             fp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4))
-    ckpt = osp.join(tempfile.mkdtemp(), 'teacher.pth')
-    torch.save({'state_dict': fp.state_dict()}, ckpt)
-    search = MODELS.build(
-        dict(
-            type='GMPQSearchClassifier',
-            backbone=dict(
-                type='MixedPrecisionBackbone',
-                backbone=BACKBONE,
-                w_bits=[2, 3, 4, 6],
-                a_bits=[2, 3, 4, 6]),
-            neck=dict(type='GlobalAveragePooling'),
-            head=head,
-            teacher=fp_cfg,
-            teacher_checkpoint=ckpt,
-            attribution_loss=dict(type='AttributionRankLoss', loss_weight=40.),
-            complexity_loss=dict(type='ComplexityLoss', loss_weight=3e-4),
-            data_preprocessor=preprocessor))
-    shutil.rmtree(osp.dirname(ckpt))  # read at construction
+    search = build_search_model('cifar', 10, teacher_state=fp.state_dict())
     sgd = dict(type='SGD', momentum=0.9, weight_decay=1e-4)
     search_optim = SearchOptimWrapperConstructor(
         dict(
