@@ -76,18 +76,18 @@ class Constraint:
         self.costs = costs
         self.budget = _check_number(budget, f'{self.name} budget')
         if tolerance is not None and floor is not None:
-            raise ValueError(f'{self.name}: give tolerance or floor, '
-                             f'not both')
+            raise BudgetError(f'{self.name}: give tolerance or floor, '
+                              f'not both')
         if tolerance is not None:
             _check_number(tolerance, f'{self.name} tolerance')
             if not 0 <= tolerance <= 1:
-                raise ValueError(f'{self.name} tolerance must be in [0, 1], '
-                                 f'got {tolerance!r}')
+                raise BudgetError(f'{self.name} tolerance must be in [0, 1], '
+                                  f'got {tolerance!r}')
             floor = (1 - tolerance) * budget
         elif floor is not None:
             _check_number(floor, f'{self.name} floor')
             if floor > budget:
-                raise ValueError(
+                raise BudgetError(
                     f'{self.name} floor {floor:.0f} is above the budget '
                     f'{budget:.0f}')
         self.floor = floor
