@@ -65,6 +65,23 @@ def _check_budget(value, name):
     return value
 
 
+def _missing_data_roots(dataset, where):
+    """``[(key, path)]`` of local ``data_root`` s that do not exist, in
+    ``dataset`` and the datasets it wraps."""
+    if not isinstance(dataset, dict):
+        return []
+    out = []
+    root = dataset.get('data_root')
+    if isinstance(root, str) and root and '://' not in root and \
+            not osp.exists(root):
+        out.append((f'{where}.data_root', root))
+    if isinstance(dataset.get('dataset'), dict):
+        out += _missing_data_roots(dataset['dataset'], f'{where}.dataset')
+    for i, sub in enumerate(dataset.get('datasets') or []):
+        out += _missing_data_roots(sub, f'{where}.datasets[{i}]')
+    return out
+
+
 def _search_backbone(cfg, where):
     backbone = cfg.model.get('backbone')
     if config_type(backbone) != 'MixedPrecisionBackbone':
@@ -133,6 +150,12 @@ def _signed(backbone_cfg, net, names, input_shape):
     return {n: bool(dict(signed).get(n, False)) for n in names}
 
 
+def _finite(value):
+    """``value`` as a float, or None when it is NaN (valid JSON)."""
+    value = float(value)
+    return value if value == value else None
+
+
 def _traces(row):
     """The Hessian traces of a row (``'hessian'`` only), whole and per
     element."""
@@ -141,6 +164,8 @@ def _traces(row):
     return dict(
         weight_trace=float(row['weight_trace']),
         input_trace=float(row['input_trace']),
+        weight_trace_se=_finite(row['weight_trace_se']),
+        input_trace_se=_finite(row['input_trace_se']),
         weight_trace_per_element=row['weight_trace'] / row['weight_numel'],
         input_trace_per_element=row['input_trace'] / row['input_numel'])
 
@@ -183,7 +208,7 @@ def sensitivity_policy(config,
                        tolerance: float = DEFAULT_TOLERANCE,
                        method: str = 'hessian',
                        calib_batches: int = 4,
-                       num_samples: int = 16,
+                       num_samples: int = 8,
                        calib_method: str = 'release',
                        work_dir: Optional[str] = None,
                        seed: int = 0,
@@ -233,8 +258,13 @@ def sensitivity_policy(config,
     if not osp.isfile(checkpoint):
         raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
     cfg = as_config(config, cfg_options)
-    missing = find_missing_paths(
-        dict(train_dataloader=cfg.get('train_dataloader')), ('train', ))
+    loader_cfg = cfg.get('train_dataloader')
+    # A missing data_root is refused even where the dataset class could
+    # download it: calibration reads the data that is there.
+    missing = _missing_data_roots(
+        loader_cfg and loader_cfg.get('dataset'),
+        'train_dataloader.dataset') + find_missing_paths(
+            dict(train_dataloader=loader_cfg), ('train', ))
     if missing:
         key, path = missing[0]
         raise FileNotFoundError(f'calibration data not found: {key}: {path} '

@@ -63,8 +63,8 @@ def parse_args(argv=None):
     parser.add_argument(
         '--num-samples',
         type=int,
-        default=16,
-        help='Hutchinson vectors per batch (hessian; default 16)')
+        default=8,
+        help='Hutchinson vectors per batch (hessian; default 8)')
     parser.add_argument(
         '--calib-method',
         choices=CALIB_METHODS,
