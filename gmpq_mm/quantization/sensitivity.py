@@ -190,7 +190,7 @@ def hessian_sensitivity(model: nn.Module,
                         loss_fn: LossFn,
                         batches: Sequence,
                         settings: Mapping[str, dict],
-                        num_samples: int = 16,
+                        num_samples: int = 8,
                         seed: int = 0) -> 'OrderedDict[str, dict]':
     """Second-order sensitivity of every layer and (w, a) pair.
 
@@ -297,7 +297,7 @@ def layer_sensitivity(model: nn.Module,
                       signed: Optional[Mapping[str, bool]] = None,
                       calib_method: str = DEFAULT_METHOD,
                       per_channel: bool = False,
-                      num_samples: int = 16,
+                      num_samples: int = 8,
                       seed: int = 0) -> dict:
     """Sensitivity of each named layer to each (w, a) candidate pair.
 
