@@ -130,14 +130,21 @@ def main(argv=None):
     cfg = Config.fromfile(args.config)
     cfg = merge_args(cfg, args)
     phases = ('train', ) if cfg.get('val_cfg') is None else ('train', 'val')
+    from gmpq_mm.quantization.budget import BudgetError
+    from gmpq_mm.quantization.targets import TargetError
+    from gmpq_mm.utils.budget_checks import check_model_budgets
     try:
         check_paths(cfg, phases=phases, config_file=args.config)
-    except FileNotFoundError as err:
+        check_model_budgets(cfg)  # budget types, target, policy widths
+    except (FileNotFoundError, BudgetError, TargetError) as err:
         raise SystemExit(f'error: {err}')
     add_bit_record_hook(cfg)  # bit widths into / checked against ckpts
     prepare_cpu_distributed(cfg)
     with restore_work_dir_on_failure(cfg):
-        runner = Runner.from_cfg(cfg)
+        try:  # an unreachable budget is found once the model is built
+            runner = Runner.from_cfg(cfg)
+        except (BudgetError, TargetError) as err:
+            raise SystemExit(f'error: {err}')
         runner.train()
     finish_distributed(runner)
 

@@ -14,7 +14,9 @@ Example:
     >>> complexity_report(net, (3, 8, 8))['totals']['bitops_quantized']
     110592
 """
-from .budget import best_policy_under_budget, log_probs_from_model, policy_cost
+from .budget import (best_policy_under_budget, bitops_constraint,
+                     log_probs_from_model, policy_cost, policy_size_mb,
+                     size_constraint)
 from .calibration import calibrate_model
 from .complexity import (LayerMacs, bitops, complexity_report, count_macs,
                          expected_bitops, format_table)
@@ -28,7 +30,9 @@ from .policy import (Policy, load_policy, make_policy, policy_layers,
                      save_policy, validate_policy)
 from .probe import eval_mode
 from .quantizers import SUPPORTED_BITS, quantize_activation, quantize_weight
-from .solver import Constraint, solve_policy
+from .solver import BudgetError, Constraint, solve_policy
+from .targets import (TARGETS, TargetError, check_policy_target,
+                      emulated_layers, get_target)
 
 __all__ = [
     # Convert a model: a searchable supernet, or fixed bits from a policy.
@@ -55,9 +59,19 @@ __all__ = [
     'best_policy_under_budget',
     'log_probs_from_model',
     'policy_cost',
-    # Any scores under any linear budgets (exact).
+    # Any scores under any linear budgets (exact): BitOPs, model size.
     'solve_policy',
     'Constraint',
+    'bitops_constraint',
+    'size_constraint',
+    'policy_size_mb',
+    'BudgetError',
+    # Deployment targets: native, emulated and refused bit widths.
+    'TARGETS',
+    'get_target',
+    'emulated_layers',
+    'check_policy_target',
+    'TargetError',
     # Calibrate and export a fixed-bit network.
     'calibrate_model',
     'save_artifact',

@@ -16,6 +16,7 @@ the exact solve takes milliseconds.
 
 Pure PyTorch / numpy / scipy: nothing from mmengine / mmpretrain is imported.
 """
+import math
 import numbers
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Sequence, Tuple
@@ -25,16 +26,66 @@ import torch
 from torch import nn
 
 from .bits import SUPPORTED_BITS, check_candidates
-from .complexity import LayerMacs
+from .complexity import MB, LayerMacs, weight_size_bits
 from .layers import is_mixed_layer
-from .solver import Constraint, solve_policy
+from .solver import BudgetError, Constraint, solve_policy
 
 __all__ = [
-    'best_policy_under_budget', 'bitops_constraint', 'log_probs_from_model',
-    'policy_cost', 'random_policy_near_budget', 'Constraint', 'solve_policy'
+    'best_policy_under_budget', 'bitops_constraint', 'size_constraint',
+    'policy_size_mb', 'log_probs_from_model', 'policy_cost',
+    'random_policy_near_budget', 'check_budget', 'check_tolerance',
+    'BudgetError', 'Constraint', 'solve_policy'
 ]
 
 Bits = Tuple[int, int]
+
+
+def check_budget(value, field: str, example: str = '8.9e9'):
+    """A budget read from a config: ``None`` or a positive finite number.
+
+    Args:
+        value: The configured value.
+        field (str): Its config key (e.g. ``'model.target_bitops'``), named
+            in the error.
+        example (str): A valid value to show in the error.
+
+    Returns:
+        float | None: ``value`` as a float.
+
+    Raises:
+        BudgetError: One line naming ``field``, for a string, a list, a
+            boolean (``True`` is not a budget of 1), NaN / inf, or a value
+            that is not positive.
+
+    Example:
+        >>> check_budget(True, 'model.target_bitops')
+        Traceback (most recent call last):
+        ...
+        gmpq_mm.quantization.solver.BudgetError: model.target_bitops must ...
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(float(value)) or value <= 0:
+        raise BudgetError(f'{field} must be a positive number such as '
+                          f'{example}, got {value!r} '
+                          f'({type(value).__name__})')
+    return float(value)
+
+
+def check_tolerance(value, field: str, budget_field: str, budget):
+    """A budget's tolerance: ``None``, or a number in ``[0, 1)`` set
+    together with its budget (``budget_field``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not 0 <= value < 1:
+        raise BudgetError(f'{field} must be a number in [0, 1) such as '
+                          f'0.02, got {value!r} ({type(value).__name__})')
+    if budget is None:
+        raise BudgetError(f'{field} needs {budget_field} (the budget it is '
+                          f'a fraction of)')
+    return float(value)
 
 
 def _as_array(values, name: str, kind: str, size: int) -> np.ndarray:
@@ -172,6 +223,54 @@ def bitops_constraint(macs: Mapping,
         costs[name] = {(w, a): layer_macs * w * a for w, a in pairs}
     return Constraint(
         'BitOPs', costs, budget, tolerance=tolerance, floor=floor)
+
+
+def policy_size_mb(fixed_bits: int, numels: Mapping, layers: Mapping) -> float:
+    """Model size in MB (1e6 bytes) of ``name -> (w_bits, a_bits)``.
+
+    ``fixed_bits`` and ``numels`` as :func:`.complexity.size_terms` returns
+    them: everything but the layers' weights, and their weight counts.
+    """
+    bits = fixed_bits + sum(
+        weight_size_bits(numels[name], int(w))
+        for name, (w, _) in layers.items())
+    return bits / 8 / MB
+
+
+def size_constraint(fixed_bits: int,
+                    numels: Mapping,
+                    budget_mb: float,
+                    tolerance: Optional[float] = None) -> Constraint:
+    """A model-size budget (MB of 1e6 bytes) as a :class:`Constraint`.
+
+    The cost of a layer at ``(w, a)`` is its weight packed at ``w`` bits
+    (:func:`.complexity.weight_size_bits`); the row's budget is the size
+    budget less ``fixed_bits`` (everything else at 32 bits), so the band
+    ``[(1 - tolerance) * budget_mb, budget_mb]`` is on the whole model's
+    size. Costs are exact ints (bits).
+
+    Args:
+        fixed_bits / numels: As :func:`.complexity.size_terms` returns them.
+        budget_mb (float): The model size allowed.
+        tolerance (float, optional): Width of the band below the budget.
+    """
+    budget_bits = budget_mb * 8 * MB
+    floor = None if tolerance is None else (1 - tolerance) * budget_bits
+    costs = OrderedDict((name, {
+        (w, a): weight_size_bits(n, w)
+        for w in SUPPORTED_BITS
+        for a in SUPPORTED_BITS
+    }) for name, n in numels.items())
+
+    def fmt(bits):
+        return f'{(bits + fixed_bits) / 8 / MB:.6g} MB'
+
+    return Constraint(
+        'size',
+        costs,
+        budget_bits - fixed_bits,
+        floor=None if floor is None else floor - fixed_bits,
+        fmt=fmt)
 
 
 def random_policy_near_budget(macs: Mapping,

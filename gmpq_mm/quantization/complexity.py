@@ -10,9 +10,13 @@ Conventions (``docs/method.md``, Complexity and the budget):
   (quantized) layers only; the whole-network figure counts the layers kept
   full precision at ``32 x 32``.
 * Sizes are in MB of ``1e6`` bytes (FP ResNet-18: 11.69M params * 4 bytes =
-  46.8 MB). Conv / linear weights count at their weight bits; every other
-  parameter (biases, BatchNorm, activation ranges) at 32 bits; the search-only
-  architecture parameters (``alpha_w`` / ``alpha_a``) are not counted.
+  46.8 MB). Conv / linear weights count at their weight bits, packed as the
+  artifact stores them (``ceil(numel * bits / 8)`` bytes per layer); every
+  other parameter (biases, BatchNorm, activation ranges) at 32 bits; the
+  search-only architecture parameters (``alpha_w`` / ``alpha_a``) are not
+  counted, and a supernet layer's per-candidate activation ranges count as
+  the one range the fixed-bit layer it becomes keeps. Buffers (BatchNorm
+  statistics, weight thresholds) are not counted.
 
 Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 """
@@ -31,7 +35,8 @@ from .probe import eval_mode, probe_input
 
 __all__ = [
     'LayerMacs', 'count_macs', 'bitops', 'expected_bitops',
-    'complexity_report', 'format_table', 'human_units', 'MB'
+    'complexity_report', 'format_table', 'human_units', 'MB',
+    'weight_size_bits', 'size_terms'
 ]
 
 MB = 1e6  # bytes per MB in every size this module reports
@@ -124,6 +129,60 @@ def count_macs(
          LayerMacs(found[name], _params_of(module),
                    'conv' if isinstance(module, _ConvNd) else 'linear'))
         for name, module in modules if name in found)
+
+
+def weight_size_bits(numel: int, w_bits) -> Union[int, float]:
+    """Bits ``numel`` weights take at ``w_bits``: packed to whole bytes as
+    the artifact stores them (``ceil(numel * w / 8) * 8``), ``numel * 32``
+    at full precision, ``numel * w`` for fractional (expected) bits.
+
+    Example:
+        >>> weight_size_bits(10, 3), weight_size_bits(10, 32)
+        (32, 320)
+    """
+    if isinstance(w_bits, numbers.Integral) and w_bits < FP_BITS:
+        return (int(numel) * int(w_bits) + 7) // 8 * 8
+    return int(numel) * w_bits
+
+
+def _param_count(pname: str, param: Tensor, modules: Mapping) -> int:
+    """Values of a parameter as the fixed-bit model keeps it."""
+    owner, _, leaf = pname.rpartition('.')
+    if leaf == 'act_ranges' and is_mixed_layer(modules.get(owner)):
+        return 1  # the fixed-bit layer keeps one range out of K_a
+    return int(param.numel())
+
+
+def size_terms(model: nn.Module,
+               layers: Sequence[str]) -> Tuple[int, Dict[str, int]]:
+    """The parts of a model's size that do and do not depend on the bits
+    of ``layers``.
+
+    Args:
+        model: Any network (a supernet counts as the fixed-bit model a
+            policy makes of it).
+        layers: Names of conv / linear modules whose weight bits vary.
+
+    Returns:
+        tuple: ``fixed_bits`` (every other parameter at 32 bits, see the
+        module notes) and ``name -> weight numel``; the size of a policy is
+        ``fixed_bits + sum weight_size_bits(numel, w_bits)``.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if not hasattr(modules.get(n), 'weight')]
+    if missing:
+        raise ValueError(f'layer(s) {missing} are not weighted modules of '
+                         f'{type(model).__name__}')
+    varying = {id(modules[n].weight): n for n in layers}
+    numels = OrderedDict((n, int(modules[n].weight.numel())) for n in layers)
+    fixed, seen = 0, set()
+    for pname, param in model.named_parameters():
+        if id(param) in seen or pname.rpartition('.')[2] in _ARCH_PARAM_NAMES:
+            continue
+        seen.add(id(param))
+        if id(param) not in varying:
+            fixed += _param_count(pname, param, modules) * FP_BITS
+    return fixed, numels
 
 
 def _macs_value(macs: Mapping, name: str) -> int:
@@ -281,8 +340,10 @@ def complexity_report(model: nn.Module,
         if id(param) in seen or pname.rpartition('.')[2] in _ARCH_PARAM_NAMES:
             continue
         seen.add(id(param))
-        size_bits += param.numel() * weight_bits.get(id(param), FP_BITS)
-        fp_size_bits += param.numel() * FP_BITS
+        count = _param_count(pname, param, modules)
+        size_bits += weight_size_bits(count,
+                                      weight_bits.get(id(param), FP_BITS))
+        fp_size_bits += count * FP_BITS
 
     total_macs = sum(r['macs'] for r in rows)
     q_rows = [r for r in rows if r['quantized']]

@@ -46,9 +46,10 @@ POLICY_FORMAT = 'gmpq-policy'
 POLICY_VERSION = 1
 
 # Order of the top-level keys in a written file (unknown keys go last).
-_KEY_ORDER = ('format', 'version', 'source', 'w_candidates', 'a_candidates',
-              'input_shape', 'bitops', 'budget', 'mean_w_bits', 'mean_a_bits',
-              'layers', 'layer_macs', 'layer_params', 'probabilities')
+_KEY_ORDER = ('format', 'version', 'source', 'target', 'w_candidates',
+              'a_candidates', 'input_shape', 'bitops', 'budget', 'size_mb',
+              'size_budget_mb', 'mean_w_bits', 'mean_a_bits', 'layers',
+              'layer_macs', 'layer_params', 'probabilities')
 
 PathLike = Union[str, os.PathLike]
 Bits = Tuple[int, int]
@@ -238,6 +239,11 @@ def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:
     if probs is not None:
         policy['probabilities'] = _check_probabilities(probs, table, cands,
                                                        where)
+    if raw.get('target') is not None:
+        # a target the policy was searched for must hold every width
+        from .targets import check_policy_target, get_target
+        check_policy_target(table, get_target(raw['target'],
+                                              f'{where}: target'), where)
     return policy
 
 

@@ -26,9 +26,13 @@ import numpy as np
 
 from .bits import check_bits
 
-__all__ = ['Constraint', 'solve_policy']
+__all__ = ['BudgetError', 'Constraint', 'solve_policy']
 
 Bits = Tuple[int, int]
+
+
+class BudgetError(ValueError):
+    """A budget that is not a number, or that no policy can meet."""
 
 
 def _default_fmt(value: float) -> str:
@@ -38,9 +42,9 @@ def _default_fmt(value: float) -> str:
 
 def _check_number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f'{what} must be a number, got {value!r}')
+        raise BudgetError(f'{what} must be a number, got {value!r}')
     if not math.isfinite(float(value)):
-        raise ValueError(f'{what} must be finite, got {value!r}')
+        raise BudgetError(f'{what} must be finite, got {value!r}')
     return value
 
 
@@ -72,18 +76,18 @@ class Constraint:
         self.costs = costs
         self.budget = _check_number(budget, f'{self.name} budget')
         if tolerance is not None and floor is not None:
-            raise ValueError(f'{self.name}: give tolerance or floor, '
-                             f'not both')
+            raise BudgetError(f'{self.name}: give tolerance or floor, '
+                              f'not both')
         if tolerance is not None:
             _check_number(tolerance, f'{self.name} tolerance')
             if not 0 <= tolerance <= 1:
-                raise ValueError(f'{self.name} tolerance must be in [0, 1], '
-                                 f'got {tolerance!r}')
+                raise BudgetError(f'{self.name} tolerance must be in [0, 1], '
+                                  f'got {tolerance!r}')
             floor = (1 - tolerance) * budget
         elif floor is not None:
             _check_number(floor, f'{self.name} floor')
             if floor > budget:
-                raise ValueError(
+                raise BudgetError(
                     f'{self.name} floor {floor:.0f} is above the budget '
                     f'{budget:.0f}')
         self.floor = floor
@@ -165,12 +169,12 @@ def _check_reachable(con: Constraint, allowed: Mapping) -> None:
     dearest = sum(max(c) for c in per_layer)
     what = f'of these {len(per_layer)} layers'
     if cheapest > con.budget:
-        raise ValueError(
+        raise BudgetError(
             f'{con.name} budget {con.fmt(con.budget)} is below the smallest '
             f'reachable {con.fmt(cheapest)} {what} (every layer at its '
             f'cheapest allowed bits)')
     if con.floor is not None and dearest < con.floor:
-        raise ValueError(
+        raise BudgetError(
             f'{con.name} floor {con.fmt(con.floor)} is above the largest '
             f'reachable {con.fmt(dearest)} {what} (every layer at its '
             f'dearest allowed bits)')
@@ -197,9 +201,10 @@ def solve_policy(
         constraint.
 
     Raises:
-        ValueError: If a constraint cannot be met by itself (the message
-            names it and the smallest / largest reachable cost), if the
-            constraints cannot be met together, or inputs disagree.
+        BudgetError: If a constraint cannot be met by itself (the message
+            names it and the smallest / largest reachable cost), or the
+            constraints cannot be met together (a ``ValueError``).
+        ValueError: If inputs disagree.
         RuntimeError: If the solver fails to prove an optimum.
 
     Example:
@@ -270,9 +275,9 @@ def _milp(allowed: Mapping, names: List[str],
             constraints=linear,
             options={'mip_rel_gap': 0.0})
         if result.status == 2:
-            raise ValueError('no policy meets all of ' +
-                             ', '.join(con.band() for con in constraints) +
-                             f' at once over these {len(names)} layers')
+            raise BudgetError('no policy meets all of ' +
+                              ', '.join(con.band() for con in constraints) +
+                              f' at once over these {len(names)} layers')
         if not result.success or result.x is None:
             raise RuntimeError(f'policy MILP failed: {result.message}')
         policy = OrderedDict(

@@ -35,20 +35,26 @@ def teacher_ckpt(tmp_path_factory):
     return str(path)
 
 
+def _cfg(teacher_ckpt, **kw):
+    """The tiny search model's config (32 px), ``kw`` on top."""
+    cfg = dict(
+        type='GMPQSearchClassifier',
+        backbone=dict(
+            type='MixedPrecisionBackbone',
+            backbone=BACKBONE,
+            w_bits=[2, 4],
+            a_bits=[2, 4]),
+        neck=dict(type='GlobalAveragePooling'),
+        head=HEAD,
+        teacher=TEACHER,
+        teacher_checkpoint=teacher_ckpt,
+        input_shape=(3, 32, 32))
+    cfg.update(kw)
+    return cfg
+
+
 def build(teacher_ckpt, size):
-    return MODELS.build(
-        dict(
-            type='GMPQSearchClassifier',
-            backbone=dict(
-                type='MixedPrecisionBackbone',
-                backbone=BACKBONE,
-                w_bits=[2, 4],
-                a_bits=[2, 4]),
-            neck=dict(type='GlobalAveragePooling'),
-            head=HEAD,
-            teacher=TEACHER,
-            teacher_checkpoint=teacher_ckpt,
-            input_shape=(3, size, size)))
+    return MODELS.build(dict(_cfg(teacher_ckpt), input_shape=(3, size, size)))
 
 
 def test_one_pixel_attribution_maps_are_warned_about(teacher_ckpt):
@@ -135,19 +141,7 @@ def test_attribution_at_earlier_stages_trains(tmp_path, stages):
 
 
 def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
-    cfg = dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32),
-        target_bitops_tolerance=0.02)
+    cfg = _cfg(teacher_ckpt, target_bitops_tolerance=0.02)
     with pytest.raises(ValueError, match='target_bitops_tolerance needs'):
         MODELS.build(cfg)
     model = MODELS.build(
@@ -165,18 +159,8 @@ def test_target_bitops_tolerance_needs_a_budget(teacher_ckpt):
 
 
 def test_budget_complexity_needs_target_bitops(teacher_ckpt):
-    cfg = dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=teacher_ckpt,
-        input_shape=(3, 32, 32),
+    cfg = _cfg(
+        teacher_ckpt,
         complexity_loss=dict(type='ComplexityLoss', mode='budget'))
     with pytest.raises(ValueError, match="mode='budget' needs target_bitops"):
         MODELS.build(cfg)
@@ -204,18 +188,7 @@ def test_init_from_teacher_copies_every_teacher_weight(tmp_path):
                 b.uniform_(0.5, 2.0)
     path = str(tmp_path / 'teacher.pth')
     torch.save({'state_dict': teacher.state_dict()}, path)
-    cfg = dict(
-        type='GMPQSearchClassifier',
-        backbone=dict(
-            type='MixedPrecisionBackbone',
-            backbone=BACKBONE,
-            w_bits=[2, 4],
-            a_bits=[2, 4]),
-        neck=dict(type='GlobalAveragePooling'),
-        head=HEAD,
-        teacher=TEACHER,
-        teacher_checkpoint=path,
-        input_shape=(3, 32, 32))
+    cfg = _cfg(path)
     plain = MODELS.build(cfg)
     plain.init_weights()
     model = MODELS.build(dict(cfg, init_from_teacher=True))
@@ -247,3 +220,95 @@ def test_probability_stats_by_hand(teacher_ckpt):
     losses = model.loss(torch.rand(2, 3, 32, 32), _samples(2))
     assert losses['prob_entropy'].item() == pytest.approx(entropy.item())
     assert losses['prob_top2_gap'].item() == pytest.approx(gap.item())
+
+
+def _fixed_model_size(policy):
+    """Size of the fixed-bit classifier the finetune builds from policy."""
+    from gmpq_mm.utils.report import model_complexity
+    model = MODELS.build(
+        dict(
+            type='ImageClassifier',
+            backbone=dict(
+                type='QuantizedBackbone', backbone=BACKBONE, policy=policy),
+            neck=dict(type='GlobalAveragePooling'),
+            head=HEAD))
+    return model_complexity(
+        model, input_shape=(3, 32, 32), strict=True)['size_mb']
+
+
+def test_size_budget_is_met_within_the_band(teacher_ckpt):
+    from gmpq_mm.quantization.budget import policy_size_mb
+    model = MODELS.build(_cfg(teacher_ckpt))
+    lo, hi = (
+        policy_size_mb(model.size_fixed_bits, model.layer_numels,
+                       {n: (w, 2)
+                        for n in model.layer_numels}) for w in (2, 4))
+    budget = (lo + hi) / 2
+    with torch.no_grad():  # a search that prefers 4-bit weights everywhere
+        for _, m in model.mixed_layers:
+            m.alpha_w.copy_(torch.tensor([0.0, 1.0]))
+    model.target_size_mb, model.target_size_mb_tolerance = budget, 0.02
+    policy = model.current_policy()
+    assert 0.98 * budget <= policy['size_mb'] <= budget
+    assert policy['size_budget_mb'] == budget
+    # the finetune's fixed-bit model has exactly the size the search wrote
+    assert _fixed_model_size(policy) == pytest.approx(
+        policy['size_mb'], rel=1e-12)
+    # with a BitOPs budget as well, both hold
+    total = sum(model.layer_macs.values())
+    model.target_bitops, model.target_bitops_tolerance = 7 * total, 0.1
+    both = model.current_policy()
+    assert 0.98 * budget <= both['size_mb'] <= budget
+    assert 0.9 * 7 * total <= both['bitops'] <= 7 * total
+    # built with them, the loss holds the size hinge, checked by hand:
+    # uniform alphas, E[b_w] = 3 -> size midway = (lo + hi) / 2
+    built = MODELS.build(
+        _cfg(
+            teacher_ckpt,
+            target_size_mb=0.8 * budget,
+            complexity_loss=dict(
+                type='ComplexityLoss', mode='budget', loss_weight=2.0)))
+    losses = built.loss(torch.rand(2, 3, 32, 32), _samples(2))
+    expected = built.expected_size_mb().item()
+    assert expected == pytest.approx(budget, rel=1e-6)
+    assert losses['expected_size_mb'].item() == pytest.approx(expected)
+    assert losses['loss_complexity'].item() == pytest.approx(
+        2.0 * (1 / 0.8 - 1)**2, rel=1e-5)
+
+
+@pytest.mark.parametrize('field', ['target_bitops', 'target_size_mb'])
+@pytest.mark.parametrize('value', ['abc', [1, 2], True])
+def test_budget_type_errors_name_the_field(teacher_ckpt, field, value):
+    from gmpq_mm.quantization.budget import BudgetError
+    with pytest.raises(
+            BudgetError,
+            match=f'^model.{field} must be a positive '
+            'number such as .*, got') as err:
+        MODELS.build(_cfg(teacher_ckpt, **{field: value}))
+    assert '\n' not in str(err.value)
+    with pytest.raises(BudgetError, match=f'model.{field}_tolerance must be'):
+        MODELS.build(_cfg(teacher_ckpt, **{f'{field}_tolerance': True}))
+
+
+def test_unreachable_size_budget_states_smallest(teacher_ckpt):
+    with pytest.raises(
+            ValueError,
+            match=r'size budget 0\.01 MB is below the '
+            r'smallest reachable 0\.051924 MB of these 19 layers'):
+        MODELS.build(_cfg(teacher_ckpt, target_size_mb=0.01))
+
+
+def test_target_preset_sets_candidates_and_is_recorded(teacher_ckpt):
+    with pytest.warns(
+            UserWarning,
+            match=r"target 'int8_runtime' sets the "
+            r'candidates w_bits=\[4, 8\] a_bits=\[8\]'):
+        model = MODELS.build(_cfg(teacher_ckpt, target='int8_runtime'))
+    assert model.w_candidates == (4, 8) and model.a_candidates == (8, )
+    policy = model.current_policy()
+    assert policy['target'] == 'int8_runtime'
+    assert {e['a_bits'] for e in policy['layers'].values()} == {8}
+    from gmpq_mm.quantization.targets import TargetError
+    with pytest.raises(
+            TargetError, match="model.target: unknown target 'tpu'"):
+        MODELS.build(_cfg(teacher_ckpt, target='tpu'))

@@ -316,3 +316,101 @@ def test_solve_policy_errors():
             Constraint('size', size, bad)
     with pytest.raises(ValueError, match='size tolerance must be in'):
         Constraint('size', size, 5, tolerance=1.5)
+
+
+# --- the model-size budget -------------------------------------------------
+def _small_net():
+    torch.manual_seed(0)
+    # odd weight counts (3*5*9 = 135, 5*7*9 = 315, 7*3 = 21) so that packing
+    # rounds up to whole bytes
+    return nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5),
+        nn.Conv2d(5, 7, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(7, 3))
+
+
+def test_size_terms_and_policy_size_by_hand():
+    import copy
+
+    from gmpq_mm.quantization.budget import policy_size_mb
+    from gmpq_mm.quantization.complexity import (complexity_report, size_terms,
+                                                 weight_size_bits)
+    from gmpq_mm.quantization.convert import to_quantized
+    net = _small_net()
+    supernet = to_mixed_precision(
+        copy.deepcopy(net), (2, 3, 8), (4, 8),
+        names=['0', '2', '5'],
+        input_shape=(3, 6, 6))
+    fixed, numels = size_terms(supernet, ['0', '2', '5'])
+    assert numels == {'0': 135, '2': 315, '5': 21}
+    # fixed: biases 5 + 7 + 3, BatchNorm 5 + 5, one activation range per
+    # layer (3, not the supernet's 2 per layer), all at 32 bits
+    assert fixed == (5 + 7 + 3 + 10 + 3) * 32
+    assert weight_size_bits(135, 3) == 51 * 8  # 405 bits -> 51 bytes
+    assert weight_size_bits(21, 32) == 21 * 32
+    layers = {'0': (3, 4), '2': (2, 8), '5': (8, 8)}
+    by_hand = (fixed + 51 * 8 + 79 * 8 + 21 * 8) / 8 / 1e6
+    assert policy_size_mb(fixed, numels, layers) == pytest.approx(
+        by_hand, rel=1e-15)
+    # the fixed-bit model the policy makes reports the same size
+    fixed_net = to_quantized(copy.deepcopy(net), layers, input_shape=(3, 6, 6))
+    report = complexity_report(fixed_net, (3, 6, 6))
+    assert report['totals']['size_mb'] == pytest.approx(by_hand, rel=1e-15)
+
+
+def test_size_budget_matches_brute_force_with_and_without_bitops():
+    from gmpq_mm.quantization.budget import (bitops_constraint, policy_size_mb,
+                                             size_constraint)
+    rng = np.random.default_rng(3)
+    numels = {'a': 135, 'b': 315, 'c': 21, 'd': 600}
+    macs = {'a': 4860, 'b': 11340, 'c': 21, 'd': 5000}
+    fixed = 28 * 32
+    cands = (2, 4, 8)
+    scores = {
+        n: {
+            (w, a): float(rng.normal())
+            for w in cands
+            for a in cands
+        }
+        for n in numels
+    }
+    sizes = [
+        policy_size_mb(fixed, numels, {n: (w, 8)
+                                       for n in numels}) for w in cands
+    ]
+    for budget_mb in np.linspace(sizes[0], sizes[-1], 6)[1:]:
+        for tol in (None, 0.05):
+            for with_bitops in (False, True):
+                cons = [size_constraint(fixed, numels, budget_mb, tol)]
+                if with_bitops:
+                    cons.append(
+                        bitops_constraint(macs, numels,
+                                          30 * sum(macs.values()), 0.2))
+                best, best_score = brute_force_general(scores, cons)
+                if best is None:
+                    with pytest.raises(ValueError):
+                        solve_policy(scores, cons)
+                    continue
+                got = solve_policy(scores, cons)
+                size = policy_size_mb(fixed, numels, got)
+                assert size <= budget_mb
+                if tol is not None:
+                    assert size >= (1 - tol) * budget_mb
+                assert sum(scores[n][p] for n, p in got.items()) == \
+                    pytest.approx(best_score, abs=1e-12)
+    # all 2-bit: 112 fixed bytes + 34 + 79 + 6 + 150 packed = 381 bytes
+    with pytest.raises(
+            ValueError,
+            match=r'size budget 0.0001 MB is below the smallest '
+            r'reachable 0\.000381 MB of these 4 layers'):
+        solve_policy(scores, [size_constraint(fixed, numels, 1e-4)])
+
+
+@pytest.mark.parametrize('value', ['abc', [1, 2], True, False, math.nan, 0])
+def test_budget_values_are_checked(value):
+    from gmpq_mm.quantization.budget import BudgetError, check_budget
+    with pytest.raises(BudgetError) as err:
+        check_budget(value, 'model.target_size_mb', '5.5')
+    assert str(err.value).startswith('model.target_size_mb must be a '
+                                     'positive number such as 5.5, got')
+    assert '\n' not in str(err.value)

@@ -61,6 +61,12 @@ def parse_args(argv=None):
         nargs='+',
         action=DictAction,
         help='override config settings, key=value (xxx=yyy format)')
+    parser.add_argument(
+        '--target',
+        help='deployment target (e.g. int8_runtime, see '
+        'docs/user_guides/budgets_and_targets.md): refuse widths it cannot '
+        'hold and name the layers it only emulates; default: the target the '
+        '--policy file records, else the config\'s model.target, if any')
     parser.add_argument('--out', help='write the report as JSON here')
     parser.add_argument(
         '--no-check',
@@ -104,6 +110,10 @@ def countable_model_cfg(model_cfg):
             model_cfg.get('backbone'), dict):
         return model_cfg, None
     slim = dict(type='ImageClassifier', backbone=model_cfg['backbone'])
+    if model_cfg.get('target') is not None:  # a search for a target
+        from gmpq_mm.quantization.targets import with_target_candidates
+        slim['backbone'] = with_target_candidates(slim['backbone'],
+                                                  model_cfg['target'])[0]
     for key in ('neck', 'head'):
         if model_cfg.get(key) is not None:
             slim[key] = model_cfg[key]
@@ -146,6 +156,45 @@ def flop_analyzer_check(fp_net, input_shape, layer_names, our_macs):
         all_ops=int(total),
         ours=int(our_macs),
         match=layers == int(our_macs))
+
+
+def target_report(report, target, policy_path, model_target=None):
+    """The ``--target`` line: which quantized layers the target only
+    emulates (a ``TargetError`` for widths it cannot hold), or None."""
+    from gmpq_mm.quantization.policy import load_policy
+    from gmpq_mm.quantization.targets import (check_policy_target,
+                                              describe_emulated, get_target)
+    where = '--target'
+    if target is None and policy_path is not None:
+        target = load_policy(policy_path).get('target')
+        where = f'{policy_path}: target'
+    if target is None and model_target is not None:
+        target, where = model_target, 'model.target'
+    if target is None:
+        return None
+    target = get_target(target, where)
+    layers = {
+        r['name']: (r['w_bits'], r['a_bits'])
+        for r in report['layers'] if r['quantized']
+    }
+    if not all(isinstance(b, int) for bits in layers.values() for b in bits):
+        return dict(
+            name=target.name,
+            emulated={},
+            line=f'target {target.name!r}: a supernet has no fixed widths '
+            'yet (pass --policy to check a policy against it)')
+    emulated = check_policy_target(layers, target, f'target {target.name}')
+    line = (
+        describe_emulated(emulated, target) if emulated else
+        f'target {target.name!r}: every quantized layer runs at a native '
+        f'width (w {list(target.w_bits)}, a {list(target.a_bits)})')
+    return dict(
+        name=target.name,
+        emulated={
+            n: list(b)
+            for n, b in emulated.items()
+        },
+        line=line)
 
 
 def _fail(message):
@@ -225,8 +274,15 @@ def main(argv=None):
     print(f'totals: {summary["macs"]:.4f} GMACs, BitOPs '
           f'{summary["bitops_quantized"]:.4f} G (quantized layers) / '
           f'{summary["bitops_total"]:.4f} G (whole network), size '
-          f'{summary["size_mb"]:.3f} MB (FP {summary["fp_size_mb"]:.3f} MB), '
+          f'{summary["size_mb"]:.6g} MB (FP {summary["fp_size_mb"]:.6g} MB), '
           f'compression {summary["compression"]:.2f}x')
+    try:
+        target = target_report(report, args.target, args.policy,
+                               cfg.model.get('target'))
+    except ValueError as err:
+        return _fail(str(err))
+    if target is not None:
+        print(target['line'])
     if check is not None:
         if 'error' in check:
             print(f'check: mmengine FlopAnalyzer failed ({check["error"]})')
@@ -245,6 +301,9 @@ def main(argv=None):
             counted_from=dropped_type or 'ImageClassifier',
             **summary,
             check=check)
+        if target is not None:
+            result['target'] = target['name']
+            result['emulated_layers'] = target['emulated']
         folder = osp.dirname(osp.abspath(args.out))
         os.makedirs(folder, exist_ok=True)
         with open(args.out, 'w', encoding='utf-8') as f:

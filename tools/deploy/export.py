@@ -83,6 +83,12 @@ def main(argv=None):
         check_paths(cfg, phases=(), config_file=args.config)
     except FileNotFoundError as err:
         raise SystemExit(f'error: {err}')
+    from gmpq_mm.quantization.targets import TargetError
+    from gmpq_mm.utils.budget_checks import policy_target_warning
+    try:  # names the layers the policy's target only emulates
+        policy_target_warning(cfg)
+    except TargetError as err:
+        raise SystemExit(f'error: {err}')
     if is_onnx(args.out):
         return export_onnx(cfg, args)
     start = time.time()

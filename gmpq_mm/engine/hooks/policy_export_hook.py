@@ -20,10 +20,19 @@ def format_policy(policy: dict) -> str:
         for name, e in policy['layers'].items()
     ]
     budget = policy.get('budget')
+    size, size_budget = policy.get('size_mb'), policy.get('size_budget_mb')
     rows.append(
         f'BitOPs {human_units(policy["bitops"])} (searched layers), mean '
         f'bits w {policy["mean_w_bits"]:.2f} a {policy["mean_a_bits"]:.2f}' +
         (f', budget {human_units(budget)}' if budget else ''))
+    if size is not None:
+        rows.append(f'size {size:.4f} MB (whole network, searched weights '
+                    'packed at their bits)' +
+                    (f', budget {size_budget:.4f} MB' if size_budget else ''))
+    if policy.get('target') is not None:
+        target = policy['target']
+        rows.append('target ' +
+                    (target if isinstance(target, str) else target['name']))
     return '\n'.join(rows)
 
 

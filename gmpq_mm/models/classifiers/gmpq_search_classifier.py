@@ -10,12 +10,16 @@ from mmengine.config import Config
 from mmpretrain.models import ImageClassifier
 
 from gmpq_mm.compat import load_trusted_checkpoint
-from gmpq_mm.quantization.budget import (best_policy_under_budget,
-                                         log_probs_from_model, policy_cost)
-from gmpq_mm.quantization.complexity import count_macs, expected_bitops
+from gmpq_mm.quantization.budget import (bitops_constraint, check_budget,
+                                         check_tolerance, log_probs_from_model,
+                                         policy_cost, policy_size_mb,
+                                         size_constraint, solve_policy)
+from gmpq_mm.quantization.complexity import (MB, count_macs, expected_bitops,
+                                             size_terms)
 from gmpq_mm.quantization.layers import is_mixed_layer
 from gmpq_mm.quantization.policy import make_policy
 from gmpq_mm.quantization.probe import eval_mode
+from gmpq_mm.quantization.targets import get_target, with_target_candidates
 from gmpq_mm.registry import MODELS
 from gmpq_mm.utils.model import state_dict_mismatch
 from ..utils.attribution import (classifier_attribution_maps, match_map_size,
@@ -80,6 +84,18 @@ class GMPQSearchClassifier(ImageClassifier):
             policy must also spend at least ``(1 - tolerance) *
             target_bitops`` (without it a search whose argmax is cheap
             exports a policy well below the budget). Defaults to None.
+        target_size_mb (float, optional): Model-size budget in MB (1e6
+            bytes) of the searched network (backbone, neck, head): searched
+            weights packed at their bits, every other parameter at 32 bits
+            (``docs/user_guides/budgets_and_targets.md``). May be set with
+            ``target_bitops``: the policy then meets both.
+        target_size_mb_tolerance (float, optional): As
+            ``target_bitops_tolerance``, for the size.
+        target (str | dict, optional): A deployment target
+            (:data:`gmpq_mm.quantization.targets.TARGETS`, e.g.
+            ``'int8_runtime'``, or a dict): its native widths replace the
+            backbone's ``w_bits`` / ``a_bits`` candidates, and the policy
+            records it, so that the export can name emulated layers.
         attribution_stages (Sequence[int], optional): Indices into the
             backbone outputs to match maps at (default: the last one).
         init_from_teacher (bool): Start the supernet's weights (backbone,
@@ -100,10 +116,23 @@ class GMPQSearchClassifier(ImageClassifier):
                  input_shape: Sequence[int] = (3, 32, 32),
                  target_bitops: Optional[float] = None,
                  target_bitops_tolerance: Optional[float] = None,
+                 target_size_mb: Optional[float] = None,
+                 target_size_mb_tolerance: Optional[float] = None,
+                 target=None,
                  attribution_stages: Optional[Sequence[int]] = None,
                  init_from_teacher: bool = False,
                  **kwargs):
+        # Budgets and target first: a bad value fails before any building.
+        self._check_budgets(target_bitops, target_bitops_tolerance,
+                            target_size_mb, target_size_mb_tolerance)
+        target = None if target is None else get_target(
+            target, where='model.target')
+        if target is not None:
+            backbone, note = with_target_candidates(backbone, target)
+            if note:
+                warnings.warn(f'GMPQSearchClassifier: {note}')
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
+        self.target = target
         self.mixed_layers = [(name, m)
                              for name, m in self.backbone.named_modules()
                              if is_mixed_layer(m)]
@@ -128,20 +157,34 @@ class GMPQSearchClassifier(ImageClassifier):
         self.w_candidates = tuple(first.w_candidates)
         self.a_candidates = tuple(first.a_candidates)
         self.target_bitops = target_bitops
-        if target_bitops_tolerance is not None and (
-                target_bitops is None or not 0 <= target_bitops_tolerance < 1):
-            raise ValueError(
-                'GMPQSearchClassifier: target_bitops_tolerance needs '
-                'target_bitops and a value in [0, 1), got '
-                f'{target_bitops_tolerance!r}')
         self.target_bitops_tolerance = target_bitops_tolerance
+        self.target_size_mb = target_size_mb
+        self.target_size_mb_tolerance = target_size_mb_tolerance
         if getattr(self.complexity_loss, 'mode', None) == 'budget' and \
-                target_bitops is None:
+                target_bitops is None and target_size_mb is None:
             raise ValueError(
                 "GMPQSearchClassifier: complexity_loss mode='budget' needs "
-                'target_bitops (the BitOPs budget it is measured against)')
-        if target_bitops is not None:
+                'target_bitops or target_size_mb (the budget it is measured '
+                'against)')
+        # Size = fixed part (stem, BatchNorm, classifier, biases, ranges at
+        # 32 bits) + the searched weights at their bits.
+        names = [name for name, _ in self.mixed_layers]
+        fixed, self.layer_numels = size_terms(self.backbone, names)
+        for part in (self.neck, self.head):
+            if part is not None:
+                fixed += size_terms(part, [])[0]
+        self.size_fixed_bits = fixed
+        if target_bitops is not None or target_size_mb is not None:
             self.current_policy()  # an unreachable budget fails here
+
+    @staticmethod
+    def _check_budgets(bitops, bitops_tol, size_mb, size_tol) -> None:
+        check_budget(bitops, 'model.target_bitops', '8.9e9')
+        check_tolerance(bitops_tol, 'model.target_bitops_tolerance',
+                        'model.target_bitops', bitops)
+        check_budget(size_mb, 'model.target_size_mb', '5.5')
+        check_tolerance(size_tol, 'model.target_size_mb_tolerance',
+                        'model.target_size_mb', size_mb)
 
     # ------------------------------------------------------------------
     # teacher
@@ -228,6 +271,13 @@ class GMPQSearchClassifier(ImageClassifier):
     def expected_bitops(self) -> torch.Tensor:
         return expected_bitops(self.backbone, self.layer_macs)
 
+    def expected_size_mb(self) -> torch.Tensor:
+        """Expected model size (MB), ``E[b_w]`` per searched layer
+        (differentiable in the weight alphas; unpacked bits)."""
+        total = sum(module.expected_bits()[0] * self.layer_numels[name]
+                    for name, module in self.mixed_layers)
+        return (total + self.size_fixed_bits) / 8 / MB
+
     def mean_bits(self):
         with torch.no_grad():
             bits = [m.expected_bits() for _, m in self.mixed_layers]
@@ -281,19 +331,13 @@ class GMPQSearchClassifier(ImageClassifier):
     def current_policy(self, **meta) -> dict:
         """The policy the search has found so far (argmax, or the most
         likely one within ``target_bitops``)."""
-        if self.target_bitops is None:
+        if self.target_bitops is None and self.target_size_mb is None:
             layers = {name: m.choice() for name, m in self.mixed_layers}
         else:
-            layers = best_policy_under_budget(
-                log_probs_from_model(self.backbone),
-                self.layer_macs,
-                self.w_candidates,
-                self.a_candidates,
-                self.target_bitops,
-                min_bitops=(1 - self.target_bitops_tolerance) *
-                self.target_bitops
-                if self.target_bitops_tolerance is not None else 0)
+            layers = solve_policy(self._policy_scores(),
+                                  self._budget_constraints())
         bitops = policy_cost(self.layer_macs, layers)
+        size = policy_size_mb(self.size_fixed_bits, self.layer_numels, layers)
         # Per-layer MACs, weight counts and candidate probabilities travel
         # with the policy so that it can be plotted without the network.
         modules = dict(self.mixed_layers)
@@ -312,6 +356,10 @@ class GMPQSearchClassifier(ImageClassifier):
             input_shape=list(self.input_shape),
             bitops=int(bitops),
             budget=self.target_bitops,
+            size_mb=size,
+            size_budget_mb=self.target_size_mb,
+            **({} if self.target is None else dict(
+                target=self._target_meta())),
             layer_macs={name: int(self.layer_macs[name])
                         for name in layers},
             layer_params={
@@ -320,6 +368,47 @@ class GMPQSearchClassifier(ImageClassifier):
             },
             probabilities=probabilities,
             **meta)
+
+    def _policy_scores(self):
+        """``layer -> {(w, a): log p_w + log p_a}``, the search's belief."""
+        scores = {}
+        for name, (logp_w,
+                   logp_a) in log_probs_from_model(self.backbone).items():
+            scores[name] = {
+                (w, a): lw + la
+                for w, lw in zip(self.w_candidates, logp_w)
+                for a, la in zip(self.a_candidates, logp_a)
+            }
+        return scores
+
+    def _budget_constraints(self):
+        constraints = []
+        if self.target_bitops is not None:
+            constraints.append(
+                bitops_constraint(
+                    self.layer_macs,
+                    self.layer_macs,
+                    self.target_bitops,
+                    tolerance=self.target_bitops_tolerance))
+        if self.target_size_mb is not None:
+            constraints.append(
+                size_constraint(
+                    self.size_fixed_bits,
+                    self.layer_numels,
+                    self.target_size_mb,
+                    tolerance=self.target_size_mb_tolerance))
+        return constraints
+
+    def _target_meta(self):
+        """The target as the policy records it: a preset's name, or the
+        whole dict of a custom one."""
+        from gmpq_mm.quantization.targets import TARGETS
+        if TARGETS.get(self.target.name) == self.target:
+            return self.target.name
+        return {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in self.target._asdict().items()
+        }
 
     # ------------------------------------------------------------------
     # loss
@@ -374,8 +463,16 @@ class GMPQSearchClassifier(ImageClassifier):
                 s_map, match_map_size(t_map, s_map), capacity=capacity)
         losses['loss_attr'] = attr / len(student)
         exp_bitops = self.expected_bitops()
+        size_kwargs = {}
+        if self.target_size_mb is not None:
+            exp_size = self.expected_size_mb()
+            size_kwargs = dict(size=exp_size, size_budget=self.target_size_mb)
+            losses['expected_size_mb'] = exp_size.detach()
         losses['loss_complexity'] = self.complexity_loss(
-            exp_bitops, self.reference_macs, budget=self.target_bitops)
+            exp_bitops,
+            self.reference_macs,
+            budget=self.target_bitops,
+            **size_kwargs)
         mean_w, mean_a = self.mean_bits()
         losses['expected_gbitops'] = exp_bitops.detach() / 1e9
         losses['mean_w_bits'] = mean_w

@@ -23,13 +23,17 @@ class ComplexityLoss(nn.Module):
     expected cost down to the budget and no further, so searches at two
     budgets train differently (with the released linear cost the budget
     only changes the exported policy), and ``loss_weight`` no longer depends
-    on the network's size.
+    on the network's size. With a model-size budget ``S_B`` (the search
+    model's ``target_size_mb``) the expected size ``S`` adds its own term
+    ``loss_weight * relu(S / S_B - 1) ** 2``; with both budgets both terms
+    count, each hinge being scale-free.
 
     Args:
         loss_weight (float): ``cd`` of the released code. Defaults to 3e-4.
         mode (str): ``'reference'`` (the released code: ``C`` over the first
             conv's MACs) or ``'budget'`` (needs the model's
-            ``target_bitops``). Defaults to ``'reference'``.
+            ``target_bitops`` or ``target_size_mb``). Defaults to
+            ``'reference'``.
     """
 
     MODES = ('reference', 'budget')
@@ -47,16 +51,22 @@ class ComplexityLoss(nn.Module):
     def forward(self,
                 expected_bitops: Union[float, Tensor],
                 reference_macs: Union[float, Tensor],
-                budget: Optional[float] = None) -> Tensor:
+                budget: Optional[float] = None,
+                size: Union[float, Tensor, None] = None,
+                size_budget: Optional[float] = None) -> Tensor:
         """The weighted cost: ``loss_weight * C / reference_macs``, or in
-        ``'budget'`` mode ``loss_weight * relu(C / budget - 1) ** 2``.
+        ``'budget'`` mode ``loss_weight * relu(C / budget - 1) ** 2`` (plus
+        ``loss_weight * relu(size / size_budget - 1) ** 2`` with a size
+        budget; the size is ignored in ``'reference'`` mode).
 
         Args:
             expected_bitops (Tensor | float): Expected cost ``C``, a scalar.
             reference_macs (float | Tensor): MACs of the first searched conv;
                 a constant (detached here). Must be positive.
-            budget (float, optional): BitOPs budget; required and positive
-                in ``'budget'`` mode.
+            budget (float, optional): BitOPs budget; in ``'budget'`` mode
+                it or ``size_budget`` is required (and positive).
+            size (Tensor | float, optional): Expected model size (MB).
+            size_budget (float, optional): Model-size budget (MB).
 
         Returns:
             Tensor: The weighted, normalised cost, a scalar.
@@ -72,12 +82,24 @@ class ComplexityLoss(nn.Module):
             raise ValueError('reference_macs must be a positive scalar, got '
                              f'{reference_macs}')
         if self.mode == 'budget':
-            if budget is None or not float(budget) > 0:
+            terms = [(expected_bitops, budget)]
+            if size_budget is not None or size is not None:
+                terms.append((size, size_budget))
+            if all(b is None for _, b in terms) or any(
+                    b is not None and not float(b) > 0 for _, b in terms) or \
+                    (size_budget is not None and size is None):
                 raise ValueError("ComplexityLoss(mode='budget') needs a "
-                                 f'positive budget, got {budget!r} (set the '
-                                 "search model's target_bitops)")
-            excess = torch.relu(expected_bitops / float(budget) - 1)
-            return self.loss_weight * excess * excess
+                                 f'positive budget, got {budget!r} (size '
+                                 f'{size_budget!r}; set the search model\'s '
+                                 'target_bitops or target_size_mb)')
+            loss = expected_bitops.new_zeros(())
+            for value, limit in terms:
+                if limit is not None:
+                    excess = torch.relu(
+                        torch.as_tensor(value).to(expected_bitops) /
+                        float(limit) - 1)
+                    loss = loss + excess * excess
+            return self.loss_weight * loss
         return self.loss_weight * expected_bitops / reference.reshape(())
 
     def extra_repr(self) -> str:
