@@ -188,6 +188,56 @@ def test_unreachable_budget_is_refused_naming_the_field(setup, tmp_path):
     _refused(
         setup, tmp_path, 'target_bitops must be a positive', target_bitops=-5)
     _refused(setup, tmp_path, 'give a budget', target_bitops=None)
+    _refused(
+        setup,
+        tmp_path,
+        'target_size_mb must be a positive',
+        target_size_mb='1')
+    msg = _refused(
+        setup, tmp_path, 'target_size_mb=0.001', target_size_mb=0.001)
+    assert 'size budget' in msg
+
+
+def test_size_budget_alone_and_with_bitops(setup, tmp_path):
+    from gmpq_mm.quantization.complexity import complexity_report
+    total = sum(setup['macs'].values())
+    # Sizes reach 0.0519 MB (every searched weight at 2 bits) to 0.0955
+    # (at 4 bits); BitOPs 4x to 16x the MACs.
+    for kwargs in (dict(target_size_mb=0.07),
+                   dict(target_size_mb=0.07, target_bitops=12 * total)):
+        out = sensitivity_policy(
+            setup['config'],
+            setup['ckpt'],
+            tolerance=0.1,
+            calib_batches=1,
+            num_samples=1,
+            calib_method='max',
+            cfg_options=SMALL,
+            **kwargs)
+        policy = out['policy']
+        assert 0.063 <= policy['size_mb'] <= 0.07
+        assert policy['size_budget_mb'] == 0.07
+        if 'target_bitops' in kwargs:
+            assert 10.8 * total <= policy['bitops'] <= 12 * total
+        # The size as the complexity report counts the finetuned network.
+        net = MODELS.build(
+            dict(
+                type='ImageClassifier',
+                backbone=dict(
+                    type='QuantizedBackbone',
+                    backbone=dict(
+                        type='ResNet_CIFAR',
+                        depth=18,
+                        stem_channels=8,
+                        base_channels=8,
+                        out_indices=(3, )),
+                    policy=policy),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=10, in_channels=64)))
+        report = complexity_report(net, (3, 32, 32))
+        assert report['totals']['size_mb'] == pytest.approx(
+            policy['size_mb'], rel=1e-9)
 
 
 def test_checkpoint_of_another_network_is_refused(setup, tmp_path):
