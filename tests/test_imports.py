@@ -60,6 +60,12 @@ def test_modules_found():
         'gmpq_mm.quantization')
     assert 'gmpq_mm.visualization.policy_plot' in modules_of(
         'gmpq_mm.visualization')
+    # The sensitivity numerics and picture are floor 1 too.
+    assert {
+        'gmpq_mm.quantization.sensitivity', 'gmpq_mm.quantization.hessian'
+    } <= set(modules_of('gmpq_mm.quantization'))
+    assert 'gmpq_mm.visualization.sensitivity_plot' in modules_of(
+        'gmpq_mm.visualization')
 
 
 def test_package_and_utils_import_no_torch():

@@ -2,8 +2,9 @@
 from .deploy import (build_deployed_model, deploy_model_config,
                      export_checkpoint, load_model)
 from .onnx_export import export_onnx_checkpoint
+from .sensitivity import sensitivity_policy
 
 __all__ = [
     'build_deployed_model', 'deploy_model_config', 'export_checkpoint',
-    'export_onnx_checkpoint', 'load_model'
+    'export_onnx_checkpoint', 'load_model', 'sensitivity_policy'
 ]

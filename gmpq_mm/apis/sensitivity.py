@@ -30,12 +30,16 @@ import torch
 from mmengine.registry import init_default_scope
 
 from gmpq_mm.compat import load_trusted_checkpoint
-from gmpq_mm.quantization.budget import bitops_constraint
-from gmpq_mm.quantization.complexity import count_macs
-from gmpq_mm.quantization.convert import detect_signed_inputs, select_layers
+from gmpq_mm.quantization.budget import (bitops_constraint, check_budget,
+                                         policy_cost, policy_size_mb,
+                                         size_constraint)
+from gmpq_mm.quantization.complexity import count_macs, size_terms
+from gmpq_mm.quantization.layers import is_mixed_layer
 from gmpq_mm.quantization.policy import make_policy, save_policy
 from gmpq_mm.quantization.sensitivity import (METHODS, allocate_bits,
                                               layer_sensitivity)
+from gmpq_mm.quantization.targets import (TARGETS, get_target,
+                                          with_target_candidates)
 from gmpq_mm.registry import MODELS
 from gmpq_mm.utils import register_all_modules
 from gmpq_mm.utils.config_checks import find_missing_paths
@@ -55,14 +59,21 @@ def pair_key(w_bits: int, a_bits: int) -> str:
     return f'w{int(w_bits)}a{int(a_bits)}'
 
 
-def _check_budget(value, name):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not value > 0 or value != value or value == float('inf'):
-        raise ValueError(f'{name} must be a positive finite number, got '
-                         f'{value!r}')
-    return value
+def _missing_data_roots(dataset, where):
+    """``[(key, path)]`` of local ``data_root`` s that do not exist, in
+    ``dataset`` and the datasets it wraps."""
+    if not isinstance(dataset, dict):
+        return []
+    out = []
+    root = dataset.get('data_root')
+    if isinstance(root, str) and root and '://' not in root and \
+            not osp.exists(root):
+        out.append((f'{where}.data_root', root))
+    if isinstance(dataset.get('dataset'), dict):
+        out += _missing_data_roots(dataset['dataset'], f'{where}.dataset')
+    for i, sub in enumerate(dataset.get('datasets') or []):
+        out += _missing_data_roots(sub, f'{where}.datasets[{i}]')
+    return out
 
 
 def _search_backbone(cfg, where):
@@ -124,13 +135,22 @@ def _loss(model, batch):
     return model.loss(batch['inputs'], batch['data_samples'])['loss']
 
 
-def _signed(backbone_cfg, net, names, input_shape):
-    signed = backbone_cfg.get('signed', 'auto')
-    if signed == 'auto':
-        return detect_signed_inputs(net, names, input_shape)
-    if isinstance(signed, bool):
-        return dict.fromkeys(names, signed)
-    return {n: bool(dict(signed).get(n, False)) for n in names}
+def _target_meta(target):
+    """A target as a policy records it: a preset's name, or the dict."""
+    if target is None:
+        return None
+    if TARGETS.get(target.name) == target:
+        return target.name
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in target._asdict().items()
+    }
+
+
+def _finite(value):
+    """``value`` as a float, or None when it is NaN (valid JSON)."""
+    value = float(value)
+    return value if value == value else None
 
 
 def _traces(row):
@@ -141,6 +161,8 @@ def _traces(row):
     return dict(
         weight_trace=float(row['weight_trace']),
         input_trace=float(row['input_trace']),
+        weight_trace_se=_finite(row['weight_trace_se']),
+        input_trace_se=_finite(row['input_trace_se']),
         weight_trace_per_element=row['weight_trace'] / row['weight_numel'],
         input_trace_per_element=row['input_trace'] / row['input_numel'])
 
@@ -176,14 +198,114 @@ def _table(result, names, macs, params, policy, pairs):
     return rows
 
 
+def _check_arguments(config, checkpoint, target_bitops, target_size_mb,
+                     tolerance, method, calib_batches, num_samples):
+    """Every check that needs no file read beyond existence."""
+    if isinstance(config, str) and not osp.isfile(config):
+        raise FileNotFoundError(f'config file not found: {config}')
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    check_budget(target_bitops, 'target_bitops', '300e6')
+    check_budget(target_size_mb, 'target_size_mb', '0.5')
+    if target_bitops is None and target_size_mb is None:
+        raise ValueError('give a budget: target_bitops and / or '
+                         'target_size_mb')
+    if tolerance is not None and (isinstance(tolerance, bool)
+                                  or not 0 <= tolerance < 1):
+        raise ValueError(f'tolerance must be None or in [0, 1), got '
+                         f'{tolerance!r}')
+    for value, name in ((calib_batches, 'calib_batches'), (num_samples,
+                                                           'num_samples')):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f'{name} must be a positive int, got {value!r}')
+    if not osp.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+
+
+def _check_data(cfg, where):
+    loader_cfg = cfg.get('train_dataloader')
+    # A missing data_root is refused even where the dataset class could
+    # download it: calibration reads the data that is there.
+    missing = _missing_data_roots(
+        loader_cfg and loader_cfg.get('dataset'),
+        'train_dataloader.dataset') + find_missing_paths(
+            dict(train_dataloader=loader_cfg), ('train', ))
+    if missing:
+        key, path = missing[0]
+        raise FileNotFoundError(f'calibration data not found: {key}: {path} '
+                                f'(in {where})')
+
+
+def _network(cfg, backbone_cfg, checkpoint, where):
+    """The FP network with the checkpoint loaded, and what the search would
+    see: its searchable layers (found by building the search's own
+    ``MixedPrecisionBackbone``: same names, candidates and signed inputs),
+    their MACs and the model-size terms."""
+    net = MODELS.build(_fp_classifier_cfg(cfg, backbone_cfg))
+    _load_checkpoint(net, checkpoint, where)
+    net.eval()
+    supernet = MODELS.build(copy.deepcopy(dict(backbone_cfg)))
+    mixed = OrderedDict(
+        (n, m) for n, m in supernet.named_modules() if is_mixed_layer(m))
+    names = list(mixed)
+    first = next(iter(mixed.values()))
+    input_shape = tuple(cfg.model.get('input_shape', (3, 32, 32)))
+    all_macs = count_macs(net.backbone, input_shape)
+    # Size as the search counts it: the supernet's fixed part (stem,
+    # BatchNorm, ranges...) plus the FP neck and head, at 32 bits.
+    fixed, numels = size_terms(supernet, names)
+    for part in (net.neck, net.head):
+        if part is not None:
+            fixed += size_terms(part, [])[0]
+    return dict(
+        net=net,
+        names=names,
+        w_cands=tuple(first.w_candidates),
+        a_cands=tuple(first.a_candidates),
+        signed={
+            n: bool(m.signed)
+            for n, m in mixed.items()
+        },
+        per_channel=bool(first.per_channel),
+        input_shape=input_shape,
+        macs=OrderedDict((n, int(all_macs[n].macs)) for n in names),
+        numels=numels,
+        size_fixed_bits=fixed)
+
+
+def _constraints(info, target_bitops, target_size_mb, tolerance):
+    """The budgets as solver constraints; an unreachable one fails here,
+    before anything is measured."""
+    constraints, fields = [], []
+    if target_bitops is not None:
+        constraints.append(
+            bitops_constraint(info['macs'], info['names'], target_bitops,
+                              tolerance))
+        fields.append(f'target_bitops={target_bitops:g}')
+    if target_size_mb is not None:
+        constraints.append(
+            size_constraint(info['size_fixed_bits'], info['numels'],
+                            target_size_mb, tolerance))
+        fields.append(f'target_size_mb={target_size_mb:g}')
+    pairs = [(w, a) for w in info['w_cands'] for a in info['a_cands']]
+    try:
+        allocate_bits({n: dict.fromkeys(pairs, 0.0)
+                       for n in info['names']}, constraints)
+    except ValueError as err:
+        raise ValueError(f'{", ".join(fields)} (tolerance {tolerance}): '
+                         f'{err}') from None
+    return constraints
+
+
 def sensitivity_policy(config,
                        checkpoint: str,
                        *,
                        target_bitops: Optional[float] = None,
-                       tolerance: float = DEFAULT_TOLERANCE,
+                       target_size_mb: Optional[float] = None,
+                       tolerance: Optional[float] = DEFAULT_TOLERANCE,
                        method: str = 'hessian',
                        calib_batches: int = 4,
-                       num_samples: int = 16,
+                       num_samples: int = 8,
                        calib_method: str = 'release',
                        work_dir: Optional[str] = None,
                        seed: int = 0,
@@ -197,9 +319,11 @@ def sensitivity_policy(config,
             ``model.input_shape`` gives the shape the MACs are counted at.
         checkpoint: The full-precision checkpoint of that network (the
             search's teacher: keys ``backbone.*``, ``head.*``).
-        target_bitops: BitOPs budget of the searchable layers; the policy
-            spends ``[(1 - tolerance) * B, B]``.
-        tolerance: Width of that band (0.02, as the policy study).
+        target_bitops: BitOPs budget of the searchable layers.
+        target_size_mb: Model-size budget in MB (1e6 bytes), counted as
+            the search counts it. Give one budget or both.
+        tolerance: Each budget ``B`` is met in ``[(1 - tolerance) * B,
+            B]`` (0.02, as the policy study); None: only ``<= B``.
         method: ``'hessian'`` (default) or ``'perturbation'``.
         calib_batches: Batches of the training dataloader to measure on.
         num_samples: Hutchinson vectors per batch (``'hessian'``).
@@ -213,138 +337,123 @@ def sensitivity_policy(config,
 
     Returns:
         dict: ``policy`` (a policy dict, as ``policy.json``), ``table``
-        (as ``sensitivity.json``), ``seconds`` (measuring + allocating,
-        wall clock) and ``files`` (paths written, if any).
+        (as ``sensitivity.json``), ``seconds`` (building, measuring and
+        allocating, wall clock) and ``files`` (paths written, if any).
     """
     start = time.perf_counter()
     where = config if isinstance(config, str) else '<config>'
-    if isinstance(config, str) and not osp.isfile(config):
-        raise FileNotFoundError(f'config file not found: {config}')
-    if method not in METHODS:
-        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
-    if _check_budget(target_bitops, 'target_bitops') is None:
-        raise ValueError('give a budget: target_bitops')
-    if isinstance(tolerance, bool) or not 0 <= tolerance < 1:
-        raise ValueError(f'tolerance must be in [0, 1), got {tolerance!r}')
-    for value, name in ((calib_batches, 'calib_batches'), (num_samples,
-                                                           'num_samples')):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f'{name} must be a positive int, got {value!r}')
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint not found: {checkpoint}')
+    _check_arguments(config, checkpoint, target_bitops, target_size_mb,
+                     tolerance, method, calib_batches, num_samples)
     cfg = as_config(config, cfg_options)
-    missing = find_missing_paths(
-        dict(train_dataloader=cfg.get('train_dataloader')), ('train', ))
-    if missing:
-        key, path = missing[0]
-        raise FileNotFoundError(f'calibration data not found: {key}: {path} '
-                                f'(in {where})')
+    _check_data(cfg, where)
     backbone_cfg = _search_backbone(cfg, where)
+    target = cfg.model.get('target')
+    if target is not None:
+        # A deployment target's native widths are the candidates, as in
+        # the search (GMPQSearchClassifier).
+        target = get_target(target, where='model.target')
+        backbone_cfg, _ = with_target_candidates(backbone_cfg, target)
 
     register_all_modules()
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))
     torch.manual_seed(seed)
-    net = MODELS.build(_fp_classifier_cfg(cfg, backbone_cfg))
-    _load_checkpoint(net, checkpoint, where)
-    net.eval()
-    names = select_layers(
-        net.backbone,
-        include=backbone_cfg.get('include'),
-        exclude=backbone_cfg.get('exclude'))
-    w_cands = tuple(backbone_cfg.get('w_bits', (2, 3, 4, 6)))
-    a_cands = tuple(backbone_cfg.get('a_bits', (2, 3, 4, 6)))
-    input_shape = tuple(cfg.model.get('input_shape', (3, 32, 32)))
-    all_macs = count_macs(net.backbone, input_shape)
-    macs = OrderedDict((n, all_macs[n].macs) for n in names)
-    params = OrderedDict(
-        (n, int(dict(net.backbone.named_modules())[n].weight.numel()))
-        for n in names)
-    pairs = [(w, a) for w in w_cands for a in a_cands]
-    constraint = bitops_constraint(macs, names, target_bitops, tolerance)
-    # An unreachable budget fails here, before anything is measured.
-    try:
-        allocate_bits({n: {
-            p: 0.0
-            for p in pairs
-        }
-                       for n in names}, [constraint])
-    except ValueError as err:
-        raise ValueError(f'target_bitops={target_bitops:g} (tolerance '
-                         f'{tolerance}): {err}') from None
+    info = _network(cfg, backbone_cfg, checkpoint, where)
+    constraints = _constraints(info, target_bitops, target_size_mb, tolerance)
+    net, names = info['net'], info['names']
     batches, dataset_len = _calibration_batches(cfg, net, calib_batches, seed,
                                                 where)
-    signed = _signed(backbone_cfg, net.backbone, names, input_shape)
     prep = time.perf_counter()
 
-    prefixed = [f'backbone.{n}' for n in names]
+    prefixed = OrderedDict((f'backbone.{n}', n) for n in names)
     result = layer_sensitivity(
         net,
-        prefixed,
+        list(prefixed),
         _loss,
         batches,
-        w_cands,
-        a_cands,
+        info['w_cands'],
+        info['a_cands'],
         method=method,
         signed={
-            f'backbone.{n}': s
-            for n, s in signed.items()
+            p: info['signed'][n]
+            for p, n in prefixed.items()
         },
         calib_method=calib_method,
-        per_channel=bool(backbone_cfg.get('per_channel', False)),
+        per_channel=info['per_channel'],
         num_samples=num_samples,
         seed=seed)
     result['layers'] = OrderedDict(
-        (n, result['layers'][p]) for n, p in zip(names, prefixed))
+        (n, result['layers'][p]) for p, n in prefixed.items())
     measured = time.perf_counter()
     policy_layers = allocate_bits(
         {n: result['layers'][n]['sensitivity']
-         for n in names}, [constraint])
+         for n in names}, constraints)
     done = time.perf_counter()
 
-    bitops = constraint.cost(policy_layers)
-    total = sum(result['layers'][n]['sensitivity'][tuple(b)]
-                for n, b in policy_layers.items())
-    batch_size = int(batches[0]['inputs'].shape[0])
     seconds = OrderedDict(
         build=prep - start,
         measure=measured - prep,
         allocate=done - measured,
         total=done - start)
-    source = (f'sensitivity ({method}) of {checkpoint} on {calib_batches} '
-              f'x {batch_size} training images of {where}')
-    policy = make_policy(
-        policy_layers,
-        w_candidates=list(w_cands),
-        a_candidates=list(a_cands),
-        input_shape=list(input_shape),
-        bitops=int(bitops),
-        budget=target_bitops,
-        source=source,
-        layer_macs=dict(macs),
-        layer_params=dict(params),
-        sensitivity_method=method,
-        predicted_loss_increase=float(total))
-    table = OrderedDict(
+    settings = OrderedDict(
         config=where,
         checkpoint=checkpoint,
         method=method,
         calib_method=calib_method,
         calib_batches=calib_batches,
-        batch_size=batch_size,
+        batch_size=int(batches[0]['inputs'].shape[0]),
         dataset_size=dataset_len,
         num_samples=num_samples if method == 'hessian' else None,
         seed=seed,
-        input_shape=list(input_shape),
-        base_loss=float(result['base_loss']),
-        pairs=[pair_key(*p) for p in pairs],
         target_bitops=target_bitops,
+        target_size_mb=target_size_mb,
         tolerance=tolerance,
-        bitops=int(bitops),
-        predicted_loss_increase=float(total),
-        seconds=seconds,
-        layers=_table(result, names, macs, params, policy_layers, pairs))
+        target=_target_meta(target))
+    policy, table = _outputs(info, result, policy_layers, settings, seconds)
     files = _write(work_dir, policy, table) if work_dir else []
     return dict(policy=policy, table=table, seconds=done - start, files=files)
+
+
+def _outputs(info, result, policy_layers, settings, seconds):
+    """The policy dict and the table, from the measurements."""
+    names = info['names']
+    bitops = policy_cost(info['macs'], policy_layers)
+    size_mb = policy_size_mb(info['size_fixed_bits'], info['numels'],
+                             policy_layers)
+    total = sum(result['layers'][n]['sensitivity'][tuple(b)]
+                for n, b in policy_layers.items())
+    pairs = [(w, a) for w in info['w_cands'] for a in info['a_cands']]
+    budget = settings['target_bitops']
+    policy = make_policy(
+        policy_layers,
+        w_candidates=list(info['w_cands']),
+        a_candidates=list(info['a_cands']),
+        input_shape=list(info['input_shape']),
+        bitops=int(bitops),
+        budget=budget,
+        source=(f"sensitivity ({settings['method']}) of "
+                f"{settings['checkpoint']} on {settings['calib_batches']} x "
+                f"{settings['batch_size']} training images of "
+                f"{settings['config']}"),
+        layer_macs=dict(info['macs']),
+        layer_params=dict(info['numels']),
+        size_mb=size_mb,
+        size_budget_mb=settings['target_size_mb'],
+        sensitivity_method=settings['method'],
+        predicted_loss_increase=float(total),
+        **({} if settings['target'] is None else dict(
+            target=settings['target'])))
+    table = OrderedDict(
+        settings,
+        input_shape=list(info['input_shape']),
+        base_loss=float(result['base_loss']),
+        pairs=[pair_key(*p) for p in pairs],
+        bitops=int(bitops),
+        size_mb=size_mb,
+        predicted_loss_increase=float(total),
+        seconds=seconds,
+        layers=_table(result, names, info['macs'], info['numels'],
+                      policy_layers, pairs))
+    return policy, table
 
 
 def _write(work_dir, policy, table):

@@ -16,7 +16,8 @@ loss with respect to that input (the whole batch tensor).
 Pure PyTorch: nothing from mmengine / mmpretrain is imported.
 """
 import contextlib
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Sequence
+import math
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,15 +84,17 @@ def _rademacher(like: Tensor, generator: torch.Generator) -> Tensor:
     return (signs * 2 - 1).to(device=like.device, dtype=like.dtype)
 
 
-def _one_sample(grads, blocks, group, gen, sums) -> None:
-    """Add ``v_i^T (H v)_i`` for the blocks ``group`` (one Rademacher
-    vector over them, zero elsewhere) to ``sums``."""
+def _one_sample(grads, blocks, group, gen, values) -> None:
+    """Append ``v_i^T (H v)_i`` for the blocks ``group`` (one Rademacher
+    vector over them, zero elsewhere) to ``values[i]``."""
     # A gradient that does not depend on any block (e.g. a block the loss
     # is linear in) adds nothing to H v: leave it out.
     live = [
         i for i in group if grads[i] is not None and grads[i].requires_grad
     ]
     if not live:
+        for i in group:
+            values[i].append(0.0)
         return
     vs = {i: _rademacher(blocks[i], gen) for i in group}
     hvs = torch.autograd.grad([grads[i] for i in live],
@@ -100,8 +103,7 @@ def _one_sample(grads, blocks, group, gen, sums) -> None:
                               retain_graph=True,
                               allow_unused=True)
     for i, hv in zip(group, hvs):
-        if hv is not None:
-            sums[i] += float((vs[i] * hv).sum())
+        values[i].append(0.0 if hv is None else float((vs[i] * hv).sum()))
 
 
 def hutchinson_traces(model: nn.Module,
@@ -131,6 +133,9 @@ def hutchinson_traces(model: nn.Module,
     Returns:
         dict: ``'weight'``: ``key -> trace``; ``'input'``: ``name -> trace``
         (the trace over the whole batch tensor, averaged over batches);
+        ``'weight_se'`` / ``'input_se'``: their standard errors (sample
+        standard deviation of the ``batches x num_samples`` estimates over
+        the square root of their number; NaN from a single one);
         ``'input_numel'``: ``name -> elements of that tensor`` (averaged
         over batches); ``'batches'``: how many were used.
 
@@ -148,8 +153,8 @@ def hutchinson_traces(model: nn.Module,
     keys = list(weights)
     names = list(inputs_of)
     gen = torch.Generator().manual_seed(int(seed))
-    w_sum = dict.fromkeys(keys, 0.0)
-    x_sum = dict.fromkeys(names, 0.0)
+    # One list of per-sample estimates per block: weights, then inputs.
+    values: List[List[float]] = [[] for _ in keys + names]
     x_numel = dict.fromkeys(names, 0.0)
     count = 0
     with train_flags_kept(model), torch.enable_grad():
@@ -163,32 +168,32 @@ def hutchinson_traces(model: nn.Module,
             blocks = [weights[k] for k in keys] + [deltas[n] for n in names]
             grads = torch.autograd.grad(
                 loss, blocks, create_graph=True, allow_unused=True)
-            sums = [0.0] * len(blocks)
             # Weights and inputs get separate products: the weight-input
             # cross terms of a layer are large, and would add their spread
             # to both estimates.
             groups = [range(len(keys)), range(len(keys), len(blocks))]
             for _ in range(num_samples):
                 for group in groups:
-                    _one_sample(grads, blocks, list(group), gen, sums)
-            for i, key in enumerate(keys):
-                w_sum[key] += sums[i] / num_samples
-            for j, name in enumerate(names):
-                x_sum[name] += sums[len(keys) + j] / num_samples
+                    _one_sample(grads, blocks, list(group), gen, values)
+            for name in names:
                 x_numel[name] += deltas[name].numel()
             count += 1
             del grads, loss
     if count == 0:
         raise ValueError('hutchinson_traces needs at least one batch')
+    means = [sum(v) / len(v) for v in values]
+    errors = [
+        math.sqrt(sum(
+            (x - m)**2
+            for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else math.nan
+        for v, m in zip(values, means)
+    ]
+    k = len(keys)
     return dict(
-        weight={
-            k: v / count
-            for k, v in w_sum.items()
-        },
-        input={
-            n: v / count
-            for n, v in x_sum.items()
-        },
+        weight=dict(zip(keys, means[:k])),
+        input=dict(zip(names, means[k:])),
+        weight_se=dict(zip(keys, errors[:k])),
+        input_se=dict(zip(names, errors[k:])),
         input_numel={
             n: v / count
             for n, v in x_numel.items()

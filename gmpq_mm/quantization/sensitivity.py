@@ -190,7 +190,7 @@ def hessian_sensitivity(model: nn.Module,
                         loss_fn: LossFn,
                         batches: Sequence,
                         settings: Mapping[str, dict],
-                        num_samples: int = 16,
+                        num_samples: int = 8,
                         seed: int = 0) -> 'OrderedDict[str, dict]':
     """Second-order sensitivity of every layer and (w, a) pair.
 
@@ -204,7 +204,8 @@ def hessian_sensitivity(model: nn.Module,
     Returns:
         OrderedDict: ``name -> {'sensitivity': {(w, a): S}, 'weight_trace',
         'weight_numel', 'input_trace', 'input_numel'}`` (traces as
-        estimated, before the clamp at 0).
+        estimated, before the clamp at 0) and the traces' standard errors
+        ``'weight_trace_se'`` / ``'input_trace_se'``.
     """
     layers = _plain_layers(model, names)
     traces = hutchinson_traces(
@@ -231,6 +232,8 @@ def hessian_sensitivity(model: nn.Module,
         out[name] = dict(
             sensitivity=sens,
             weight_trace=t_w,
+            weight_trace_se=traces['weight_se'][name],
+            input_trace_se=traces['input_se'][name],
             weight_numel=int(n_w),
             input_trace=t_x,
             input_numel=int(n_x))
@@ -294,7 +297,7 @@ def layer_sensitivity(model: nn.Module,
                       signed: Optional[Mapping[str, bool]] = None,
                       calib_method: str = DEFAULT_METHOD,
                       per_channel: bool = False,
-                      num_samples: int = 16,
+                      num_samples: int = 8,
                       seed: int = 0) -> dict:
     """Sensitivity of each named layer to each (w, a) candidate pair.
 

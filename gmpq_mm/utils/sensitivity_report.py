@@ -8,6 +8,15 @@ def _num(value) -> str:
     return 'n/a' if value is None else f'{float(value):.3g}'
 
 
+def _trace(row: Mapping, kind: str) -> str:
+    """``tr/n`` of a row, with its standard error as a percentage."""
+    text = _num(row.get(f'{kind}_trace_per_element'))
+    trace, se = row.get(f'{kind}_trace'), row.get(f'{kind}_trace_se')
+    if trace and se is not None:
+        text += f' ±{100 * se / abs(trace):.0f}%'
+    return text
+
+
 def sensitivity_markdown(table: Mapping) -> str:
     """``sensitivity.md``: the settings, then one row per layer: MACs,
     Hessian traces per element (``'hessian'`` only), the allocated pair
@@ -56,8 +65,8 @@ def sensitivity_markdown(table: Mapping) -> str:
         cells = [row['name'], str(row['macs'])]
         if hessian:
             cells += [
-                _num(row.get('weight_trace_per_element')),
-                _num(row.get('input_trace_per_element'))
+                _trace(row, 'weight'),
+                _trace(row, 'input'),
             ]
         cells.append(chosen)
         for p in pairs:

@@ -3,8 +3,9 @@
 Measures each searchable layer's sensitivity to each (w, a) candidate of a
 search config on a few training batches, with the full-precision
 checkpoint of that network, and allocates bits at exactly the budget (the
-policy's BitOPs in ``[(1 - tolerance) * B, B]``) by an exact
-multiple-choice knapsack: a training-free baseline to a GMPQ search.
+policy's BitOPs, and / or its model size, in ``[(1 - tolerance) * B, B]``)
+by an exact multiple-choice knapsack: a training-free baseline to a GMPQ
+search.
 ``docs/user_guides/sensitivity.md`` says what is computed.
 
 Writes into ``--work-dir``: ``policy.json`` (a standard policy file, as a
@@ -15,7 +16,7 @@ Examples::
 
     python tools/analysis/sensitivity.py \\
         configs/gmpq/demo/search_r18_fashion_mnist.py \\
-        work_dirs/demo/pretrain/epoch_3.pth --target-bitops 30e6
+        work_dirs/demo/pretrain/epoch_3.pth --target-bitops 300e6
     python tools/analysis/sensitivity.py CONFIG CKPT --target-bitops 1.2e9 \\
         --method perturbation --calib-batches 8 --work-dir work_dirs/sens
 """
@@ -40,13 +41,17 @@ def parse_args(argv=None):
     parser.add_argument(
         '--target-bitops',
         type=float,
-        required=True,
-        help='BitOPs budget of the searchable layers, e.g. 30e6')
+        help='BitOPs budget of the searchable layers, e.g. 300e6')
+    parser.add_argument(
+        '--target-size-mb',
+        type=float,
+        help='model-size budget in MB (1e6 bytes), counted as the search '
+        'counts it; with --target-bitops the policy meets both')
     parser.add_argument(
         '--tolerance',
         type=float,
         default=0.02,
-        help='the policy spends [(1 - tolerance) * budget, budget] '
+        help='each budget B is met in [(1 - tolerance) * B, B] '
         '(default 0.02)')
     parser.add_argument(
         '--method',
@@ -63,8 +68,8 @@ def parse_args(argv=None):
     parser.add_argument(
         '--num-samples',
         type=int,
-        default=16,
-        help='Hutchinson vectors per batch (hessian; default 16)')
+        default=8,
+        help='Hutchinson vectors per batch (hessian; default 8)')
     parser.add_argument(
         '--calib-method',
         choices=CALIB_METHODS,
@@ -94,6 +99,7 @@ def main(argv=None):
             args.config,
             args.checkpoint,
             target_bitops=args.target_bitops,
+            target_size_mb=args.target_size_mb,
             tolerance=args.tolerance,
             method=args.method,
             calib_batches=args.calib_batches,
@@ -109,8 +115,12 @@ def main(argv=None):
     seconds = table['seconds']
     print(f"method: {table['method']} on {table['calib_batches']} x "
           f"{table['batch_size']} training images")
-    print(f"BitOPs: {table['bitops']:,} (budget {table['target_bitops']:,.0f}"
-          f", tolerance {table['tolerance']})")
+    for key, value, budget in (('BitOPs', f"{table['bitops']:,}",
+                                table['target_bitops']),
+                               ('size', f"{table['size_mb']:.6g} MB",
+                                table['target_size_mb'])):
+        limit = 'no budget' if budget is None else f'budget {budget:g}'
+        print(f'{key}: {value} ({limit}, tolerance {table["tolerance"]})')
     print(f"predicted loss increase: {table['predicted_loss_increase']:.4g} "
           f"(FP loss {table['base_loss']:.4g})")
     print('seconds: ' + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items()))
