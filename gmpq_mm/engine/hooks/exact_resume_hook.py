@@ -26,6 +26,7 @@ from mmengine.hooks import Hook
 from gmpq_mm.datasets.sample_seeding import (EpochTaggedSampler, sample_seed,
                                              seed_every_sample)
 from gmpq_mm.registry import HOOKS
+from gmpq_mm.utils.cli import add_custom_hook
 
 __all__ = ['ExactResumeHook', 'add_exact_resume', 'resume_position']
 
@@ -86,9 +87,4 @@ def add_exact_resume(cfg) -> None:
     loader = cfg.get('train_dataloader')
     if isinstance(loader, dict):
         cfg.train_dataloader = seed_every_sample(loader)
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(
-            str(h.get('type', '')).endswith('ExactResumeHook')
-            for h in hooks if isinstance(h, dict)):
-        hooks.append(dict(type='mmpretrain.ExactResumeHook'))
-    cfg.custom_hooks = hooks
+    add_custom_hook(cfg, 'mmpretrain.ExactResumeHook')
