@@ -324,3 +324,34 @@ def test_offline_download_is_one_line_naming_the_key(tmp_path, monkeypatch):
     key = 'model.backbone.backbone.init_cfg.checkpoint'
     assert f'--cfg-options {key}=/path/to/file.pth' in msg
     assert str(tmp_path / osp.basename(url)) in msg
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A real 1 MB tmpfs (root only; skipped where it cannot be mounted)."""
+    folder = tmp_path / 'tmpfs'
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs',
+         str(folder)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    yield folder
+    subprocess.run(['umount', str(folder)], check=True)
+
+
+def test_a_real_full_disk(tiny_tmpfs):
+    small = tiny_tmpfs / 'epoch_1.pth'
+    checkpoint_save.save_checkpoint_atomic(
+        {'state_dict': {
+            'w': torch.zeros(1000)
+        }}, str(small))
+    big = {'state_dict': {'w': torch.zeros(500_000)}}  # 2 MB
+    with pytest.raises(
+            checkpoint_save.CheckpointWriteError,
+            match=r'epoch_2.pth: no space left .* needs 1.9 MB'):
+        checkpoint_save.save_checkpoint_atomic(big,
+                                               str(tiny_tmpfs / 'epoch_2.pth'))
+    assert os.listdir(tiny_tmpfs) == ['epoch_1.pth']
+    checkpoint_load.load_checkpoint_file(str(small))  # still whole
