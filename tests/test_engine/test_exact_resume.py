@@ -252,3 +252,24 @@ def test_kill_9_mid_epoch_then_resume_is_exact(search_cfg, straight, tmp_path,
     resumed = load_checkpoint_file(str(work / 'epoch_2.pth'))['state_dict']
     assert_same(straight, resumed)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_plain_training_resumes_exactly(tmp_path, repo_root, cifar10_root,
+                                        tiny_cifar_options):
+    """mmengine's own epoch loop (pretrain / finetune configs): the CIFAR
+    pipeline's random crop and flip, two persistent workers, a crash in
+    epoch 2, then resume."""
+    from mmengine.config import DictAction
+    config = repo_root / 'configs/gmpq/pretrain_r18_cifar10.py'
+    options = {}
+    for option in tiny_cifar_options(str(cifar10_root), batch_size=8):
+        key, value = option.split('=', 1)
+        if not key.startswith('train_dataloader.') or 'workers' not in key:
+            options[key] = DictAction._parse_iterable(value)
+    options['train_cfg.val_interval'] = 5  # no validation: faster
+    straight = run(config, tmp_path / 'straight', 2, True, **options)
+    work = tmp_path / 'work'
+    run(config, work, 2, True, crash_at=7, **options)  # 5 an epoch
+    resumed = run(
+        config, work, 2, True, resume_from=work / 'epoch_1.pth', **options)
+    assert_same(straight, resumed)
