@@ -74,7 +74,10 @@ class ExactResumeHook(Hook):
                     f'skipping the {done} batches it has trained on')
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-        seed = sample_seed(runner.seed or 0, runner.iter, _MAIN)
+        # Ranks draw alike unless the config asks them not to.
+        rank = runner.rank if runner._randomness_cfg.get(
+            'diff_rank_seed', False) else 0
+        seed = sample_seed(runner.seed or 0, runner.iter, rank, _MAIN)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
