@@ -355,3 +355,23 @@ def test_a_real_full_disk(tiny_tmpfs):
                                                str(tiny_tmpfs / 'epoch_2.pth'))
     assert os.listdir(tiny_tmpfs) == ['epoch_1.pth']
     checkpoint_load.load_checkpoint_file(str(small))  # still whole
+
+
+def test_read_once_window(tmp_path, monkeypatch):
+    """A finetune reads its FP weights for init_cfg and again to check them
+    (CalibrationHook): inside the window, one unpickling."""
+    monkeypatch.setenv(checkpoint_load.TRUST_ENV, '1')
+    marker, path = str(tmp_path / 'ran'), tmp_path / 'trusted.pth'
+    torch.save({
+        'state_dict': {
+            'w': torch.ones(1)
+        },
+        'x': _Payload(marker)
+    }, path)
+    window = checkpoint_load.ReadOnce().start()
+    first = checkpoint_load.load_checkpoint_file(str(path), 'cpu')
+    again = checkpoint_load.load_checkpoint_file(str(path), 'cpu')
+    assert again is first and _runs(marker) == 1
+    window.stop()
+    checkpoint_load.load_checkpoint_file(str(path), 'cpu')
+    assert _runs(marker) == 2  # outside the window: read afresh

@@ -29,6 +29,7 @@ from mmengine.dist import (all_gather_object, all_reduce, broadcast,
                            get_dist_info, is_main_process)
 from mmengine.hooks import Hook
 
+from gmpq_mm.engine.checkpoint_load import ReadOnce
 from gmpq_mm.quantization.calibration import (DEFAULT_ACT_CAP, DEFAULT_BINS,
                                               DEFAULT_LOW_BITS, DEFAULT_METHOD,
                                               METHODS, calibrate_model,
@@ -148,6 +149,7 @@ class CalibrationHook(Hook):
         self._skip_reason = None
         self._record = None
         self._quiet = None
+        self._read_once = None
 
     # -- checkpoints -----------------------------------------------------
     def before_run(self, runner) -> None:
@@ -155,6 +157,9 @@ class CalibrationHook(Hook):
         # the quantizer state calibration sets: not worth a warning.
         self._quiet = ExpectedMissingKeys(QUANT_STATE).attach(
             unwrap_model(runner.model))
+        # ... and check_pretrained_init reads them again: the same object,
+        # not a second unpickling.
+        self._read_once = ReadOnce().start()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         meta = checkpoint.get('meta') or {}
@@ -205,6 +210,14 @@ class CalibrationHook(Hook):
         return flat
 
     def before_train(self, runner) -> None:
+        try:
+            self._calibrate(runner)
+        finally:
+            if self._read_once is not None:
+                self._read_once.stop()
+                self._read_once = None
+
+    def _calibrate(self, runner) -> None:
         left_out = self._quiet.detach() if self._quiet is not None else []
         if left_out:
             runner.logger.info(
