@@ -30,6 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from mmpretrain.registry import DATA_SAMPLERS
+from torch.utils.data import get_worker_info
 
 from gmpq_mm.registry import DATASETS
 
@@ -38,34 +39,49 @@ __all__ = [
     'unwrap_seeded'
 ]
 
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
 
 def sample_seed(*key: int) -> int:
     """A 32-bit seed from integers (``seed, epoch, pass, index`` or any
-    other tuple): equal keys give equal seeds, neighbours unrelated ones."""
-    return int(
-        np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF
-                                for k in key]).generate_state(1)[0])
+    other tuple): equal keys give equal seeds, neighbours unrelated ones
+    (splitmix64 over the key; a few microseconds)."""
+    h = 0
+    for k in key:
+        h = _splitmix64(h ^ (int(k) & _MASK64))
+    return h & 0xFFFFFFFF
 
 
 class _SeededRandomState:
-    """Seed ``random``, ``numpy`` and torch's CPU generator; restore the
-    states they had on exit."""
+    """Seed ``random``, ``numpy`` and torch's CPU generator; with
+    ``restore``, put the states they had back on exit (numpy's costs about
+    0.2 ms, so only the main process does it: a worker's own state is
+    reseeded for every sample anyway)."""
 
-    def __init__(self, seed: int):
-        self.seed = seed
+    def __init__(self, seed: int, restore: bool = True):
+        self.seed, self.restore = seed, restore
 
     def __enter__(self):
-        self.saved = (random.getstate(), np.random.get_state(),
-                      torch.random.default_generator.get_state())
+        if self.restore:
+            self.saved = (random.getstate(), np.random.get_state(),
+                          torch.random.default_generator.get_state())
         random.seed(self.seed)
         np.random.seed(self.seed)
         torch.random.default_generator.manual_seed(self.seed)
 
     def __exit__(self, *exc):
-        py, np_state, torch_state = self.saved
-        random.setstate(py)
-        np.random.set_state(np_state)
-        torch.random.default_generator.set_state(torch_state)
+        if self.restore:
+            py, np_state, torch_state = self.saved
+            random.setstate(py)
+            np.random.set_state(np_state)
+            torch.random.default_generator.set_state(torch_state)
         return False
 
 
@@ -102,7 +118,8 @@ class SeededSamples:
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
-            with _SeededRandomState(sample_seed(*key)):
+            in_worker = get_worker_info() is not None
+            with _SeededRandomState(sample_seed(*key), not in_worker):
                 return self.dataset[key[-1]]
         return self.dataset[key]
 
@@ -177,14 +194,17 @@ def seed_every_sample(loader_cfg: dict) -> dict:
     """A copy of a dataloader config whose samples load under their own
     random state (see the module docstring). Applying it again re-wraps
     the same sampler and dataset (so a caller may replace the dataset in
-    between); a config with a ``batch_sampler`` or without a ``sampler``
-    dict is returned as it is."""
+    between); a config with a ``batch_sampler``, an infinite sampler or
+    without a ``sampler`` dict is returned as it is."""
     loader_cfg = copy.copy(loader_cfg)
     sampler = loader_cfg.get('sampler')
     if not isinstance(sampler, dict) or loader_cfg.get('batch_sampler'):
         return loader_cfg
     if str(sampler.get('type', '')).endswith('EpochTaggedSampler'):
         sampler = sampler['sampler']
+    if 'Infinite' in str(sampler.get('type', '')):
+        # No epochs to tag (iteration-based loops): left as it is.
+        return loader_cfg
     loader_cfg['sampler'] = dict(
         type='mmpretrain.EpochTaggedSampler', sampler=copy.copy(sampler))
     dataset = unwrap_seeded(loader_cfg['dataset'])

@@ -46,8 +46,9 @@ from gmpq_mm.utils.env_flags import env_flag
 __all__ = [
     'TRUST_ENV', 'STRICT_LOAD_ENV', 'CheckpointNotTrusted',
     'CheckpointDownloadError', 'UnreadableCheckpoint', 'download_error',
-    'trust_checkpoints', 'strict_load_enabled', 'load_checkpoint_file',
-    'unreadable_checkpoint', 'check_finite_weights', 'patch_checkpoint_loading'
+    'ReadOnce', 'trust_checkpoints', 'strict_load_enabled',
+    'load_checkpoint_file', 'unreadable_checkpoint', 'check_finite_weights',
+    'patch_checkpoint_loading'
 ]
 
 TRUST_ENV = 'GMPQ_MM_TRUST_CHECKPOINTS'
@@ -254,6 +255,37 @@ def _load_trusted(filename, map_location):
     return torch.load(filename, map_location=map_location, weights_only=False)
 
 
+class ReadOnce:
+    """While started, a file loaded again (same path, size, modification
+    time and ``map_location``) is the object loaded before, not a second
+    unpickling: a finetune reads its FP weights for ``init_cfg`` and again
+    to check they fit (:class:`~gmpq_mm.engine.CalibrationHook`). The
+    caller must not change the returned checkpoint in place."""
+
+    _memo = None
+
+    def start(self) -> 'ReadOnce':
+        if ReadOnce._memo is None:
+            ReadOnce._memo = {}
+            self._owner = True
+        else:
+            self._owner = False
+        return self
+
+    def stop(self) -> None:
+        if getattr(self, '_owner', False):
+            ReadOnce._memo = None
+            self._owner = False
+
+    @classmethod
+    def key(cls, filename, map_location):
+        if cls._memo is None:
+            return None
+        st = os.stat(filename)
+        return (osp.realpath(filename), st.st_size, st.st_mtime_ns,
+                repr(map_location))
+
+
 def load_checkpoint_file(filename, map_location=None):
     """Read a local checkpoint file (see the module docstring for what is
     allowed in it).
@@ -278,6 +310,9 @@ def load_checkpoint_file(filename, map_location=None):
                                 'empty')
     if not osp.isfile(filename):
         raise FileNotFoundError(f'checkpoint file not found: {filename}')
+    key = ReadOnce.key(filename, map_location)
+    if key is not None and key in ReadOnce._memo:
+        return ReadOnce._memo[key]
     what = _not_a_torch_file(filename)
     if what is not None:
         raise UnreadableCheckpoint(
@@ -292,7 +327,10 @@ def load_checkpoint_file(filename, map_location=None):
         raise
     except Exception as err:
         raise unreadable_checkpoint(filename, err) from None
-    return check_finite_weights(loaded, filename)
+    check_finite_weights(loaded, filename)
+    if key is not None:
+        ReadOnce._memo[key] = loaded
+    return loaded
 
 
 def _load_local(filename, map_location=None):

@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from gmpq_mm.quantization.atomic_file import atomic_path
+from gmpq_mm.quantization.atomic_file import _pid_alive, atomic_path
 
 __all__ = [
     'CheckpointWriteError', 'save_checkpoint_atomic',
@@ -43,23 +43,13 @@ def _human(n: int) -> str:
     return f'{n:.1f} GB'
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_checkpoint_temps(folder: str) -> list:
     """Remove the temporary checkpoint files of dead writers in ``folder``
     (any checkpoint name); returns the names removed."""
     removed = []
     for entry in os.listdir(folder):
         match = _TEMP.match(entry)
-        if match and not _alive(int(match.group('pid'))):
+        if match and not _pid_alive(int(match.group('pid'))):
             try:
                 os.remove(osp.join(folder, entry))
                 removed.append(entry)

@@ -145,16 +145,48 @@ def save_policy(policy: Mapping, path: PathLike) -> str:
     return path
 
 
+# A policy names each quantized layer once: even networks with thousands of
+# layers stay far below this; a larger file is not a policy.
+MAX_POLICY_BYTES = 16 * 2**20
+
+
+class _DuplicateKey(Exception):
+    """A JSON object names one key twice (json keeps the last silently)."""
+
+
+def _no_duplicate_keys(pairs):
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def _read_json(path: str) -> dict:
     if not osp.isfile(path):
         raise FileNotFoundError(f'policy file not found: {path}')
+    size = osp.getsize(path)
+    if size > MAX_POLICY_BYTES:
+        raise ValueError(f'{path}: {size} bytes is too large for a policy '
+                         f'file (at most {MAX_POLICY_BYTES}); is it one?')
     with open(path, encoding='utf-8') as f:
         text = f.read()
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f'{path}: malformed JSON at line {e.lineno} column '
                          f'{e.colno}: {e.msg}') from None
+    except _DuplicateKey as e:
+        raise ValueError(f'{path}: key {e.args[0]!r} appears twice in one '
+                         'JSON object (only one value can hold); remove the '
+                         'other') from None
+    except RecursionError:
+        raise ValueError(f'{path}: JSON nested too deeply to be a policy '
+                         '(a policy is format, version, layers -> name -> '
+                         'bits)') from None
+    except ValueError as e:  # e.g. an integer beyond Python's digit limit
+        raise ValueError(f'{path}: unreadable JSON: {e}') from None
 
 
 def load_policy(path_or_dict: Union[PathLike, Mapping]) -> dict:

@@ -172,9 +172,5 @@ def policy_source(cfg, default: Optional[str] = None) -> Optional[str]:
 def add_bit_record_hook(cfg) -> None:
     """Make sure the Runner built from ``cfg`` records and checks bit widths
     (``BitWidthRecordHook`` appended to ``custom_hooks`` unless present)."""
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(
-            str(h.get('type', '')).endswith('BitWidthRecordHook')
-            for h in hooks if isinstance(h, dict)):
-        hooks.append(dict(type='mmpretrain.BitWidthRecordHook'))
-    cfg.custom_hooks = hooks
+    from gmpq_mm.utils.cli import add_custom_hook
+    add_custom_hook(cfg, 'mmpretrain.BitWidthRecordHook')

@@ -3,7 +3,10 @@ tool's ``--help`` and argument errors come back at once."""
 import argparse
 from contextlib import contextmanager
 
-__all__ = ['DictAction', 'fail_in_one_line', 'ONE_LINE_ERRORS']
+__all__ = [
+    'DictAction', 'fail_in_one_line', 'ONE_LINE_ERRORS', 'add_custom_hook',
+    'config_keys_holding'
+]
 
 # Errors whose message says all (what is wrong, where, what to do): the
 # tools print them as one line instead of a traceback. Named, not imported,
@@ -32,6 +35,18 @@ class DictAction(argparse.Action):
         action = MMEngineDictAction(
             self.option_strings, self.dest, nargs=self.nargs)
         action(parser, namespace, values, option_string)
+
+
+def add_custom_hook(cfg, hook_type: str) -> None:
+    """Append ``dict(type=hook_type)`` to ``cfg.custom_hooks`` unless a hook
+    of that type (scope prefix or not) is there already."""
+    name = hook_type.split('.')[-1]
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(
+            str(h.get('type', '')).split('.')[-1] == name
+            for h in hooks if isinstance(h, dict)):
+        hooks.append(dict(type=hook_type))
+    cfg.custom_hooks = hooks
 
 
 def config_keys_holding(cfg, value) -> list:

@@ -94,8 +94,12 @@ def _split_problems(dataset, data_root):
         ann = osp.join(data_root, 'meta', f'{split}.txt')
         if not osp.isdir(folder):
             yield 'split folder', folder
-        elif not osp.isfile(ann) and not os.listdir(folder):
-            yield 'split folder (empty, and no meta file)', folder
+        elif not osp.isfile(ann) and not any(entry.is_dir()
+                                             for entry in os.scandir(folder)):
+            # Without meta/<split>.txt mmpretrain reads one subfolder per
+            # class; a flat folder (ImageNet's val images) needs the file.
+            yield (f'annotation file: {folder} has no class subfolders, so '
+                   f'ImageNet needs meta/{split}.txt'), ann
         return
     table = SPLIT_FILES.get(kind, {})
     wanted = table.get(split, table.get('*', []))

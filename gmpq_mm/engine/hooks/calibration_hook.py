@@ -29,12 +29,14 @@ from mmengine.dist import (all_gather_object, all_reduce, broadcast,
                            get_dist_info, is_main_process)
 from mmengine.hooks import Hook
 
+from gmpq_mm.engine.checkpoint_load import ReadOnce
 from gmpq_mm.quantization.calibration import (DEFAULT_ACT_CAP, DEFAULT_BINS,
                                               DEFAULT_LOW_BITS, DEFAULT_METHOD,
                                               METHODS, calibrate_model,
                                               quantized_layers)
 from gmpq_mm.registry import HOOKS
 from gmpq_mm.utils.model import state_dict_mismatch, unwrap_model
+from .expected_missing_keys import ExpectedMissingKeys
 
 META_KEY = 'gmpq_calibration'
 # State entries a quantized layer adds to its FP conv / linear: an FP
@@ -146,8 +148,19 @@ class CalibrationHook(Hook):
         self.save_file = save_file
         self._skip_reason = None
         self._record = None
+        self._quiet = None
+        self._read_once = None
 
     # -- checkpoints -----------------------------------------------------
+    def before_run(self, runner) -> None:
+        # The FP weights (init_cfg / load_from) load after this and lack
+        # the quantizer state calibration sets: not worth a warning.
+        self._quiet = ExpectedMissingKeys(QUANT_STATE).attach(
+            unwrap_model(runner.model))
+        # ... and check_pretrained_init reads them again: the same object,
+        # not a second unpickling.
+        self._read_once = ReadOnce().start()
+
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         meta = checkpoint.get('meta') or {}
         if meta.get(META_KEY):
@@ -197,6 +210,21 @@ class CalibrationHook(Hook):
         return flat
 
     def before_train(self, runner) -> None:
+        try:
+            self._calibrate(runner)
+        finally:
+            if self._read_once is not None:
+                self._read_once.stop()
+                self._read_once = None
+
+    def _calibrate(self, runner) -> None:
+        left_out = self._quiet.detach() if self._quiet is not None else []
+        if left_out:
+            runner.logger.info(
+                f'CalibrationHook: {len(left_out)} quantizer entries '
+                f'({", ".join(QUANT_STATE)}) were not in the loaded weights '
+                '(expected for FP weights)' +
+                ('' if self._skip_reason else '; calibrating them now'))
         if self._skip_reason is not None:
             runner.logger.info(
                 f'CalibrationHook: skipped ({self._skip_reason})')

@@ -26,6 +26,7 @@ from mmengine.hooks import Hook
 from gmpq_mm.datasets.sample_seeding import (EpochTaggedSampler, sample_seed,
                                              seed_every_sample)
 from gmpq_mm.registry import HOOKS
+from gmpq_mm.utils.cli import add_custom_hook
 
 __all__ = ['ExactResumeHook', 'add_exact_resume', 'resume_position']
 
@@ -73,7 +74,10 @@ class ExactResumeHook(Hook):
                     f'skipping the {done} batches it has trained on')
 
     def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
-        seed = sample_seed(runner.seed or 0, runner.iter, _MAIN)
+        # Ranks draw alike unless the config asks them not to.
+        rank = runner.rank if runner._randomness_cfg.get(
+            'diff_rank_seed', False) else 0
+        seed = sample_seed(runner.seed or 0, runner.iter, rank, _MAIN)
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -86,9 +90,4 @@ def add_exact_resume(cfg) -> None:
     loader = cfg.get('train_dataloader')
     if isinstance(loader, dict):
         cfg.train_dataloader = seed_every_sample(loader)
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(
-            str(h.get('type', '')).endswith('ExactResumeHook')
-            for h in hooks if isinstance(h, dict)):
-        hooks.append(dict(type='mmpretrain.ExactResumeHook'))
-    cfg.custom_hooks = hooks
+    add_custom_hook(cfg, 'mmpretrain.ExactResumeHook')
