@@ -729,7 +729,7 @@ def run_in_process(args, *, check=True, timeout=None, env=None, cwd=None):
             time.sleep(1.0 - time.time() % 1.0 + 0.01)
     env = {k: str(v) for k, v in (env or {}).items()}
     extra_path = env.get('PYTHONPATH')
-    old_environ, old_cwd = dict(os.environ), os.getcwd()
+    old_environ, old_cwd, old_argv = dict(os.environ), os.getcwd(), sys.argv
     old_modules = set(sys.modules)
     buffer = io.StringIO()
     returncode = 0
@@ -751,6 +751,7 @@ def run_in_process(args, *, check=True, timeout=None, env=None, cwd=None):
         if extra_path:
             sys.path[:0] = extra_path.split(os.pathsep)
         os.chdir(str(cwd or REPO_ROOT))
+        sys.argv = list(args)  # argparse names the program after argv[0]
         torch.set_num_threads(1)
         try:
             with contextlib.redirect_stdout(buffer), \
@@ -769,6 +770,7 @@ def run_in_process(args, *, check=True, timeout=None, env=None, cwd=None):
             returncode = 1
         finally:
             os.chdir(old_cwd)
+            sys.argv = old_argv
             os.environ.clear()
             os.environ.update(old_environ)
             if extra_path:
