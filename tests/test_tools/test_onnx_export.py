@@ -26,7 +26,7 @@ pytest.importorskip(
 
 from onnx import numpy_helper  # noqa: E402
 
-from gmpq_mm.quantization.onnx_qdq import run_onnxruntime  # noqa: E402
+from gmpq_mm.deploy.ort_check import run_onnxruntime  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CONFIG = osp.join(REPO, 'configs/gmpq/demo/finetune_r18_fashion_mnist.py')
