@@ -387,6 +387,21 @@ class _Rewriter:
             dnode.input.extend([s, z])
 
 
+def _drop_unused(graph) -> None:
+    """Remove Constant / Identity nodes whose outputs nothing reads."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [
+            n for n in graph.node if n.op_type in ('Constant', 'Identity')
+            and not any(o in used for o in n.output)
+        ]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
 def integerize(proto, layers: Mapping[str, dict],
                ranges: Callable[[Sequence[str]], Dict[str, tuple]]) -> dict:
     """Rewrite a finalized float-compute QDQ graph (in place) so that
@@ -419,6 +434,7 @@ def integerize(proto, layers: Mapping[str, dict],
     rw.residual_adds()
     rw.unsigned_containers()
     rw.calibrate()
+    _drop_unused(proto.graph)
     used = {i for n in proto.graph.node for i in n.input}
     keep = [t for t in proto.graph.initializer if t.name in used]
     del proto.graph.initializer[:]

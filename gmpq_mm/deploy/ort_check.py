@@ -8,7 +8,8 @@ from typing import Optional
 import numpy as np
 
 __all__ = [
-    'missing_deploy_packages', 'run_onnxruntime', 'optimized_nodes',
+    'missing_deploy_packages', 'run_onnxruntime', 'open_session',
+    'optimized_nodes',
     'tensor_ranges', 'compare_logits'
 ]
 
@@ -37,14 +38,18 @@ def run_onnxruntime(path: str,
         optimize: onnxruntime's graph optimizations (all) or none.
         threads: Intra-op threads (default onnxruntime's).
     """
-    sess = _session(path, optimize, threads)
+    sess = open_session(path, optimize, threads)
     name = sess.get_inputs()[0].name
     return sess.run(None, {name: np.ascontiguousarray(inputs, np.float32)})[0]
 
 
 
-def _session(path: str, optimize: bool = True, threads: Optional[int] = None,
-             optimized_path: Optional[str] = None):
+def open_session(path: str,
+                 optimize: bool = True,
+                 threads: Optional[int] = None,
+                 optimized_path: Optional[str] = None):
+    """An onnxruntime CPU session of ``path`` (all graph optimizations, or
+    none); ``optimized_path`` saves the optimized graph there."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
@@ -73,7 +78,7 @@ def optimized_nodes(path: str) -> list:
     folder = tempfile.mkdtemp(prefix='gmpq_ort_opt_')
     opt = os.path.join(folder, 'optimized.onnx')
     try:
-        _session(path, optimized_path=opt)
+        open_session(path, optimized_path=opt)
         graph = onnx.load(opt, load_external_data=False).graph
         return [(n.op_type, n.name) for n in graph.node]
     finally:

@@ -24,7 +24,7 @@ from gmpq_mm.quantization.quantizers import (FP_BITS, MIN_ACT_RANGE,
 
 __all__ = [
     'QDQConv2d', 'QDQLinear', 'qdq_layer', 'qdq_module', 'qdq_layer_info',
-    'float_module'
+    'float_module', 'uniform_bits_module'
 ]
 
 
@@ -211,3 +211,18 @@ def float_module(model: nn.Module) -> nn.Module:
         })
         setattr(parent, attr, new)
     return fp
+
+
+def uniform_bits_module(model: nn.Module, w_bits: int = 8,
+                        a_bits: int = 8) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose quantized layers all use
+    ``w_bits`` / ``a_bits``, with the same weights and ranges (e.g. the
+    uniform W8A8 baseline of a benchmark)."""
+    import copy
+    from gmpq_mm.quantization.bits import check_bits
+    uniform = copy.deepcopy(model).eval()
+    for name, m in uniform.named_modules():
+        if is_quantized_layer(m):
+            m._w_bits = check_bits(w_bits, name)
+            m._a_bits = check_bits(a_bits, name)
+    return uniform
