@@ -2,7 +2,8 @@
 
 * ``gmpq_mm`` and ``gmpq_mm.utils``: no torch, no OpenMMLab (tools import
   them before parsing their arguments).
-* ``gmpq_mm.quantization.*`` and ``gmpq_mm.visualization.*``: torch, but no
+* ``gmpq_mm.quantization.*``, ``gmpq_mm.deploy.*`` and
+  ``gmpq_mm.visualization.*``: torch, but no
   mmengine / mmpretrain / mmcv, and nothing above them in the package
   (:mod:`gmpq_mm.compat`, beside the floors, is allowed).
 * ``gmpq_mm.models`` / ``engine`` / ``datasets`` / ``apis``: OpenMMLab, but
@@ -52,6 +53,7 @@ def test_modules_found():
     # The globs below must see the real modules, or the checks prove nothing.
     assert 'gmpq_mm.quantization.quantizers' in modules_of(
         'gmpq_mm.quantization')
+    assert 'gmpq_mm.deploy.onnx_integer' in modules_of('gmpq_mm.deploy')
     assert 'gmpq_mm.visualization.policy_plot' in modules_of(
         'gmpq_mm.visualization')
 
@@ -63,8 +65,9 @@ def test_package_and_utils_import_no_torch():
         roots(loaded) & {'torch', *OPENMMLAB})
 
 
-@pytest.mark.parametrize('package',
-                         ['gmpq_mm.quantization', 'gmpq_mm.visualization'])
+@pytest.mark.parametrize(
+    'package',
+    ['gmpq_mm.quantization', 'gmpq_mm.deploy', 'gmpq_mm.visualization'])
 def test_pure_floors_import_no_openmmlab(package):
     # One interpreter imports every module of the floor: if the union pulls
     # in no OpenMMLab package, no single module does.
@@ -184,8 +187,9 @@ def test_find_cycle_sees_a_circle():
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': set()}) is None
 
 
-@pytest.mark.parametrize('package',
-                         ['gmpq_mm.quantization', 'gmpq_mm.visualization'])
+@pytest.mark.parametrize(
+    'package',
+    ['gmpq_mm.quantization', 'gmpq_mm.deploy', 'gmpq_mm.visualization'])
 def test_no_import_circles(package):
     graph = module_level_imports(package)
     # The graph is read: quantizers sits on top of the kernel modules.

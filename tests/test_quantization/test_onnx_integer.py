@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from gmpq_mm.deploy.onnx_graph import constants
+from gmpq_mm.deploy.ort_check import optimized_nodes, run_onnxruntime
 from gmpq_mm.quantization.convert import to_quantized
 
 onnx = pytest.importorskip(
@@ -12,10 +14,6 @@ onnx = pytest.importorskip(
 pytest.importorskip(
     'onnxruntime',
     reason='the ONNX check needs the [deploy] extra: pip install onnxruntime')
-
-from gmpq_mm.deploy.onnx_graph import constants  # noqa: E402
-from gmpq_mm.deploy.ort_check import (optimized_nodes,  # noqa: E402
-                                      run_onnxruntime)
 
 
 class _Block(nn.Module):
@@ -101,8 +99,9 @@ def test_batchnorm_folded_by_hand(tmp_path):
         consts[dq_w.input[1]], (s_w * g.abs()).numpy(), rtol=1e-6)
     assert consts[dq_x.input[1]] == s_x
     shift = (bn.bias.double() - bn.running_mean.double() * g).detach()
-    want = np.rint(shift.numpy() / (np.float64(s_x) *
-                                    consts[dq_w.input[1]].astype(np.float64)))
+    want = np.rint(
+        shift.numpy() /
+        (np.float64(s_x) * consts[dq_w.input[1]].astype(np.float64)))
     np.testing.assert_array_equal(consts[dq_b.input[0]], want)
     assert consts[dq_b.input[0]].dtype == np.int32
     # conv1's output goes onto conv2's 3-bit grid: uint8 codes, integer
@@ -159,3 +158,35 @@ def test_wrong_codes_are_refused(tmp_path):
                 onnx.numpy_helper.from_array(codes, t.name))
     with pytest.raises(RuntimeError, match='net.conv1: int8 weight codes'):
         check_integer_model(proto, layers, ['net.conv1', 'net.conv2'])
+
+
+def test_onnx_honours_umask_and_removes_leftovers(tmp_path):
+    """The .onnx file is 0644 under umask 022, and the hidden temporary a
+    killed export left beside it is gone after the next export there."""
+    import os
+    import stat
+
+    from gmpq_mm.apis.onnx_export import export_onnx_model
+    pid = 4_000_000
+    while True:  # a pid no process has: the killed exporter's
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            pass
+        pid += 1
+    stale = tmp_path / f'.m.onnx.{pid}.k1ll3d.tmp'
+    stale.write_bytes(b'\0' * 4096)
+    model, x = _block((4, 3))
+    old = os.umask(0o022)
+    try:
+        export_onnx_model(
+            model,
+            str(tmp_path / 'm.onnx'), (3, 8, 8),
+            mode='float-qdq',
+            verify=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / 'm.onnx').stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['m.onnx']

@@ -103,12 +103,15 @@ def main(argv=None):
     if is_onnx(args.out):
         return export_onnx(cfg, args)
     start = time.time()
-    summary = export_checkpoint(
-        cfg,
-        args.checkpoint,
-        args.out,
-        verify=not args.no_verify,
-        input_shape=args.input_shape)
+    try:
+        summary = export_checkpoint(
+            cfg,
+            args.checkpoint,
+            args.out,
+            verify=not args.no_verify,
+            input_shape=args.input_shape)
+    except RuntimeError as err:  # the rebuilt network disagrees
+        raise SystemExit(f'error: {err}')
     summary['seconds'] = time.time() - start
     lines = [
         f'artifact written to {summary["path"]}: {summary["bytes"]} bytes '
