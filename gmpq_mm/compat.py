@@ -342,7 +342,7 @@ def export_onnx(module, args, path, **kwargs):
     torch < 2.9 uses the TorchScript exporter by default, torch >= 2.9 the
     ``torch.export``-based one (``dynamo=True``), which needs the extra
     ``onnxscript`` package and names and folds the graph differently. The
-    gmpq QDQ export (:mod:`gmpq_mm.quantization.onnx_qdq`) is written for the
+    gmpq QDQ export (:mod:`gmpq_mm.deploy.onnx_graph`) is written for the
     TorchScript exporter's output (Clip, QuantizeLinear, DequantizeLinear,
     Conv / Gemm, parameters as named initializers), so it is asked for
     explicitly; its DeprecationWarning in torch >= 2.9 is silenced here.

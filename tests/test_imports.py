@@ -2,7 +2,8 @@
 
 * ``gmpq_mm`` and ``gmpq_mm.utils``: no torch, no OpenMMLab (tools import
   them before parsing their arguments).
-* ``gmpq_mm.quantization.*``, ``gmpq_mm.visualization.*`` and every module
+* ``gmpq_mm.quantization.*``, ``gmpq_mm.deploy.*``,
+  ``gmpq_mm.visualization.*`` and every module
   of ``gmpq_mm.utils``: torch, but no mmengine / mmpretrain / mmcv, and
   nothing above them in the package (:mod:`gmpq_mm.compat`, beside the
   floors, is allowed); and they import whatever the OpenMMLab versions
@@ -58,6 +59,7 @@ def test_modules_found():
     # The globs below must see the real modules, or the checks prove nothing.
     assert 'gmpq_mm.quantization.quantizers' in modules_of(
         'gmpq_mm.quantization')
+    assert 'gmpq_mm.deploy.onnx_integer' in modules_of('gmpq_mm.deploy')
     assert 'gmpq_mm.visualization.policy_plot' in modules_of(
         'gmpq_mm.visualization')
     # The sensitivity numerics and picture are floor 1 too.
@@ -75,7 +77,10 @@ def test_package_and_utils_import_no_torch():
         roots(loaded) & {'torch', *OPENMMLAB})
 
 
-FLOOR_ONE = ['gmpq_mm.quantization', 'gmpq_mm.visualization', 'gmpq_mm.utils']
+FLOOR_ONE = [
+    'gmpq_mm.quantization', 'gmpq_mm.deploy', 'gmpq_mm.visualization',
+    'gmpq_mm.utils'
+]
 
 
 @pytest.mark.parametrize('package', FLOOR_ONE)

@@ -24,6 +24,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import load_checkpoint
 from torch import nn
 
+from gmpq_mm.quantization.atomic_file import atomic_path
 from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.export import load_artifact, save_artifact
 from gmpq_mm.quantization.layers import is_quantized_layer
@@ -33,8 +34,14 @@ from gmpq_mm.utils.bit_record import check_bit_widths, policy_source
 
 __all__ = [
     'load_model', 'deploy_model_config', 'export_checkpoint',
-    'build_deployed_model', 'check_deployable_config', 'DEPLOYABLE_TYPES'
+    'build_deployed_model', 'check_deployable_config', 'DEPLOYABLE_TYPES',
+    'ARTIFACT_TOLERANCE'
 ]
+# The check of an exported artifact: the network rebuilt from the file alone
+# runs the same torch ops on the same integer codes and scales as the
+# checkpoint's (measured difference 0), so only float rounding is allowed
+# (relative to the largest logit, at least 1), and the same top-1 class.
+ARTIFACT_TOLERANCE = dict(max_abs_diff_rel=1e-4, batch_size=8)
 
 # The only types an artifact's model config may name: an ImageClassifier
 # of a (quantized) mmpretrain CNN and the layers inside it. Nothing here
@@ -270,23 +277,45 @@ def export_checkpoint(config,
                       'fp_size_mb', 'compression', 'compression_quantized',
                       'mean_w_bits', 'mean_a_bits')
         }
-    summary = save_artifact(
-        out, model, config=model_cfg, policy=policy, extra=extra)
+    out = os.fspath(out)
+    with atomic_path(out, suffix='.tmp') as tmp:
+        summary = save_artifact(
+            tmp, model, config=model_cfg, policy=policy, extra=extra)
+        if verify:
+            summary.update(_check_rebuilt(model, tmp, shape, out, checkpoint))
+    summary['path'] = out
     summary['size_mb'] = summary['bytes'] / 1e6
     summary['input_shape'] = list(shape)
     if complexity is not None:
         summary['complexity'] = extra['complexity']
         summary['model_size_mb'] = complexity['size_mb']
         summary['size_ratio'] = summary['size_mb'] / complexity['size_mb']
-    if verify:
-        deployed, _ = build_deployed_model(out)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn((2, ) + shape, generator=gen)
-        with torch.no_grad():
-            ref = model(x, mode='tensor')
-            got = deployed(x, mode='tensor')
-        summary['max_abs_diff'] = float((ref - got).abs().max())
     return summary
+
+
+def _check_rebuilt(model: nn.Module, path: str, shape, out: str,
+                   checkpoint: str) -> dict:
+    """Rebuild the network from the artifact at ``path`` alone and compare
+    its logits with ``model``'s on random inputs (:data:`ARTIFACT_TOLERANCE`);
+    raises ``RuntimeError`` when they differ, so the file is not kept."""
+    deployed, _ = build_deployed_model(path)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((ARTIFACT_TOLERANCE['batch_size'], ) + tuple(shape),
+                    generator=gen)
+    with torch.no_grad():
+        ref = model(x, mode='tensor')
+        got = deployed(x, mode='tensor')
+    diff = float((ref - got).abs().max())
+    bound = ARTIFACT_TOLERANCE['max_abs_diff_rel'] * max(
+        float(ref.abs().max()), 1.0)
+    agree = float((ref.argmax(1) == got.argmax(1)).float().mean())
+    if diff > bound or agree < 1.0:
+        raise RuntimeError(
+            f'{out}: the network rebuilt from the artifact does not '
+            f'reproduce the checkpoint {checkpoint}: max |logits difference| '
+            f'{diff:.3g} (allowed {bound:.3g}), top-1 agreement {agree:.0%} '
+            '(required 100%); nothing written')
+    return dict(max_abs_diff=diff, max_abs_diff_allowed=bound)
 
 
 def build_deployed_model(path: str,

@@ -1,7 +1,7 @@
-"""Export a finetuned checkpoint as a QDQ ONNX model, checked by onnxruntime.
+"""Export a finetuned checkpoint as an ONNX model, checked by onnxruntime.
 
-Floor 2 around :mod:`gmpq_mm.quantization.onnx_qdq` (the export-time layers,
-the graph surgery and the checks): this module loads the network of an
+Floor 2 around :mod:`gmpq_mm.deploy` (the export-time layers, the graph
+building and the onnxruntime checks): this module loads the network of an
 OpenMMLab config and checkpoint, refuses what is not a finetuned fixed-bit
 network, exports ``images -> logits`` with a dynamic batch, and runs the
 file in onnxruntime (CPU) beside the PyTorch model before it is moved to
@@ -11,46 +11,71 @@ its final path. Nothing is written at ``out`` unless every check passed.
     export_onnx_checkpoint('configs/gmpq/finetune_r18_in1k.py',
                            'epoch_100.pth', 'r18_mixed.onnx')
 
+Modes (:data:`ONNX_MODES`):
+
+* ``integer`` (default): onnxruntime's CPU provider runs every conv with a
+  quantized weight and input as ``QLinearConv`` (BatchNorm folded, outputs
+  requantized, residual adds as ``QLinearAdd``; see
+  :mod:`gmpq_mm.deploy.onnx_integer`);
+* ``float-qdq``: Q/DQ around float Conv / Gemm, BatchNorm unfolded, exactly
+  the PyTorch function (explicit quantization as TensorRT reads it);
+* ``fp``: the float network without quantizers (a benchmark's baseline).
+
 The model's input is the normalised image batch ``(N, C, H, W)`` (float32;
 the mean / std are in the model's metadata), its output the logits
 ``(N, num_classes)``.
 """
+import copy
 import os
 import os.path as osp
-import tempfile
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from gmpq_mm.deploy.onnx_graph import (ONNX_OPSET, check_qdq_model,
+                                       finalize_qdq_model, set_metadata)
+from gmpq_mm.deploy.onnx_integer import (INTEGER_OPS, check_integer_model,
+                                         integerize)
+from gmpq_mm.deploy.ort_check import (compare_logits, missing_deploy_packages,
+                                      optimized_nodes, run_onnxruntime,
+                                      tensor_ranges)
+from gmpq_mm.deploy.qdq_modules import (float_module, qdq_layer_info,
+                                        qdq_module)
+from gmpq_mm.quantization.atomic_file import atomic_path
 from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.layers import is_quantized_layer
-from gmpq_mm.quantization.onnx_qdq import (ONNX_OPSET, check_qdq_model,
-                                           finalize_qdq_model,
-                                           missing_deploy_packages,
-                                           qdq_layer_info, qdq_module,
-                                           run_onnxruntime, set_metadata)
 
 __all__ = [
-    'ONNX_TOLERANCES', 'LogitsOnly', 'check_finetuned_checkpoint',
-    'export_onnx_checkpoint'
+    'ONNX_MODES', 'ONNX_TOLERANCES', 'LogitsOnly', 'check_finetuned_checkpoint',
+    'export_onnx_checkpoint', 'export_onnx_model'
 ]
 
+ONNX_MODES = ('integer', 'float-qdq', 'fp')
 # What the check after export allows between onnxruntime and the PyTorch
-# checkpoint on the verification batch. QuantizeLinear divides by r / n
-# where the training layer multiplies by n / r, and the two runtimes sum the
-# convolutions in different orders: where an activation sits within a float
-# rounding of a level boundary it can land one level apart, which at 2-3
-# bits moves that sample's logits visibly. Measured (random inputs, see
+# checkpoint on the verification batch, per mode.
+#
+# float-qdq: QuantizeLinear divides by r / n where the training layer
+# multiplies by n / r, and the two runtimes sum the convolutions in
+# different orders: where an activation sits within a float rounding of a
+# level boundary it can land one level apart, which at 2-3 bits moves that
+# sample's logits visibly. Measured (random inputs, see
 # docs/user_guides/export.md): relative L2 error 7.5e-7 on the 28-px demo
 # network, 5.8e-3 on ResNet-18 and 5.3e-3 on ResNet-50 W2A2 at 224 px, top-1
-# unchanged; one weight scale off by 5% gives 3.6e-2 and 91% top-1. So the
-# logits are compared as a whole (relative L2 error over the batch) and the
-# predictions per sample.
-ONNX_TOLERANCES = dict(
-    max_rel_l2=2e-2,  # ||onnx - torch|| / ||torch|| over the batch's logits
-    min_top1_agreement=0.95)  # fraction whose top-1 class must agree
+# unchanged; one weight scale off by 5% gives 3.6e-2 and 91% top-1.
+#
+# integer: adds what the PyTorch model does not have: 8-bit points on the
+# residual branches (range from the calibration images), the bias rounded
+# to int32, and integer requantization of each conv output. Measured on
+# the calibration images (docs/user_guides/export.md); the bound is set
+# above those and below what one wrong scale gives.
+ONNX_TOLERANCES = {
+    'float-qdq': dict(max_rel_l2=2e-2, min_top1_agreement=0.95),
+    'integer': dict(max_rel_l2=1e-1, min_top1_agreement=0.9),
+    'fp': dict(max_rel_l2=1e-4, min_top1_agreement=0.99),
+}
 
 
 class LogitsOnly(nn.Module):
@@ -94,22 +119,6 @@ def check_finetuned_checkpoint(checkpoint: str) -> None:
             'is nothing to export as QDQ')
 
 
-def _compare(ref: np.ndarray, got: np.ndarray, tol: dict) -> dict:
-    """Compare two logit batches against ``tol``; also reports how many
-    samples agree to float precision (``exact``: within 1e-4 of the
-    largest logit)."""
-    per_sample = np.abs(ref - got).reshape(len(ref), -1).max(1)
-    rel_l2 = float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-12))
-    agree = float(np.mean(ref.argmax(1) == got.argmax(1)))
-    exact = float(np.mean(per_sample <= 1e-4 * np.abs(ref).max()))
-    return dict(
-        rel_l2=rel_l2,
-        max_abs_diff=float(per_sample.max()),
-        exact=exact,
-        top1_agreement=agree,
-        ok=rel_l2 <= tol['max_rel_l2'] and agree >= tol['min_top1_agreement'])
-
-
 def _metadata(cfg, model, checkpoint, shape) -> dict:
     backbone = getattr(model, 'backbone', model)
     meta = dict(
@@ -129,32 +138,205 @@ def _metadata(cfg, model, checkpoint, shape) -> dict:
     return meta
 
 
+def _export(module: nn.Module, path: str, shape) -> None:
+    from gmpq_mm.compat import export_onnx
+    with torch.no_grad():
+        export_onnx(
+            module, (torch.zeros((2, ) + tuple(shape)), ),
+            path,
+            opset_version=ONNX_OPSET,
+            input_names=['input'],
+            output_names=['logits'],
+            dynamic_axes={
+                'input': {
+                    0: 'batch'
+                },
+                'logits': {
+                    0: 'batch'
+                }
+            },
+            do_constant_folding=True)
+
+
+def _integer(proto, layers, calib: np.ndarray, path: str) -> dict:
+    """Rewrite ``proto`` for integer kernels; the 8-bit points get the
+    ranges of the float-QDQ graph on ``calib``."""
+    import onnx
+    before = onnx.ModelProto()
+    before.CopyFrom(proto)
+    info = integerize(proto, layers,
+                      lambda names: tensor_ranges(before, names, calib))
+    check_integer_model(proto, layers, info['integer_layers'])
+    return info
+
+
+def _kernels(path: str, names: Sequence[str]) -> dict:
+    """What onnxruntime runs for the integer layers; warns, naming them,
+    when some of them still run as a float Conv (an onnxruntime without
+    the integer kernels or the QDQ fusion)."""
+    nodes = optimized_nodes(path)
+    counts = {}
+    for op, _ in nodes:
+        counts[op] = counts.get(op, 0) + 1
+    float_convs = {name for op, name in nodes if op == 'Conv'}
+    fallback = [n for n in names if n in float_convs]
+    integer = sum(counts.get(op, 0) for op in INTEGER_OPS)
+    if fallback or integer < len(names):
+        import onnxruntime
+        warnings.warn(
+            f'{path}: onnxruntime {onnxruntime.__version__} runs '
+            f'{len(fallback) or len(names) - integer} of {len(names)} '
+            f'quantized convs as float Conv, not QLinearConv: '
+            f'{", ".join(fallback) or "(names lost in fusion)"}; the file is '
+            'correct but not faster', stacklevel=3)
+    return dict(ops=counts, integer_convs=integer, fallback=fallback)
+
+
+def export_onnx_model(model: nn.Module,
+                      out: str,
+                      input_shape: Sequence[int],
+                      mode: str = 'integer',
+                      metadata: Optional[dict] = None,
+                      verify: bool = True,
+                      inputs: Optional[np.ndarray] = None,
+                      batch_size: int = 32,
+                      source: str = '') -> dict:
+    """Write the ONNX model of a loaded fixed-bit network, checked: the one
+    export entry point (the tool, the benchmark and
+    :func:`export_onnx_checkpoint` call it).
+
+    Args:
+        model: The finetuned classifier (eval mode), e.g. from
+            :func:`gmpq_mm.apis.load_model`.
+        out: The ``.onnx`` file; written (atomically) only if every check
+            passes.
+        input_shape: ``(C, H, W)``.
+        mode: One of :data:`ONNX_MODES`.
+        metadata: Written as the model's ``metadata_props``.
+        verify: Run the file in onnxruntime (CPU) and compare with the
+            PyTorch model (:data:`ONNX_TOLERANCES`).
+        inputs: Images (normalised, ``(N, C, H, W)``) for the ranges of the
+            integer graph's 8-bit points and for the check; default
+            ``batch_size`` random normal images.
+        batch_size: Size of the random batch when ``inputs`` is None.
+        source: Named in errors (the checkpoint).
+
+    Returns:
+        dict: ``path``, ``bytes``, ``size_mb``, ``mode``, ``input_shape``,
+        ``opset``, ``nodes``; for the QDQ modes ``quantize_linear``,
+        ``dequantize_linear``, ``quantized_layers``, ``layers``; for
+        ``integer`` also ``integer_layers``, ``added_points`` and
+        ``onnxruntime`` (op counts of the optimized graph, ``integer_convs``,
+        ``fallback``); with ``verify`` the dict ``verify``.
+    """
+    if mode not in ONNX_MODES:
+        raise ValueError(f'mode must be one of {ONNX_MODES}, got {mode!r}')
+    import onnx
+    shape = tuple(input_shape)
+    source = source or out
+    if mode == 'fp':
+        exported = LogitsOnly(float_module(model)).eval()
+        reference = exported
+        layers = {}
+    else:
+        try:
+            exported = LogitsOnly(qdq_module(model)).eval()
+        except ValueError as err:
+            raise ValueError(f'{source}: {err}') from None
+        reference = LogitsOnly(model).eval()
+        layers = qdq_layer_info(exported)
+    if inputs is None:
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn((batch_size, ) + shape, generator=gen).numpy()
+    inputs = np.ascontiguousarray(inputs, np.float32)
+    # A check of the policy against a deployment target fits here, before
+    # anything is traced or written.
+    out = os.fspath(out)
+    with atomic_path(out, suffix='.tmp') as tmp:
+        _export(exported, tmp, shape)
+        proto = onnx.load(tmp)
+        summary = dict(mode=mode)
+        if layers:
+            finalize_qdq_model(proto, layers)
+            summary.update(check_qdq_model(proto, layers))
+        if mode == 'integer':
+            summary.update(_integer(proto, layers, inputs, tmp))
+        set_metadata(proto, dict(metadata or {}, onnx_mode=mode))
+        counts = {}
+        for node in proto.graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        summary['nodes'] = counts
+        summary['opset'] = ONNX_OPSET
+        onnx.save(proto, tmp)
+        if mode == 'integer':
+            summary['onnxruntime'] = _kernels(tmp,
+                                              summary['integer_layers'])
+        if verify:
+            summary['verify'] = _verify(reference, tmp, inputs, mode, out,
+                                        source)
+    summary.update(
+        path=out,
+        bytes=osp.getsize(out),
+        size_mb=osp.getsize(out) / 1e6,
+        input_shape=list(shape),
+        quantized_layers=len(layers))
+    return summary
+
+
+def _verify(reference, path, inputs, mode, out, source) -> dict:
+    tol = ONNX_TOLERANCES[mode]
+    with torch.no_grad():
+        ref = torch.cat([
+            reference(torch.from_numpy(inputs[i:i + 64]))
+            for i in range(0, len(inputs), 64)
+        ]).float().numpy()
+    got = run_onnxruntime(path, inputs)
+    cmp = compare_logits(ref, got, tol)
+    if not cmp['ok']:
+        raise RuntimeError(
+            f'{out}: onnxruntime does not reproduce the checkpoint {source} '
+            f'({mode} graph) on {len(inputs)} inputs: relative L2 error of '
+            f'the logits {cmp["rel_l2"]:.3g} (allowed {tol["max_rel_l2"]:g}),'
+            f' top-1 agreement {cmp["top1_agreement"]:.0%} (required '
+            f'{tol["min_top1_agreement"]:.0%}); nothing written')
+    cmp.pop('ok')
+    return dict(cmp, batch_size=len(inputs), tolerances=dict(tol))
+
+
 def export_onnx_checkpoint(config,
                            checkpoint: str,
                            out: str,
                            cfg_options=None,
                            verify: bool = True,
                            input_shape: Optional[Sequence[int]] = None,
-                           batch_size: int = 32) -> dict:
-    """Write the QDQ ONNX model of a finetuned checkpoint, checked.
+                           batch_size: int = 32,
+                           mode: str = 'integer',
+                           inputs: Optional[np.ndarray] = None,
+                           calib_images: int = 64) -> dict:
+    """Write the ONNX model of a finetuned checkpoint, checked.
 
     Args:
         config: Config file, ``Config`` or dict (as for ``load_model``).
         checkpoint: The finetuned checkpoint.
         out: The ``.onnx`` file; written only if every check passes.
         cfg_options: Overrides for the config.
-        verify: Run the file in onnxruntime (CPU) on a random batch and
-            compare with the PyTorch model (:data:`ONNX_TOLERANCES`).
+        verify: Run the file in onnxruntime (CPU) and compare with the
+            PyTorch model (:data:`ONNX_TOLERANCES`).
         input_shape: ``(C, H, W)``; default the config's test crop.
-        batch_size: Size of the verification batch (the trace uses 2, so a
-            different size also checks the dynamic batch).
+        batch_size: Size of the random batch when ``inputs`` is None (the
+            trace uses 2, so a different size also checks the dynamic
+            batch).
+        mode: One of :data:`ONNX_MODES` (default ``integer``).
+        inputs: Normalised images for the integer graph's 8-bit ranges and
+            the check; default (``integer``) the first ``calib_images``
+            training images through the test pipeline
+            (:func:`gmpq_mm.apis.onnx_data.calibration_images`), or random
+            ones, with a warning, when the training data cannot be read;
+            random ones for the other modes.
+        calib_images: See ``inputs``.
 
     Returns:
-        dict: ``path``, ``bytes``, ``size_mb``, ``input_shape``, ``opset``,
-        ``quantize_linear``, ``dequantize_linear``, ``quantized_layers``,
-        ``layers`` (per layer bits and distinct weight values), and with
-        ``verify`` the dict ``verify`` (``rel_l2``, ``max_abs_diff``,
-        ``exact``, ``top1_agreement``, ``batch_size``, ``tolerances``).
+        dict: as :func:`export_onnx_model`.
 
     Raises:
         ValueError: naming the checkpoint for a search / FP checkpoint;
@@ -162,89 +344,45 @@ def export_onnx_checkpoint(config,
         RuntimeError: if the graph or the onnxruntime check fails.
     """
     from gmpq_mm.apis.deploy import load_model
-    from gmpq_mm.compat import export_onnx
     from gmpq_mm.utils.report import infer_input_shape
 
-    missing = missing_deploy_packages(with_runtime=verify)
+    if mode not in ONNX_MODES:
+        raise ValueError(f'mode must be one of {ONNX_MODES}, got {mode!r}')
+    missing = missing_deploy_packages(
+        with_runtime=verify or mode == 'integer')
     if missing:
         raise ImportError(
             f'ONNX export needs {" and ".join(missing)}: pip install '
             '"gmpq_mm[deploy]" (or pip install onnx onnxruntime)')
-    import onnx
-
     check_finetuned_checkpoint(checkpoint)
     model, cfg = load_model(config, checkpoint, cfg_options)
     if not any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError(f'{checkpoint}: the network of the config has no '
                          'quantized layer; use a finetune config')
-    try:
-        exported = LogitsOnly(qdq_module(model)).eval()
-    except ValueError as err:
-        raise ValueError(f'{checkpoint}: {err}') from None
     shape = tuple(infer_input_shape(cfg, model, input_shape))
-    layers = qdq_layer_info(exported)
-
-    out = os.fspath(out)
-    folder = osp.dirname(osp.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(out)}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        example = torch.zeros((2, ) + shape)
-        with torch.no_grad():
-            export_onnx(
-                exported, (example, ),
-                tmp,
-                opset_version=ONNX_OPSET,
-                input_names=['input'],
-                output_names=['logits'],
-                dynamic_axes={
-                    'input': {
-                        0: 'batch'
-                    },
-                    'logits': {
-                        0: 'batch'
-                    }
-                },
-                do_constant_folding=True)
-        proto = onnx.load(tmp)
-        finalize_qdq_model(proto, layers)
-        set_metadata(proto, _metadata(cfg, model, checkpoint, shape))
-        summary = check_qdq_model(proto, layers)
-        onnx.save(proto, tmp)
-        if verify:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn((batch_size, ) + shape, generator=gen)
-            with torch.no_grad():
-                ref = model(x, mode='tensor').float().numpy()
-            got = run_onnxruntime(tmp, x.numpy())
-            cmp = _compare(ref, got, ONNX_TOLERANCES)
-            summary['verify'] = dict(
-                {
-                    k: v
-                    for k, v in cmp.items() if k != 'ok'
-                },
-                batch_size=batch_size,
-                tolerances=dict(ONNX_TOLERANCES))
-            if not cmp['ok']:
-                raise RuntimeError(
-                    f'{out}: onnxruntime does not reproduce the checkpoint '
-                    f'{checkpoint} on {batch_size} random inputs: relative '
-                    f'L2 error of the logits {cmp["rel_l2"]:.3g} (allowed '
-                    f'{ONNX_TOLERANCES["max_rel_l2"]:g}), top-1 agreement '
-                    f'{cmp["top1_agreement"]:.0%} (required '
-                    f'{ONNX_TOLERANCES["min_top1_agreement"]:.0%}); nothing '
-                    'written')
-        os.replace(tmp, out)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-    summary.update(
-        path=out,
-        bytes=osp.getsize(out),
-        size_mb=osp.getsize(out) / 1e6,
-        input_shape=list(shape),
-        quantized_layers=len(layers))
+    calibration = 'given' if inputs is not None else f'{batch_size} random'
+    if inputs is None and mode == 'integer' and calib_images:
+        from gmpq_mm.apis.onnx_data import calibration_images
+        try:
+            inputs = calibration_images(cfg, model, calib_images)
+            calibration = f'{len(inputs)} training images'
+        except Exception as err:  # no data here: say so, go on
+            warnings.warn(
+                f'cannot read the training images of the config for the '
+                f'8-bit ranges of the integer graph ({type(err).__name__}: '
+                f'{err}); using {batch_size} random inputs instead: check '
+                'the accuracy of the file on real images '
+                '(tools/deploy/test_onnx.py)',
+                stacklevel=2)
+    summary = export_onnx_model(
+        model,
+        out,
+        shape,
+        mode=mode,
+        metadata=_metadata(cfg, model, checkpoint, shape),
+        verify=verify,
+        inputs=inputs,
+        batch_size=batch_size,
+        source=checkpoint)
+    summary['calibration'] = calibration
     return summary

@@ -42,7 +42,6 @@ import json
 import os
 import os.path as osp
 import struct
-import tempfile
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple, Union
 
@@ -51,6 +50,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic_file import atomic_path
 from .layers import is_quantized_layer
 from .quantizers import (FP_BITS, activation_levels, quantize_weight,
                          weight_levels, weight_threshold)
@@ -310,18 +310,8 @@ def save_artifact(path: PathLike,
         for name, t in tensors.items()
     })
     metadata['metadata_sha256'] = _metadata_digest(metadata)
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=folder, prefix=f'.{osp.basename(path)}.', suffix='.tmp')
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix='.tmp') as tmp:
         save_file(dict(tensors), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
     layers = json.loads(metadata['layers'])
     return dict(
         path=path,

@@ -226,3 +226,43 @@ def test_missing_artifact(tmp_path):
     (tmp_path / 'x.safetensors').write_bytes(b'\x05' + b'\0' * 20)
     with pytest.raises(ArtifactError, match='x.safetensors'):
         load_artifact(tmp_path / 'x.safetensors')
+
+
+def _dead_pid():
+    """A pid no process has (for a leftover of a killed writer)."""
+    import os
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+def test_artifact_honours_umask_and_removes_leftovers(tmp_path):
+    """The artifact gets the mode a plain open() gives (0644 under umask
+    022, not mkstemp's 0600), and the hidden file a killed writer left
+    beside it is removed by the next write to that path."""
+    import os
+    import stat
+    path = tmp_path / 'net.safetensors'
+    stale = tmp_path / f'.net.safetensors.{_dead_pid()}.abc123.tmp'
+    stale.write_bytes(b'x' * 1000)
+    other = tmp_path / '.other.safetensors.1.abc.tmp'  # another file's
+    other.write_bytes(b'y')
+    old = os.umask(0o022)
+    try:
+        save_artifact(path, _quantized_net())
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o027)
+        save_artifact(path, _quantized_net())
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        '.other.safetensors.1.abc.tmp', 'net.safetensors'
+    ]

@@ -1,27 +1,31 @@
 # Copyright (c) gmpq_mm contributors. All rights reserved.
-"""onnxruntime (CPU) latency and file size: QDQ model against FP model.
+"""onnxruntime (CPU) latency and file size: integer QDQ model against FP
+and against uniform W8A8, in one run.
 
-From one finetuned checkpoint, writes two ONNX files of the same network:
+From one finetuned checkpoint, writes three ONNX files of the same network
+through the export entry point (``gmpq_mm.apis.onnx_export``):
 
-* ``qdq.onnx``: what ``tools/deploy/export.py --out x.onnx`` writes (int8
-  weight codes + DequantizeLinear, Clip / QuantizeLinear / DequantizeLinear
-  on the quantized inputs), checked by onnxruntime;
+* ``int.onnx``: what ``tools/deploy/export.py --out x.onnx`` writes (the
+  integer graph: QLinearConv for every quantized conv), checked;
+* ``w8a8.onnx``: the same network with every quantized layer at 8 / 8 bits,
+  exported the same way (the uniform int8 baseline);
 * ``fp.onnx``: the network with every quantized layer put back to a float
   Conv / Linear holding the checkpoint's latent FP weights (no quantizer).
 
-Then times both in onnxruntime's CPU provider in interleaved rounds (the
-order alternates each round, so the load of a shared machine hits both
-alike): each round runs each model ``--iters`` times and keeps the median;
-the QDQ / FP ratio is the median of the per-round ratios.
+Then, for each thread count and batch size, times the three in
+onnxruntime's CPU provider in interleaved rounds (the order rotates each
+round, so the load of a shared machine hits all alike): each round runs
+each model ``--iters`` times and keeps the median; each speed-up is the
+median of the per-round ratios, with their range. A ratio whose rounds
+spread by more than ``--noisy`` of its median is marked NOISY.
 
 Example::
 
-    python tools/analysis/benchmark_onnx.py \\
-        configs/gmpq/demo/finetune_r18_fashion_mnist.py epoch_2.pth \\
-        --work-dir work_dirs/onnx_bench --batch-sizes 1 32 --rounds 7
+    python tools/analysis/benchmark_onnx.py configs/gmpq/finetune_r18_in1k.py \\
+        r18_mixed.pth --work-dir work_dirs/onnx_bench \\
+        --batch-sizes 1 8 --threads 1 2 --rounds 7
 """
 import argparse
-import copy
 import json
 import os
 import os.path as osp
@@ -30,22 +34,37 @@ import time
 
 from gmpq_mm.utils.cli import DictAction
 
+MODELS = ('fp', 'w8a8', 'int')
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='onnxruntime latency of the QDQ model against FP')
+        description='onnxruntime latency: integer QDQ vs FP vs W8A8')
     parser.add_argument('config', help='config file of the checkpoint')
     parser.add_argument('checkpoint', help='finetuned checkpoint')
     parser.add_argument(
-        '--work-dir', required=True, help='where the two .onnx files go')
-    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 32])
-    parser.add_argument('--rounds', type=int, default=7)
-    parser.add_argument('--iters', type=int, default=10)
+        '--work-dir', required=True, help='where the .onnx files go')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
     parser.add_argument(
         '--threads',
         type=int,
-        default=0,
-        help='onnxruntime intra-op threads (0: its default)')
+        nargs='+',
+        default=[1, 2],
+        help='onnxruntime intra-op thread counts to time')
+    parser.add_argument('--rounds', type=int, default=7)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument(
+        '--noisy',
+        type=float,
+        default=0.2,
+        help='mark a ratio NOISY when (max - min) / median of its rounds '
+        'exceeds this')
+    parser.add_argument(
+        '--no-verify',
+        action='store_true',
+        help='skip the onnxruntime-vs-PyTorch check of the exports (for a '
+        'network with random weights, whose low-bit layers amplify the '
+        'integer graph\'s rounding: speed does not depend on the weights)')
     parser.add_argument(
         '--input-shape', type=int, nargs='+', help='C H W (or H W)')
     parser.add_argument('--json', help='write the results to this file')
@@ -60,36 +79,8 @@ def parse_args(argv=None):
 def float_copy(model):
     """``model`` with every quantized layer back to a float Conv / Linear
     holding its latent weights (the network without quantizers)."""
-    import torch.nn as nn
-
-    from gmpq_mm.quantization.layers import is_quantized_layer
-    fp = copy.deepcopy(model).eval()
-    names = [n for n, m in fp.named_modules() if is_quantized_layer(m)]
-    for name in names:
-        parent_name, _, attr = name.rpartition('.')
-        parent = fp.get_submodule(parent_name) if parent_name else fp
-        q = getattr(parent, attr)
-        if isinstance(q, nn.Conv2d):
-            new = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size,
-                            q.stride, q.padding, q.dilation, q.groups, q.bias
-                            is not None)
-        else:
-            new = nn.Linear(q.in_features, q.out_features, q.bias is not None)
-        new.load_state_dict({
-            k: v
-            for k, v in q.state_dict().items() if k in ('weight', 'bias')
-        })
-        setattr(parent, attr, new)
-    return fp
-
-
-def _session(path, threads):
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
+    from gmpq_mm.deploy.qdq_modules import float_module
+    return float_module(model)
 
 
 def _median_ms(sess, x, iters):
@@ -102,89 +93,115 @@ def _median_ms(sess, x, iters):
     return statistics.median(times)
 
 
+def _ratio(num, den, noisy):
+    ratios = [a / b for a, b in zip(num, den)]
+    mid = statistics.median(ratios)
+    spread = (max(ratios) - min(ratios)) / mid
+    return dict(
+        median=mid,
+        min=min(ratios),
+        max=max(ratios),
+        noisy=spread > noisy,
+        rounds=ratios)
+
+
+def time_models(paths, batch_sizes, threads, rounds, iters, shape, noisy):
+    """Interleaved timing of the ONNX files ``paths`` (name -> file)."""
+    import numpy as np
+
+    from gmpq_mm.deploy.ort_check import open_session
+    rng = np.random.default_rng(0)
+    table = {}
+    for t in threads:
+        sessions = {k: open_session(p, threads=t) for k, p in paths.items()}
+        for bs in batch_sizes:
+            x = rng.standard_normal((bs, ) + tuple(shape)).astype(np.float32)
+            for sess in sessions.values():  # warm-up
+                _median_ms(sess, x, 2)
+            ms = {k: [] for k in sessions}
+            keys = list(sessions)
+            for r in range(rounds):
+                order = keys[r % len(keys):] + keys[:r % len(keys)]
+                for key in order:
+                    ms[key].append(_median_ms(sessions[key], x, iters))
+            row = {f'{k}_ms': statistics.median(v) for k, v in ms.items()}
+            row['rounds_ms'] = ms
+            row['int_vs_fp'] = _ratio(ms['fp'], ms['int'], noisy)
+            row['int_vs_w8a8'] = _ratio(ms['w8a8'], ms['int'], noisy)
+            table[f'threads={t},batch={bs}'] = dict(
+                threads=t, batch=bs, **row)
+    return table
+
+
 def main(argv=None):
     args = parse_args(argv)
-    import numpy as np
     import onnxruntime
-    import torch
     from mmengine.config import Config
 
-    from gmpq_mm.apis import export_onnx_checkpoint, load_model
-    from gmpq_mm.apis.onnx_export import LogitsOnly
-    from gmpq_mm.compat import export_onnx
-    from gmpq_mm.quantization.onnx_qdq import ONNX_OPSET
+    from gmpq_mm.apis import load_model
+    from gmpq_mm.apis.onnx_export import (check_finetuned_checkpoint,
+                                          export_onnx_model)
+    from gmpq_mm.deploy.qdq_modules import uniform_bits_module
     from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.report import infer_input_shape
     register_all_modules()
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    cfg.load_from = None
+    check_finetuned_checkpoint(args.checkpoint)
+    model, cfg = load_model(cfg, args.checkpoint)
+    shape = tuple(infer_input_shape(cfg, model, args.input_shape))
     os.makedirs(args.work_dir, exist_ok=True)
-    qdq_path = osp.join(args.work_dir, 'qdq.onnx')
-    fp_path = osp.join(args.work_dir, 'fp.onnx')
-    summary = export_onnx_checkpoint(
-        cfg, args.checkpoint, qdq_path, input_shape=args.input_shape)
-    shape = tuple(summary['input_shape'])
-    model, _ = load_model(cfg, args.checkpoint)
-    with torch.no_grad():
-        export_onnx(
-            LogitsOnly(float_copy(model)).eval(),
-            (torch.zeros((2, ) + shape), ),
-            fp_path,
-            opset_version=ONNX_OPSET,
-            input_names=['input'],
-            output_names=['logits'],
-            dynamic_axes={
-                'input': {
-                    0: 'batch'
-                },
-                'logits': {
-                    0: 'batch'
-                }
-            })
+    paths = {k: osp.join(args.work_dir, f'{k}.onnx') for k in MODELS}
+    exports = {}
+    for key, net, mode in (('fp', model, 'fp'), ('int', model, 'integer'),
+                           ('w8a8', uniform_bits_module(model), 'integer')):
+        exports[key] = export_onnx_model(
+            net,
+            paths[key],
+            shape,
+            mode=mode,
+            verify=not args.no_verify,
+            source=args.checkpoint)
+    table = time_models(paths, args.batch_sizes, args.threads, args.rounds,
+                        args.iters, shape, args.noisy)
     results = dict(
         onnxruntime=onnxruntime.__version__,
-        threads=args.threads or 'default',
         cpu_count=os.cpu_count(),
+        load_average=list(os.getloadavg()),
         input_shape=list(shape),
-        verify=summary['verify'],
-        bytes=dict(fp=osp.getsize(fp_path), qdq=osp.getsize(qdq_path)),
-        batches={})
-    sessions = dict(
-        fp=_session(fp_path, args.threads),
-        qdq=_session(qdq_path, args.threads))
-    rng = np.random.default_rng(0)
-    for bs in args.batch_sizes:
-        x = rng.standard_normal((bs, ) + shape).astype(np.float32)
-        for sess in sessions.values():  # warm-up
-            _median_ms(sess, x, 3)
-        rounds = {'fp': [], 'qdq': []}
-        for r in range(args.rounds):
-            order = ('fp', 'qdq') if r % 2 == 0 else ('qdq', 'fp')
-            for key in order:
-                rounds[key].append(_median_ms(sessions[key], x, args.iters))
-        ratios = [q / f for q, f in zip(rounds['qdq'], rounds['fp'])]
-        results['batches'][bs] = dict(
-            fp_ms=statistics.median(rounds['fp']),
-            qdq_ms=statistics.median(rounds['qdq']),
-            ratio=statistics.median(ratios),
-            ratio_min=min(ratios),
-            ratio_max=max(ratios),
-            rounds=rounds)
+        rounds=args.rounds,
+        iters=args.iters,
+        bytes={k: osp.getsize(p)
+               for k, p in paths.items()},
+        integer_convs={
+            k: exports[k]['onnxruntime']['integer_convs']
+            for k in ('int', 'w8a8')
+        },
+        verify={k: v.get('verify')
+                for k, v in exports.items()},
+        table=table)
     b = results['bytes']
-    print(f'files: fp.onnx {b["fp"] / 1e6:.3f} MB, qdq.onnx '
-          f'{b["qdq"] / 1e6:.3f} MB (x{b["qdq"] / b["fp"]:.3f}); '
-          f'onnxruntime {results["onnxruntime"]}, threads '
-          f'{results["threads"]}, input (N, {", ".join(map(str, shape))})')
-    v = summary['verify']
-    print(f'qdq.onnx checked: logits relative L2 error {v["rel_l2"]:.3g}, '
-          f'max abs diff {v["max_abs_diff"]:.3g}, top-1 agreement '
-          f'{v["top1_agreement"]:.0%} on {v["batch_size"]} random inputs')
-    for bs, row in results['batches'].items():
-        print(f'batch {bs}: fp {row["fp_ms"]:.2f} ms, qdq '
-              f'{row["qdq_ms"]:.2f} ms, qdq / fp {row["ratio"]:.2f} '
-              f'(rounds {row["ratio_min"]:.2f}..{row["ratio_max"]:.2f}, '
-              f'{args.rounds} rounds x {args.iters} runs)')
+    print(f'files: fp.onnx {b["fp"] / 1e6:.2f} MB, int.onnx '
+          f'{b["int"] / 1e6:.2f} MB, w8a8.onnx {b["w8a8"] / 1e6:.2f} MB; '
+          f'onnxruntime {results["onnxruntime"]}, input (N, '
+          f'{", ".join(map(str, shape))}), QLinearConv: int '
+          f'{results["integer_convs"]["int"]}, w8a8 '
+          f'{results["integer_convs"]["w8a8"]}; load average '
+          f'{results["load_average"][0]:.1f} on {results["cpu_count"]} CPUs')
+    for row in table.values():
+        fp, w8 = row['int_vs_fp'], row['int_vs_w8a8']
+        print(f'threads {row["threads"]}, batch {row["batch"]}: fp '
+              f'{row["fp_ms"]:.2f} ms, w8a8 {row["w8a8_ms"]:.2f} ms, int '
+              f'{row["int_ms"]:.2f} ms; int vs fp {fp["median"]:.2f}x '
+              f'({fp["min"]:.2f}..{fp["max"]:.2f})'
+              f'{" NOISY" if fp["noisy"] else ""}, int vs w8a8 '
+              f'{w8["median"]:.2f}x ({w8["min"]:.2f}..{w8["max"]:.2f})'
+              f'{" NOISY" if w8["noisy"] else ""}')
+    print(f'{args.rounds} interleaved rounds x {args.iters} runs each; '
+          'a speed-up is the median of the per-round ratios (range)')
     if args.json:
         from gmpq_mm.quantization.atomic_file import write_text_atomic
         write_text_atomic(args.json, json.dumps(results, indent=2))

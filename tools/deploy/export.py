@@ -15,10 +15,15 @@ writes that summary.
 
 Load it again with ``gmpq_mm.apis.build_deployed_model(PATH)``.
 
-``.onnx``: a standard ONNX model (opset 17, dynamic batch, no custom ops)
-in which every quantized layer is QuantizeLinear / DequantizeLinear around
-a float Conv / Gemm, its weights int8 codes on their b-bit grid (see
-``gmpq_mm/quantization/onnx_qdq.py``). Needs ``onnx`` and ``onnxruntime``
+``.onnx``: a standard ONNX model (opset 17, dynamic batch, no custom ops),
+the weights int8 codes on their b-bit grid. ``--onnx-mode integer`` (the
+default) writes the graph onnxruntime's CPU provider runs on integer
+kernels (``QLinearConv``: BatchNorm folded, each quantized conv's output
+requantized, residual adds quantized to 8 bits with ranges from
+``--calib-images`` training images); ``--onnx-mode float-qdq`` writes
+QuantizeLinear / DequantizeLinear around float Conv / Gemm, the PyTorch
+function exactly (explicit quantization as TensorRT reads it). See
+``gmpq_mm/deploy/``. Needs ``onnx`` and ``onnxruntime``
 (``pip install "gmpq_mm[deploy]"``). Unless ``--no-verify``, onnxruntime
 (CPU) runs it beside the PyTorch checkpoint before it is written; a search
 or full-precision checkpoint, or any failed check, stops with an error and
@@ -53,6 +58,18 @@ def parse_args(argv=None):
         nargs='+',
         help='C H W (or H W) for the complexity report and the check; '
         'default the config\'s test crop')
+    parser.add_argument(
+        '--onnx-mode',
+        choices=['integer', 'float-qdq'],
+        default='integer',
+        help='.onnx: integer (onnxruntime runs QLinearConv; default) or '
+        'float-qdq (Q/DQ around float convs, as TensorRT reads it)')
+    parser.add_argument(
+        '--calib-images',
+        type=int,
+        default=64,
+        help='.onnx integer: training images (test pipeline) that set the '
+        'ranges of the 8-bit points and run the check (default 64)')
     parser.add_argument('--json', help='write the summary to this JSON file')
     parser.add_argument(
         '--cfg-options',
@@ -92,12 +109,15 @@ def main(argv=None):
     if is_onnx(args.out):
         return export_onnx(cfg, args)
     start = time.time()
-    summary = export_checkpoint(
-        cfg,
-        args.checkpoint,
-        args.out,
-        verify=not args.no_verify,
-        input_shape=args.input_shape)
+    try:
+        summary = export_checkpoint(
+            cfg,
+            args.checkpoint,
+            args.out,
+            verify=not args.no_verify,
+            input_shape=args.input_shape)
+    except RuntimeError as err:  # the rebuilt network disagrees
+        raise SystemExit(f'error: {err}')
     summary['seconds'] = time.time() - start
     lines = [
         f'artifact written to {summary["path"]}: {summary["bytes"]} bytes '
@@ -145,26 +165,39 @@ def export_onnx(cfg, args):
             args.checkpoint,
             args.out,
             verify=not args.no_verify,
-            input_shape=args.input_shape)
+            input_shape=args.input_shape,
+            mode=args.onnx_mode,
+            calib_images=args.calib_images)
     except (ValueError, RuntimeError, ImportError) as err:
         raise SystemExit(f'error: {err}')
     summary['seconds'] = time.time() - start
     bits = sorted({(v['w_bits'], v['a_bits'])
                    for v in summary['layers'].values()})
     lines = [
-        f'ONNX model written to {summary["path"]}: {summary["bytes"]} bytes '
-        f'({summary["size_mb"]:.3f} MB), opset {summary["opset"]}, input '
-        f'(N, {", ".join(map(str, summary["input_shape"]))}) with a dynamic '
-        f'batch', f'{summary["quantized_layers"]} quantized layers as QDQ: '
-        f'{summary["quantize_linear"]} QuantizeLinear, '
-        f'{summary["dequantize_linear"]} DequantizeLinear; (w, a) bits '
-        f'used: {bits}'
+        f'ONNX model ({summary["mode"]}) written to {summary["path"]}: '
+        f'{summary["bytes"]} bytes ({summary["size_mb"]:.3f} MB), opset '
+        f'{summary["opset"]}, input (N, '
+        f'{", ".join(map(str, summary["input_shape"]))}) with a dynamic '
+        f'batch', f'{summary["quantized_layers"]} quantized layers; (w, a) '
+        f'bits used: {bits}'
     ]
+    if summary['mode'] == 'integer':
+        ort = summary['onnxruntime']
+        lines.append(
+            f'onnxruntime runs {ort["integer_convs"]} of '
+            f'{len(summary["integer_layers"])} integer convs as QLinearConv'
+            f' ({ort["ops"].get("QLinearAdd", 0)} QLinearAdd, '
+            f'{ort["ops"].get("Conv", 0)} float Conv left: FP layers); '
+            f'{len(summary["added_points"])} 8-bit points the PyTorch model '
+            f'does not have, ranges from {summary["calibration"]}')
+    else:
+        lines.append(f'{summary["quantize_linear"]} QuantizeLinear, '
+                     f'{summary["dequantize_linear"]} DequantizeLinear')
     if 'verify' in summary:
         v = summary['verify']
         tol = v['tolerances']
         lines.append(
-            f'onnxruntime (CPU) on {v["batch_size"]} random inputs: '
+            f'onnxruntime (CPU) on {v["batch_size"]} inputs: '
             f'relative L2 error of the logits {v["rel_l2"]:.3g} (max abs '
             f'diff {v["max_abs_diff"]:.3g}; {v["exact"]:.0%} of the samples '
             f'equal to float precision), top-1 agreement '

@@ -1,4 +1,4 @@
-"""A fixed-bit network as a standard ONNX model in QDQ format.
+"""The float-compute QDQ ONNX graph: weight folding and its checks.
 
 Every quantized layer of a finetuned network (``QuantizedConv2d`` /
 ``QuantizedLinear``) becomes, in the ONNX graph::
@@ -51,22 +51,15 @@ mmengine / mmpretrain.
 """
 import json
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from .export import weight_codes
-from .layers import is_mixed_layer, is_quantized_layer
-from .quantizers import (FP_BITS, MIN_ACT_RANGE, activation_levels,
-                         weight_levels)
+from gmpq_mm.quantization.quantizers import FP_BITS, weight_levels
 
 __all__ = [
-    'ONNX_OPSET', 'QDQConv2d', 'QDQLinear', 'qdq_layer', 'qdq_module',
-    'qdq_layer_info', 'finalize_qdq_model', 'check_qdq_model',
-    'run_onnxruntime', 'set_metadata', 'missing_deploy_packages'
+    'ONNX_OPSET', 'constants', 'finalize_qdq_model', 'check_qdq_model',
+    'set_metadata'
 ]
 
 # Per-axis QuantizeLinear / DequantizeLinear need opset 13; 17 is what
@@ -75,193 +68,21 @@ ONNX_OPSET = 17
 _STANDARD_DOMAINS = ('', 'ai.onnx')
 
 
-def missing_deploy_packages(with_runtime: bool = True) -> list:
-    """Names of the ``[deploy]`` packages that cannot be imported."""
-    missing = []
-    names = ('onnx', 'onnxruntime') if with_runtime else ('onnx', )
-    for name in names:
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    return missing
-
-
-# ---------------------------------------------------------------------------
-# Export-time layers
-# ---------------------------------------------------------------------------
-class _QDQMixin:
-    """Quantizer constants of one fixed-bit layer, as plain numbers."""
-
-    def _init_qdq(self, layer: nn.Module, name: str) -> None:
-        self.layer_name = name
-        self.w_bits, self.a_bits = layer.bits
-        self.signed = bool(layer.signed)
-        weight = layer.weight.detach().float()
-        bias = None if layer.bias is None else layer.bias.detach().float()
-        self.register_buffer('bias', bias)
-        self.w_per_channel = False
-        if self.w_bits == FP_BITS:
-            self.register_buffer('weight', weight.clone())
-            self.register_buffer('codes', None)
-            self.register_buffer('w_scale', None)
-        else:
-            codes, t = weight_codes(layer)
-            n = weight_levels(self.w_bits)
-            # T == 0 only for an all-zero weight / channel (codes 0): any
-            # positive scale reproduces it.
-            scale = torch.where(t > 0, t / n, torch.full_like(t, 1.0 / n))
-            self.w_per_channel = scale.dim() > 0
-            shape = (-1, ) + (1, ) * (weight.dim() - 1)
-            s = scale.reshape(shape) if self.w_per_channel else scale
-            self.register_buffer('codes', codes.to(torch.int8))
-            self.register_buffer('w_scale', scale.float())
-            self.w_scale_value = None if self.w_per_channel else float(scale)
-            # The float weight the exporter sees; c * s exactly.
-            self.register_buffer('weight', codes.float() * s)
-        if self.a_bits == FP_BITS:
-            self.act_levels = None
-            self.act_range = None
-            self.act_scale = None
-        else:
-            n = activation_levels(self.a_bits, self.signed)
-            r = layer.act_range.detach().float().clamp_min(MIN_ACT_RANGE)
-            self.act_levels = n
-            self.act_range = float(r)
-            self.act_scale = float(r / n)  # the float32 r / n, exactly
-        # int8 holds [-n, n] (signed) and [0, n] for n <= 127.
-        self.act_qrange = (0, 255) if (self.act_levels or 0) > 127 else (-128,
-                                                                         127)
-
-    def _quant_input(self, x: Tensor) -> Tensor:
-        if self.act_levels is None:
-            return x
-        lo = -self.act_range if self.signed else 0.0
-        x = torch.clamp(x, lo, self.act_range)
-        return torch.fake_quantize_per_tensor_affine(x, self.act_scale, 0,
-                                                     *self.act_qrange)
-
-    def _quant_weight(self) -> Tensor:
-        if self.codes is None:
-            return self.weight
-        if self.w_per_channel:
-            zero = torch.zeros(
-                self.w_scale.numel(),
-                dtype=torch.int32,
-                device=self.weight.device)
-            return torch.fake_quantize_per_channel_affine(
-                self.weight, self.w_scale, zero, 0, -128, 127)
-        return torch.fake_quantize_per_tensor_affine(self.weight,
-                                                     self.w_scale_value, 0,
-                                                     -128, 127)
-
-    def extra_repr(self) -> str:
-        return (f'{self.layer_name}: w_bits={self.w_bits}, '
-                f'a_bits={self.a_bits}, signed={self.signed}')
-
-
-class QDQConv2d(_QDQMixin, nn.Module):
-    """Export-time stand-in for a ``QuantizedConv2d`` (plain torch ops)."""
-
-    def __init__(self, layer: nn.Conv2d, name: str = ''):
-        super().__init__()
-        if layer.padding_mode != 'zeros' or isinstance(layer.padding, str):
-            raise ValueError(f'{name}: ONNX export needs numeric zero '
-                             f'padding, got padding={layer.padding!r}, '
-                             f'padding_mode={layer.padding_mode!r}')
-        self.stride, self.padding = layer.stride, layer.padding
-        self.dilation, self.groups = layer.dilation, layer.groups
-        self._init_qdq(layer, name)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(
-            self._quant_input(x), self._quant_weight(), self.bias, self.stride,
-            self.padding, self.dilation, self.groups)
-
-
-class QDQLinear(_QDQMixin, nn.Module):
-    """Export-time stand-in for a ``QuantizedLinear`` (plain torch ops)."""
-
-    def __init__(self, layer: nn.Linear, name: str = ''):
-        super().__init__()
-        self._init_qdq(layer, name)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
-
-
-def qdq_layer(layer: nn.Module, name: str = '') -> nn.Module:
-    """The :class:`QDQConv2d` / :class:`QDQLinear` of a fixed-bit layer."""
-    if isinstance(layer, nn.Conv2d):
-        return QDQConv2d(layer, name)
-    if isinstance(layer, nn.Linear):
-        return QDQLinear(layer, name)
-    raise TypeError(f'{name}: cannot export a {type(layer).__name__}')
-
-
-def qdq_module(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (eval mode) with every fixed-bit layer replaced
-    by its export-time stand-in; ``model`` is left untouched.
-
-    Raises:
-        ValueError: if ``model`` has searchable (mixed-precision) layers or
-            no fixed-bit layer at all.
-    """
-    import copy
-
-    mixed = [n for n, m in model.named_modules() if is_mixed_layer(m)]
-    if mixed:
-        raise ValueError(
-            f'the network has {len(mixed)} searchable mixed-precision '
-            f'layers (e.g. {mixed[0]!r}): a search supernet, not a '
-            'finetuned fixed-bit network; finetune it with the searched '
-            'policy first')
-    names = [n for n, m in model.named_modules() if is_quantized_layer(m)]
-    if not names:
-        raise ValueError('the network has no quantized layer: a full-'
-                         'precision model, nothing to export as QDQ')
-    copied = copy.deepcopy(model).eval()
-    for name in names:
-        parent_name, _, attr = name.rpartition('.')
-        parent = copied.get_submodule(parent_name) if parent_name else copied
-        setattr(parent, attr, qdq_layer(getattr(parent, attr), name))
-    return copied
-
-
-def qdq_layer_info(module: nn.Module,
-                   prefix: str = '') -> 'OrderedDict[str, dict]':
-    """``name -> {w_bits, a_bits, signed, per_channel, weight}`` of the
-    :class:`QDQConv2d` / :class:`QDQLinear` layers of ``module``; ``weight``
-    is the buffer name the exporter gives the layer's weight initializer
-    (``prefix`` + module name + ``.weight``)."""
-    info = OrderedDict()
-    for name, m in module.named_modules():
-        if isinstance(m, _QDQMixin):
-            info[m.layer_name or name] = dict(
-                w_bits=m.w_bits,
-                a_bits=m.a_bits,
-                signed=m.signed,
-                per_channel=m.w_per_channel,
-                weight=f'{prefix}{name}.weight',
-                codes=None if m.codes is None else m.codes,
-                w_scale=None if m.w_scale is None else m.w_scale,
-                act_range=m.act_range,
-                act_scale=m.act_scale)
-    return info
-
-
-# ---------------------------------------------------------------------------
-# Graph surgery and checks
-# ---------------------------------------------------------------------------
-def _constants(graph) -> Dict[str, np.ndarray]:
-    """Values of the graph's initializers and Constant nodes, by name."""
+def constants(graph) -> Dict[str, np.ndarray]:
+    """Values of the graph's initializers, Constant nodes and Identity
+    nodes of those, by name."""
     from onnx import numpy_helper
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for node in graph.node:
-        if node.op_type == 'Constant' and node.domain in _STANDARD_DOMAINS:
+        if node.domain not in _STANDARD_DOMAINS:
+            continue
+        if node.op_type == 'Constant':
             for attr in node.attribute:
                 if attr.name == 'value':
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == 'Identity' and node.input[0] in values:
+            # the exporter aliases identical parameters through Identity
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
@@ -301,7 +122,7 @@ def finalize_qdq_model(model_proto, layers: Mapping[str, dict]):
     """
     from onnx import numpy_helper
     graph = model_proto.graph
-    consts = _constants(graph)
+    consts = constants(graph)
     by_weight = {
         v['weight']: (k, v)
         for k, v in layers.items() if v['codes'] is not None
@@ -394,7 +215,7 @@ def check_qdq_model(model_proto, layers: Mapping[str, dict]) -> dict:
     for node in graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     inits = {t.name: t for t in graph.initializer}
-    consts = _constants(graph)
+    consts = constants(graph)
     dq_of = {
         n.input[0]: n
         for n in graph.node if n.op_type == 'DequantizeLinear'
@@ -506,35 +327,6 @@ def _act_chain(op, producer, inits):
         raise RuntimeError(f'QuantizeLinear {q.name!r} is not fed by a '
                            'Clip: its codes could leave the b-bit grid')
     return clip, q, dq
-
-
-def run_onnxruntime(path: str,
-                    inputs: np.ndarray,
-                    optimize: bool = True,
-                    threads: Optional[int] = None) -> np.ndarray:
-    """Outputs of an ONNX file run by onnxruntime's CPU provider.
-
-    Args:
-        path: The ``.onnx`` file.
-        inputs: The (float32) input batch.
-        optimize: onnxruntime's graph optimizations (all) or none.
-        threads: Intra-op threads (default onnxruntime's).
-    """
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    try:
-        sess = ort.InferenceSession(
-            str(path), opts, providers=['CPUExecutionProvider'])
-    except Exception as err:  # onnxruntime's own error types
-        raise RuntimeError(
-            f'{path}: onnxruntime cannot load this model: {err}') from None
-    name = sess.get_inputs()[0].name
-    return sess.run(None, {name: np.ascontiguousarray(inputs, np.float32)})[0]
 
 
 def set_metadata(model_proto, metadata: Mapping[str, object]) -> None:
