@@ -300,8 +300,8 @@ def _check_rebuilt(model: nn.Module, path: str, shape, out: str,
     raises ``RuntimeError`` when they differ, so the file is not kept."""
     deployed, _ = build_deployed_model(path)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((ARTIFACT_TOLERANCE['batch_size'], ) + tuple(shape),
-                    generator=gen)
+    x = torch.randn(
+        (ARTIFACT_TOLERANCE['batch_size'], ) + tuple(shape), generator=gen)
     with torch.no_grad():
         ref = model(x, mode='tensor')
         got = deployed(x, mode='tensor')

@@ -34,13 +34,13 @@ def _loader(cfg, split: str, pipeline_of: str, batch_size: int):
     return Runner.build_dataloader(loader_cfg, seed=0)
 
 
-def dataset_batches(cfg,
-                    model: nn.Module,
-                    split: str = 'test',
-                    pipeline_of: str = None,
-                    batch_size: int = 64,
-                    limit: int = None
-                    ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def dataset_batches(
+        cfg,
+        model: nn.Module,
+        split: str = 'test',
+        pipeline_of: str = None,
+        batch_size: int = 64,
+        limit: int = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """``(images, labels)`` batches of the config's ``split`` dataloader,
     images normalised by ``model.data_preprocessor``, labels as ints.
 
@@ -55,8 +55,8 @@ def dataset_batches(cfg,
         with torch.no_grad():
             data = model.data_preprocessor(data, False)
         images = data['inputs'].float().numpy()
-        labels = np.array(
-            [int(s.gt_label[0]) for s in data['data_samples']], np.int64)
+        labels = np.array([int(s.gt_label[0]) for s in data['data_samples']],
+                          np.int64)
         if limit is not None and seen + len(images) > limit:
             images, labels = images[:limit - seen], labels[:limit - seen]
         seen += len(images)

@@ -25,7 +25,6 @@ The model's input is the normalised image batch ``(N, C, H, W)`` (float32;
 the mean / std are in the model's metadata), its output the logits
 ``(N, num_classes)``.
 """
-import copy
 import os
 import os.path as osp
 import warnings
@@ -42,15 +41,14 @@ from gmpq_mm.deploy.onnx_integer import (INTEGER_OPS, check_integer_model,
 from gmpq_mm.deploy.ort_check import (compare_logits, missing_deploy_packages,
                                       optimized_nodes, run_onnxruntime,
                                       tensor_ranges)
-from gmpq_mm.deploy.qdq_modules import (float_module, qdq_layer_info,
-                                        qdq_module)
+from gmpq_mm.deploy.qdq_modules import float_module, qdq_layer_info, qdq_module
 from gmpq_mm.quantization.atomic_file import atomic_path
 from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.layers import is_quantized_layer
 
 __all__ = [
-    'ONNX_MODES', 'ONNX_TOLERANCES', 'LogitsOnly', 'check_finetuned_checkpoint',
-    'export_onnx_checkpoint', 'export_onnx_model'
+    'ONNX_MODES', 'ONNX_TOLERANCES', 'LogitsOnly',
+    'check_finetuned_checkpoint', 'export_onnx_checkpoint', 'export_onnx_model'
 ]
 
 ONNX_MODES = ('integer', 'float-qdq', 'fp')
@@ -188,7 +186,8 @@ def _kernels(path: str, names: Sequence[str]) -> dict:
             f'{len(fallback) or len(names) - integer} of {len(names)} '
             f'quantized convs as float Conv, not QLinearConv: '
             f'{", ".join(fallback) or "(names lost in fusion)"}; the file is '
-            'correct but not faster', stacklevel=3)
+            'correct but not faster',
+            stacklevel=3)
     return dict(ops=counts, integer_convs=integer, fallback=fallback)
 
 
@@ -269,8 +268,7 @@ def export_onnx_model(model: nn.Module,
         summary['opset'] = ONNX_OPSET
         onnx.save(proto, tmp)
         if mode == 'integer':
-            summary['onnxruntime'] = _kernels(tmp,
-                                              summary['integer_layers'])
+            summary['onnxruntime'] = _kernels(tmp, summary['integer_layers'])
         if verify:
             summary['verify'] = _verify(reference, tmp, inputs, mode, out,
                                         source)
@@ -348,8 +346,7 @@ def export_onnx_checkpoint(config,
 
     if mode not in ONNX_MODES:
         raise ValueError(f'mode must be one of {ONNX_MODES}, got {mode!r}')
-    missing = missing_deploy_packages(
-        with_runtime=verify or mode == 'integer')
+    missing = missing_deploy_packages(with_runtime=verify or mode == 'integer')
     if missing:
         raise ImportError(
             f'ONNX export needs {" and ".join(missing)}: pip install '

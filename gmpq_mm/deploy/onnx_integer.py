@@ -38,7 +38,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from gmpq_mm.quantization.quantizers import weight_levels
-
 from .onnx_graph import _STANDARD_DOMAINS, constants
 
 __all__ = [
@@ -272,8 +271,8 @@ class _Rewriter:
         grid = chains[0]
         src = act.output[0] if act is not None else tensor
         droppable = act is not None and not grid['signed'] and (
-            act.op_type == 'Relu' or float(self.consts[act.input[2]]) >=
-            grid['hi'])
+            act.op_type == 'Relu'
+            or float(self.consts[act.input[2]]) >= grid['hi'])
         if droppable:
             src = tensor
         dtype = np.int8 if grid['signed'] else np.uint8
@@ -286,8 +285,8 @@ class _Rewriter:
         nodes.append(qnode)
         top = 127 if grid['signed'] else 255
         if n < top:
-            lo = self.build.const('lo', np.array(-n if grid['signed'] else 0,
-                                                 dtype))
+            lo = self.build.const('lo',
+                                  np.array(-n if grid['signed'] else 0, dtype))
             hi = self.build.const('hi', np.array(n, dtype))
             cnode, q_out = self.build.node('Clip', [q_out, lo, hi], 'clip')
             nodes.append(cnode)
@@ -341,8 +340,9 @@ class _Rewriter:
         """Quantize both inputs and the output of every Add of two
         computed tensors (the residual connections)."""
         adds = [
-            n for n in self.graph.node if n.op_type == 'Add' and all(
-                i not in self.consts for i in n.input)
+            n for n in self.graph.node
+            if n.op_type == 'Add' and all(i not in self.consts
+                                          for i in n.input)
         ]
         for add in adds:
             for name in list(add.input):
@@ -364,12 +364,31 @@ class _Rewriter:
             for dq in chain['dqs']:
                 dq.input[2] = zero
 
+    def _aligned(self, dnode, hi: float) -> Optional[float]:
+        """An 8-bit scale ``s_a / k`` (``k`` odd, ``255 s_a / k >= hi``)
+        when the point's DequantizeLinear feeds quantizers of one unsigned
+        grid ``s_a``: requantizing onto that grid then rounds exactly as
+        one rounding of the value would (a grid boundary ``(j + 1/2) s_a``
+        is an 8-bit rounding boundary), so the second rounding adds no
+        error. None when there is no such reader or no such ``k``."""
+        chains = [
+            _chain_of(u, self.index, self.consts)
+            for u in self.index.users(dnode.output[0]) if u.op_type == 'Clip'
+        ]
+        grids = {float(c['scale']) for c in chains if c is not None}
+        if len(grids) != 1 or any(c is None or c['signed'] for c in chains):
+            return None
+        s_a = grids.pop()
+        k = int(np.floor(255.0 * s_a / hi)) if hi > 0 else 0
+        k -= 1 - k % 2  # the largest odd k that still covers [0, hi]
+        return s_a / k if k >= 1 else None
+
     def calibrate(self) -> None:
         """Fill the scales of the 8-bit points from :attr:`ranges`."""
         if not self.pending:
             return
-        found = self.ranges(list(OrderedDict.fromkeys(
-            p[0] for p in self.pending)))
+        found = self.ranges(
+            list(OrderedDict.fromkeys(p[0] for p in self.pending)))
         by_name = {n.name: n for n in self.graph.node}
         for src, qname, dname, relu in self.pending:
             qnode, dnode = by_name[qname], by_name[dname]
@@ -378,6 +397,7 @@ class _Rewriter:
                 lo = max(lo, 0.0)
             if lo >= 0:
                 dtype, scale = np.uint8, hi / 255.0
+                scale = self._aligned(dnode, hi) or scale
             else:
                 dtype, scale = np.int8, max(-lo, hi) / 127.0
             scale = np.float32(scale if scale > 0 else 1.0)
@@ -393,8 +413,10 @@ def _drop_unused(graph) -> None:
     while True:
         used = {i for n in graph.node for i in n.input} | outputs
         dead = [
-            n for n in graph.node if n.op_type in ('Constant', 'Identity')
-            and not any(o in used for o in n.output)
+            n for n in graph.node
+            if n.op_type in ('Constant',
+                             'Identity') and not any(o in used
+                                                     for o in n.output)
         ]
         if not dead:
             return

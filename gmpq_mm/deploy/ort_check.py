@@ -9,8 +9,7 @@ import numpy as np
 
 __all__ = [
     'missing_deploy_packages', 'run_onnxruntime', 'open_session',
-    'optimized_nodes',
-    'tensor_ranges', 'compare_logits'
+    'optimized_nodes', 'tensor_ranges', 'compare_logits'
 ]
 
 
@@ -41,7 +40,6 @@ def run_onnxruntime(path: str,
     sess = open_session(path, optimize, threads)
     name = sess.get_inputs()[0].name
     return sess.run(None, {name: np.ascontiguousarray(inputs, np.float32)})[0]
-
 
 
 def open_session(path: str,
@@ -87,7 +85,9 @@ def optimized_nodes(path: str) -> list:
         os.rmdir(folder)
 
 
-def tensor_ranges(model_proto, names, inputs: np.ndarray,
+def tensor_ranges(model_proto,
+                  names,
+                  inputs: np.ndarray,
                   batch_size: int = 32) -> dict:
     """``name -> (min, max)`` of intermediate tensors of ``model_proto``
     over ``inputs``, run by onnxruntime with optimizations off."""

@@ -201,8 +201,8 @@ def float_module(model: nn.Module) -> nn.Module:
         q = getattr(parent, attr)
         if isinstance(q, nn.Conv2d):
             new = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size,
-                            q.stride, q.padding, q.dilation, q.groups,
-                            q.bias is not None)
+                            q.stride, q.padding, q.dilation, q.groups, q.bias
+                            is not None)
         else:
             new = nn.Linear(q.in_features, q.out_features, q.bias is not None)
         new.load_state_dict({
@@ -213,12 +213,14 @@ def float_module(model: nn.Module) -> nn.Module:
     return fp
 
 
-def uniform_bits_module(model: nn.Module, w_bits: int = 8,
+def uniform_bits_module(model: nn.Module,
+                        w_bits: int = 8,
                         a_bits: int = 8) -> nn.Module:
     """A copy of ``model`` (eval mode) whose quantized layers all use
     ``w_bits`` / ``a_bits``, with the same weights and ranges (e.g. the
     uniform W8A8 baseline of a benchmark)."""
     import copy
+
     from gmpq_mm.quantization.bits import check_bits
     uniform = copy.deepcopy(model).eval()
     for name, m in uniform.named_modules():

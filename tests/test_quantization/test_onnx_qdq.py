@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from gmpq_mm.compat import export_onnx
-from gmpq_mm.quantization.convert import to_mixed_precision, to_quantized
-from gmpq_mm.quantization.layers import is_quantized_layer
 from gmpq_mm.deploy.onnx_graph import (ONNX_OPSET, check_qdq_model,
                                        finalize_qdq_model)
 from gmpq_mm.deploy.ort_check import run_onnxruntime
 from gmpq_mm.deploy.qdq_modules import qdq_layer_info, qdq_module
+from gmpq_mm.quantization.convert import to_mixed_precision, to_quantized
+from gmpq_mm.quantization.layers import is_quantized_layer
 
 onnx = pytest.importorskip(
     'onnx', reason='ONNX export needs the [deploy] extra: pip install onnx')

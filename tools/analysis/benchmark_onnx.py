@@ -128,8 +128,7 @@ def time_models(paths, batch_sizes, threads, rounds, iters, shape, noisy):
             row['rounds_ms'] = ms
             row['int_vs_fp'] = _ratio(ms['fp'], ms['int'], noisy)
             row['int_vs_w8a8'] = _ratio(ms['w8a8'], ms['int'], noisy)
-            table[f'threads={t},batch={bs}'] = dict(
-                threads=t, batch=bs, **row)
+            table[f'threads={t},batch={bs}'] = dict(threads=t, batch=bs, **row)
     return table
 
 
@@ -174,14 +173,18 @@ def main(argv=None):
         input_shape=list(shape),
         rounds=args.rounds,
         iters=args.iters,
-        bytes={k: osp.getsize(p)
-               for k, p in paths.items()},
+        bytes={
+            k: osp.getsize(p)
+            for k, p in paths.items()
+        },
         integer_convs={
             k: exports[k]['onnxruntime']['integer_convs']
             for k in ('int', 'w8a8')
         },
-        verify={k: v.get('verify')
-                for k, v in exports.items()},
+        verify={
+            k: v.get('verify')
+            for k, v in exports.items()
+        },
         table=table)
     b = results['bytes']
     print(f'files: fp.onnx {b["fp"] / 1e6:.2f} MB, int.onnx '
