@@ -14,6 +14,8 @@ be dropped when the oldest supported release no longer does:
 * :func:`load_weights_only` -- torch's safe (``weights_only``) loader with
   an allow-list, which only torch >= 2.6 can give mmengine's checkpoint
   types (see :data:`SAFE_GLOBALS_USABLE`);
+* :func:`numpy_multiarray` -- numpy's ``multiarray`` module, which numpy 2
+  moved to ``numpy._core`` (the checkpoint allow-list names both);
 * :func:`is_autocast_enabled` -- the per-device autocast query (torch 2.4
   added the ``device_type`` argument; before, CPU had its own function);
 * :func:`enable_compile_cache` -- inductor's on-disk graph cache (off by
@@ -154,6 +156,16 @@ def load_weights_only(filename, map_location=None, allowed=()):
             return torch.load(
                 filename, map_location=map_location, weights_only=True)
     return torch.load(filename, map_location=map_location, weights_only=True)
+
+
+def numpy_multiarray():
+    """numpy's ``multiarray`` module: ``numpy._core.multiarray`` from numpy 2
+    on, ``numpy.core.multiarray`` before (numpy 1.26 has a ``numpy._core``
+    stub whose ``multiarray`` attribute exists only once imported)."""
+    try:
+        return importlib.import_module('numpy._core.multiarray')
+    except ImportError:
+        return importlib.import_module('numpy.core.multiarray')
 
 
 def is_autocast_enabled(device_type: str) -> bool:

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from mmengine.logging import print_log
 
-from gmpq_mm.compat import SAFE_GLOBALS_USABLE, load_weights_only
+from gmpq_mm.compat import (SAFE_GLOBALS_USABLE, load_weights_only,
+                            numpy_multiarray)
 from gmpq_mm.utils.env_flags import env_flag
 
 __all__ = [
@@ -135,7 +136,7 @@ def _safe_globals():
     both names are allowed for the same objects.
     """
     from mmengine.logging import HistoryBuffer
-    multiarray = (np._core if hasattr(np, '_core') else np.core).multiarray
+    multiarray = numpy_multiarray()
     allowed = [
         HistoryBuffer, np.dtype, np.ndarray,
         (_history_buffer_getattr, 'builtins.getattr')
