@@ -342,6 +342,7 @@ def export_onnx_checkpoint(config,
         RuntimeError: if the graph or the onnxruntime check fails.
     """
     from gmpq_mm.apis.deploy import load_model
+    from gmpq_mm.engine.checkpoint_load import ReadOnce
     from gmpq_mm.utils.report import infer_input_shape
 
     if mode not in ONNX_MODES:
@@ -351,8 +352,9 @@ def export_onnx_checkpoint(config,
         raise ImportError(
             f'ONNX export needs {" and ".join(missing)}: pip install '
             '"gmpq_mm[deploy]" (or pip install onnx onnxruntime)')
-    check_finetuned_checkpoint(checkpoint)
-    model, cfg = load_model(config, checkpoint, cfg_options)
+    with ReadOnce():  # checked and loaded from one unpickling
+        check_finetuned_checkpoint(checkpoint)
+        model, cfg = load_model(config, checkpoint, cfg_options)
     if not any(is_quantized_layer(m) for m in model.modules()):
         raise ValueError(f'{checkpoint}: the network of the config has no '
                          'quantized layer; use a finetune config')

@@ -278,6 +278,12 @@ class ReadOnce:
             ReadOnce._memo = None
             self._owner = False
 
+    def __enter__(self) -> 'ReadOnce':
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     @classmethod
     def key(cls, filename, map_location):
         if cls._memo is None:

@@ -432,3 +432,26 @@ def test_safetensors_export_refuses_a_wrong_rebuild(demo, tmp_path,
     assert isinstance(msg, str) and 'does not reproduce' in msg, msg
     assert str(demo['ckpt']) in msg and 'nothing written' in msg
     assert os.listdir(tmp_path) == []
+
+
+def test_onnx_export_unpickles_the_checkpoint_once(demo, tmp_path,
+                                                   monkeypatch):
+    """The export checks the checkpoint and then loads it into the model:
+    one unpickling serves both (a payload in a trusted file would run once,
+    not twice)."""
+    import gmpq_mm.engine.checkpoint_load as checkpoint_load
+    reads = []
+    load = checkpoint_load._load_untrusted
+
+    def counted(filename, map_location):
+        reads.append(filename)
+        return load(filename, map_location)
+
+    monkeypatch.setattr(checkpoint_load, '_load_untrusted', counted)
+    summary = _run([
+        CONFIG,
+        str(demo['ckpt']), '--out',
+        str(tmp_path / 'm.onnx'), '--onnx-mode', 'float-qdq'
+    ] + _options(demo['policy']))
+    assert isinstance(summary, dict), summary
+    assert reads == [str(demo['ckpt'])]
