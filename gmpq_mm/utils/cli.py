@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 __all__ = [
     'DictAction', 'fail_in_one_line', 'ONE_LINE_ERRORS', 'add_custom_hook',
-    'config_keys_holding'
+    'config_keys_holding', 'register_for_tool'
 ]
 
 # Errors whose message says all (what is wrong, where, what to do): the
@@ -92,3 +92,12 @@ def fail_in_one_line(cfg=None):
         if not any(k.__name__ in ONE_LINE_ERRORS for k in type(err).__mro__):
             raise
         raise SystemExit(_one_line(err, cfg)) from None
+
+
+def register_for_tool() -> None:
+    """:func:`gmpq_mm.utils.register_all_modules` for a command-line tool:
+    an unsupported stack (or another error of :data:`ONE_LINE_ERRORS`)
+    ends the tool in one line instead of a traceback."""
+    from gmpq_mm.utils import register_all_modules
+    with fail_in_one_line():
+        register_all_modules()

@@ -3,6 +3,7 @@ parsing, load errors that name the file, late failures moved to the start,
 no litter."""
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -378,3 +379,27 @@ def test_artifact_scope_key(tmp_path):
     cfg['backbone'].update(_scope_='mmpretrain', type='mmdet.ResNet_CIFAR')
     with pytest.raises(ValueError, match='mmdet.ResNet_CIFAR'):
         check_deployable_config(cfg, 'a.safetensors')
+
+
+def test_every_tool_stops_in_one_line_on_an_unsupported_stack(monkeypatch):
+    """The tools register through ``register_for_tool``: an out-of-range
+    package ends them with one line naming it, not a traceback."""
+    from gmpq_mm import compat
+    from gmpq_mm.utils import setup_env
+    from gmpq_mm.utils.cli import register_for_tool
+    monkeypatch.setattr(setup_env, '_done', False)  # as in a fresh tool
+    real = compat._installed_version
+    monkeypatch.setattr(compat, '_installed_version', lambda m: '2.0.1'
+                        if m == 'torch' else real(m))
+    monkeypatch.delenv(compat.SKIP_CHECK_ENV, raising=False)
+    with pytest.raises(SystemExit) as info:
+        register_for_tool()
+    message = str(info.value)
+    assert 'torch 2.0.1' in message and '\n' not in message
+    tools = Path(__file__).resolve().parents[2] / 'tools'
+    bare = [
+        str(p.relative_to(tools)) for p in tools.rglob('*.py')
+        if 'register_all_modules()' in p.read_text()
+        and 'fail_in_one_line' not in p.read_text()
+    ]
+    assert bare == []

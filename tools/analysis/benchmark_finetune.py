@@ -96,8 +96,8 @@ def main(argv=None):
     from gmpq_mm.apis import build_deployed_model
     from gmpq_mm.quantization.calibration import calibrate_model
     from gmpq_mm.quantization.export import save_artifact
-    from gmpq_mm.utils import register_all_modules
-    register_all_modules()
+    from gmpq_mm.utils.cli import register_for_tool
+    register_for_tool()
     if args.threads:
         torch.set_num_threads(args.threads)
 

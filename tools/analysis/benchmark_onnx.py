@@ -141,9 +141,9 @@ def main(argv=None):
     from gmpq_mm.apis.onnx_export import (check_finetuned_checkpoint,
                                           export_onnx_model)
     from gmpq_mm.deploy.qdq_modules import uniform_bits_module
-    from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.cli import register_for_tool
     from gmpq_mm.utils.report import infer_input_shape
-    register_all_modules()
+    register_for_tool()
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:

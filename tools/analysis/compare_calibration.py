@@ -51,8 +51,8 @@ def main(argv=None):
     from gmpq_mm.quantization.calibration import calibrate_model
     from gmpq_mm.quantization.convert import select_layers, to_quantized
     from gmpq_mm.registry import MODELS
-    from gmpq_mm.utils import register_all_modules
-    register_all_modules()
+    from gmpq_mm.utils.cli import register_for_tool
+    register_for_tool()
 
     torch.manual_seed(args.seed)
 

@@ -214,10 +214,10 @@ def main(argv=None):
 
     from gmpq_mm.quantization.complexity import complexity_report, format_table
     from gmpq_mm.registry import MODELS
-    from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.cli import register_for_tool
     from gmpq_mm.utils.report import (countable_model, infer_input_shape,
                                       summarize_report)
-    register_all_modules()
+    register_for_tool()
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:

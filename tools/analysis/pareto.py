@@ -63,7 +63,7 @@ def summary_from_config(result, result_path):
     """The ``quantization`` record of an older result, from its config."""
     from mmengine.config import Config
 
-    from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.cli import register_for_tool
     from gmpq_mm.utils.quantization_summary import quantization_summary
 
     config = result.get('config')
@@ -72,7 +72,7 @@ def summary_from_config(result, result_path):
             f'{result_path}: cannot tell its bits: no per-layer bits in '
             f'"complexity", no "quantization" record, and its config '
             f'{config!r} is not found; pass --policy')
-    register_all_modules()  # before parsing: mmengine's look-up shims
+    register_for_tool()  # before parsing: mmengine's look-up shims
     return quantization_summary(Config.fromfile(config).get('model'))
 
 

@@ -84,8 +84,9 @@ def main(argv=None):
     from mmengine.config import Config
 
     from gmpq_mm.apis import export_checkpoint
-    from gmpq_mm.utils import check_paths, register_all_modules
-    register_all_modules()
+    from gmpq_mm.utils import check_paths
+    from gmpq_mm.utils.cli import register_for_tool
+    register_for_tool()
 
     for path, what in ((args.config, 'config'), (args.checkpoint,
                                                  'checkpoint')):

@@ -78,8 +78,8 @@ def main(argv=None):
     args = parse_args(argv)
     from mmengine.config import Config
 
-    from gmpq_mm.utils import register_all_modules
-    register_all_modules()
+    from gmpq_mm.utils.cli import register_for_tool
+    register_for_tool()
     for path, what in ((args.config, 'config'), (args.model, 'ONNX model'),
                        (args.checkpoint, 'checkpoint')):
         if path is not None and not osp.isfile(path):

@@ -53,11 +53,11 @@ def counts_from_config(config, policy, policy_path):
     from gmpq_mm.quantization.convert import select_layers
     from gmpq_mm.quantization.policy import validate_policy
     from gmpq_mm.registry import MODELS
-    from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.cli import register_for_tool
     from gmpq_mm.utils.quantization_summary import (WRAPPER_TYPES, config_type,
                                                     inner_backbone)
     from gmpq_mm.utils.report import infer_input_shape
-    register_all_modules()
+    register_for_tool()
 
     cfg = Config.fromfile(config)
     init_default_scope(cfg.get('default_scope', 'mmpretrain'))

@@ -93,10 +93,10 @@ def main(argv=None):
 
     from gmpq_mm.apis.attribution import (explain_images,
                                           load_attribution_models)
-    from gmpq_mm.utils import register_all_modules
+    from gmpq_mm.utils.cli import register_for_tool
     from gmpq_mm.visualization.attribution_grid import draw_attribution_grid
     from gmpq_mm.visualization.figure_io import save_figure
-    register_all_modules()
+    register_for_tool()
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     out = args.out or osp.join(
