@@ -183,7 +183,7 @@ def test_search_config_runs_on_real_layout(name, tmp_path, repo_root,
     # run once failed with "'StanfordCars' object is not callable" (state
     # leaking between Runners; to be found before moving these in).
     out = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                         timeout=600).output
+                   timeout=600).output
     assert 'Epoch(train) [1][2/2]' in out, out[-3000:]
     assert 'loss_attr' in out and 'accuracy/top1' in out
     import json
