@@ -173,17 +173,14 @@ def _configs(tmp_path, repo_root, name, data_root):
 
 @pytest.mark.parametrize('name', list(SETS))
 def test_search_config_runs_on_real_layout(name, tmp_path, repo_root,
-                                           run_tool):
+                                           run_in_process):
     writer, _ = SETS[name]
     root = tmp_path / name
     writer(str(root), N_TRAIN, N_TEST)
     cfg = _configs(tmp_path, repo_root, name, root)
     work = tmp_path / 'work'
-    # A subprocess per set: in one process, the pets run after the cars
-    # run once failed with "'StanfordCars' object is not callable" (state
-    # leaking between Runners; to be found before moving these in).
-    out = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                   timeout=600).output
+    out = run_in_process(['tools/train.py', cfg, '--work-dir', work],
+                         timeout=600).output
     assert 'Epoch(train) [1][2/2]' in out, out[-3000:]
     assert 'loss_attr' in out and 'accuracy/top1' in out
     import json
