@@ -189,6 +189,36 @@ def test_search_config_runs_on_real_layout(name, tmp_path, repo_root,
     assert len(policy['layers']) == 19
 
 
+def test_runners_in_one_process_keep_their_own_datasets(
+        tmp_path, repo_root, openmmlab_isolation):
+    """Two search Runners built one after the other in one process (a
+    notebook, the policy study): each loop loads its own config's dataset
+    class, and the configs keep dataset configs, not built datasets.
+    (Once seen: the pets run after the cars run failed with "'StanfordCars'
+    object is not callable".)"""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from mmpretrain.datasets import OxfordIIITPet, StanfordCars
+
+    from gmpq_mm.datasets.sample_seeding import SeededSamples, unwrap_seeded
+    from gmpq_mm.engine.hooks import add_exact_resume
+    for name, cls in (('cars', StanfordCars), ('pets', OxfordIIITPet)):
+        folder = tmp_path / name
+        folder.mkdir()
+        SETS[name][0](str(folder / 'data'), N_TRAIN, N_TEST)
+        cfg = Config.fromfile(
+            _configs(folder, repo_root, name, folder / 'data'))
+        cfg.work_dir = str(folder / 'work')
+        add_exact_resume(cfg)  # as tools/train.py does
+        loop = Runner.from_cfg(cfg).train_loop
+        for loader in (loop.dataloader, loop.arch_dataloader):
+            assert isinstance(loader.dataset, SeededSamples)
+            assert type(unwrap_seeded(loader.dataset)) is cls, name
+        dataset = unwrap_seeded(cfg.train_dataloader.dataset)
+        assert isinstance(dataset, dict), type(dataset)
+        assert dataset.type == cls.__name__
+
+
 @pytest.mark.parametrize('name', list(SETS))
 def test_missing_annotation_named_before_start(name, tmp_path, repo_root,
                                                run_in_process):
