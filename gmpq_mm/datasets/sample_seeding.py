@@ -98,7 +98,7 @@ class SeededSamples:
     :class:`EpochTaggedSampler` ``(seed, epoch, pass, index)`` it returns
     ``dataset[index]`` loaded under :func:`sample_seed` of the key.
     Attributes it lacks (``metainfo``, ``get_subset`` ...) are the wrapped
-    dataset's.
+    dataset's, except special ``__names__`` (a copy stays a wrapper).
     """
 
     def __init__(self, dataset, lazy_init: bool = False):
@@ -124,8 +124,14 @@ class SeededSamples:
         return self.dataset[key]
 
     def __getattr__(self, name):
-        if name == 'dataset':  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
+        # 'dataset' is not set yet while unpickling (no recursion); special
+        # names are not forwarded: copy.deepcopy looks up __deepcopy__ on
+        # the instance, and the wrapped dataset's would copy the dataset
+        # alone, silently dropping the per-sample seeding.
+        if name == 'dataset' or (name.startswith('__')
+                                 and name.endswith('__')):
+            raise AttributeError(
+                f'{type(self).__name__!r} object has no attribute {name!r}')
         return getattr(self.dataset, name)
 
 

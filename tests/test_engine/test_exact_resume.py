@@ -273,3 +273,57 @@ def test_plain_training_resumes_exactly(tmp_path, repo_root, cifar10_root,
     resumed = run(
         config, work, 2, True, resume_from=work / 'epoch_1.pth', **options)
     assert_same(straight, resumed)
+
+
+class _SelfCopying:
+    """A dataset with its own ``__deepcopy__`` (as torch datasets and
+    config objects may have)."""
+
+    def __init__(self):
+        self.copies = 0
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, index):
+        return index
+
+    def __deepcopy__(self, memo):
+        other = _SelfCopying()
+        other.copies = self.copies + 1
+        return other
+
+
+def test_copied_seeded_samples_stay_seeded():
+    """A deep copy (mmengine's build_dataloader copies its config, dataset
+    objects included) is still a SeededSamples around a copy of the
+    dataset, not the bare dataset; attributes are still forwarded."""
+    import copy
+
+    from gmpq_mm.datasets import SeededSamples
+    data = SeededSamples(_SelfCopying())
+    twin = copy.deepcopy({'dataset': data})['dataset']
+    assert type(twin) is SeededSamples
+    assert twin.dataset.copies == 1 and twin.copies == 1
+    assert twin[(0, 0, 0, 2)] == 2 and len(twin) == 3
+    with pytest.raises(AttributeError, match='__missing_name__'):
+        data.__missing_name__
+
+
+def test_seed_every_sample_leaves_its_input_alone():
+    """The config a caller passes in (and may reuse for another run) is
+    not changed, at any depth."""
+    import copy
+
+    from gmpq_mm.datasets import seed_every_sample
+    loader = dict(
+        batch_size=2,
+        sampler=dict(type='DefaultSampler', shuffle=True),
+        dataset=dict(type='StanfordCars', data_root='x', split='train'))
+    before = copy.deepcopy(loader)
+    once = seed_every_sample(loader)
+    twice = seed_every_sample(once)
+    assert loader == before
+    assert twice['dataset']['dataset'] is loader['dataset']
+    assert twice['sampler']['sampler'] == before['sampler']
+    assert twice['sampler']['sampler'] is not loader['sampler']

@@ -173,23 +173,50 @@ def _configs(tmp_path, repo_root, name, data_root):
 
 @pytest.mark.parametrize('name', list(SETS))
 def test_search_config_runs_on_real_layout(name, tmp_path, repo_root,
-                                           run_tool):
+                                           run_in_process):
     writer, _ = SETS[name]
     root = tmp_path / name
     writer(str(root), N_TRAIN, N_TEST)
     cfg = _configs(tmp_path, repo_root, name, root)
     work = tmp_path / 'work'
-    # A subprocess per set: in one process, the pets run after the cars
-    # run once failed with "'StanfordCars' object is not callable" (state
-    # leaking between Runners; to be found before moving these in).
-    out = run_tool(['tools/train.py', cfg, '--work-dir', work],
-                   timeout=600).output
+    out = run_in_process(['tools/train.py', cfg, '--work-dir', work],
+                         timeout=600).output
     assert 'Epoch(train) [1][2/2]' in out, out[-3000:]
     assert 'loss_attr' in out and 'accuracy/top1' in out
     import json
     policy = json.loads((work / 'policy.json').read_text())
     assert policy['input_shape'] == [3, 224, 224]
     assert len(policy['layers']) == 19
+
+
+def test_runners_in_one_process_keep_their_own_datasets(
+        tmp_path, repo_root, openmmlab_isolation):
+    """Two search Runners built one after the other in one process (a
+    notebook, the policy study): each loop loads its own config's dataset
+    class, and the configs keep dataset configs, not built datasets.
+    (Once seen: the pets run after the cars run failed with "'StanfordCars'
+    object is not callable".)"""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from mmpretrain.datasets import OxfordIIITPet, StanfordCars
+
+    from gmpq_mm.datasets.sample_seeding import SeededSamples, unwrap_seeded
+    from gmpq_mm.engine.hooks import add_exact_resume
+    for name, cls in (('cars', StanfordCars), ('pets', OxfordIIITPet)):
+        folder = tmp_path / name
+        folder.mkdir()
+        SETS[name][0](str(folder / 'data'), N_TRAIN, N_TEST)
+        cfg = Config.fromfile(
+            _configs(folder, repo_root, name, folder / 'data'))
+        cfg.work_dir = str(folder / 'work')
+        add_exact_resume(cfg)  # as tools/train.py does
+        loop = Runner.from_cfg(cfg).train_loop
+        for loader in (loop.dataloader, loop.arch_dataloader):
+            assert isinstance(loader.dataset, SeededSamples)
+            assert type(unwrap_seeded(loader.dataset)) is cls, name
+        dataset = unwrap_seeded(cfg.train_dataloader.dataset)
+        assert isinstance(dataset, dict), type(dataset)
+        assert dataset.type == cls.__name__
 
 
 @pytest.mark.parametrize('name', list(SETS))
