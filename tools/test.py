@@ -13,7 +13,7 @@ import os.path as osp
 # Light imports only: --help and argument errors must not wait for torch /
 # OpenMMLab, which main() imports once the arguments are parsed.
 from gmpq_mm.utils import check_paths, register_all_modules
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 from gmpq_mm.utils.run_guard import restore_work_dir_on_failure
 
 
@@ -24,11 +24,7 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='the dir to save logs')
     parser.add_argument(
         '--out', help='write the metrics (and complexity) to this JSON file')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],

@@ -12,7 +12,7 @@ import os.path as osp
 # Light imports only: --help and argument errors must not wait for torch /
 # OpenMMLab, which main() imports once the arguments are parsed.
 from gmpq_mm.utils import check_paths, register_all_modules
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 from gmpq_mm.utils.run_guard import restore_work_dir_on_failure
 
 
@@ -43,11 +43,7 @@ def parse_args(argv=None):
         '--no-persistent-workers',
         action='store_true',
         help='no persistent_workers')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     parser.add_argument(
         '--launcher',
         choices=['none', 'pytorch', 'slurm', 'mpi'],

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 __all__ = [
     'DictAction', 'fail_in_one_line', 'ONE_LINE_ERRORS', 'add_custom_hook',
-    'config_keys_holding', 'register_for_tool'
+    'config_keys_holding', 'register_for_tool', 'add_cfg_options'
 ]
 
 # Errors whose message says all (what is wrong, where, what to do): the
@@ -101,3 +101,13 @@ def register_for_tool() -> None:
     from gmpq_mm.utils import register_all_modules
     with fail_in_one_line():
         register_all_modules()
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
+    """The ``--cfg-options key=value ...`` option every config tool takes
+    (mmengine's syntax, parsed by :class:`DictAction`)."""
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value (xxx=yyy format)')

@@ -32,7 +32,7 @@ import os.path as osp
 import statistics
 import time
 
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 
 MODELS = ('fp', 'w8a8', 'int')
 
@@ -68,11 +68,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--input-shape', type=int, nargs='+', help='C H W (or H W)')
     parser.add_argument('--json', help='write the results to this file')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import os.path as osp
 import sys
 import warnings
 
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 from gmpq_mm.utils.quantization_summary import (WRAPPER_TYPES, config_type,
                                                 inner_backbone)
 
@@ -56,11 +56,7 @@ def parse_args(argv=None):
         metavar=('H', 'W'),
         help='input height and width (channels from the stem conv); '
         'default: inferred from the config\'s test data')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     parser.add_argument(
         '--target',
         help='deployment target (e.g. int8_runtime, see '

@@ -24,7 +24,7 @@ import argparse
 import os.path as osp
 import sys
 
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 
 METHODS = ('hessian', 'perturbation')
 CALIB_METHODS = ('release', 'kl', 'mse', 'max')
@@ -80,11 +80,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--work-dir',
         help='output folder (default work_dirs/sensitivity/<config name>)')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     return parser.parse_args(argv)
 
 

@@ -34,7 +34,7 @@ import json
 import os.path as osp
 import time
 
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 
 
 def parse_args(argv=None):
@@ -71,11 +71,7 @@ def parse_args(argv=None):
         help='.onnx integer: training images (test pipeline) that set the '
         'ranges of the 8-bit points and run the check (default 64)')
     parser.add_argument('--json', help='write the summary to this JSON file')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     return parser.parse_args(argv)
 
 

@@ -16,7 +16,7 @@ import json
 import os.path as osp
 import time
 
-from gmpq_mm.utils.cli import DictAction
+from gmpq_mm.utils.cli import add_cfg_options
 
 
 def parse_args(argv=None):
@@ -31,11 +31,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--threads', type=int, default=0, help='onnxruntime threads')
     parser.add_argument('--json', help='write the result to this JSON file')
-    parser.add_argument(
-        '--cfg-options',
-        nargs='+',
-        action=DictAction,
-        help='override config settings, key=value (xxx=yyy format)')
+    add_cfg_options(parser)
     return parser.parse_args(argv)
 
 
