@@ -32,6 +32,7 @@ import os
 import os.path as osp
 import pickle
 import re
+import weakref
 import zipfile
 from typing import Optional
 from urllib.parse import urlparse
@@ -261,13 +262,22 @@ class ReadOnce:
     time and ``map_location``) is the object loaded before, not a second
     unpickling: a finetune reads its FP weights for ``init_cfg`` and again
     to check they fit (:class:`~gmpq_mm.engine.CalibrationHook`). The
-    caller must not change the returned checkpoint in place."""
+    caller must not change the returned checkpoint in place.
+
+    The window belongs to the object that opened it and ends with
+    :meth:`stop` or when that object is garbage-collected: a run that fails
+    between the hook's ``before_run`` and its ``stop`` (the Runner and its
+    hooks dropped) leaves no memo behind for later loads in the process.
+    """
 
     _memo = None
+    _owner_ref = None
 
     def start(self) -> 'ReadOnce':
-        if ReadOnce._memo is None:
+        owner = ReadOnce._owner_ref() if ReadOnce._owner_ref else None
+        if ReadOnce._memo is None or owner is None:
             ReadOnce._memo = {}
+            ReadOnce._owner_ref = weakref.ref(self)
             self._owner = True
         else:
             self._owner = False
@@ -276,6 +286,7 @@ class ReadOnce:
     def stop(self) -> None:
         if getattr(self, '_owner', False):
             ReadOnce._memo = None
+            ReadOnce._owner_ref = None
             self._owner = False
 
     def __enter__(self) -> 'ReadOnce':
@@ -286,6 +297,9 @@ class ReadOnce:
 
     @classmethod
     def key(cls, filename, map_location):
+        if cls._memo is not None and (cls._owner_ref is None
+                                      or cls._owner_ref() is None):
+            cls._memo = cls._owner_ref = None  # its window was never closed
         if cls._memo is None:
             return None
         st = os.stat(filename)

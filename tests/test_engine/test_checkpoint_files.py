@@ -375,3 +375,28 @@ def test_read_once_window(tmp_path, monkeypatch):
     window.stop()
     checkpoint_load.load_checkpoint_file(str(path), 'cpu')
     assert _runs(marker) == 2  # outside the window: read afresh
+
+
+def test_read_once_window_left_open_ends_with_its_owner(tmp_path, monkeypatch):
+    """A run that fails between the hook's start and stop drops its hook;
+    the window it left open must not serve (possibly changed) objects to
+    later loads in the same process."""
+    import gc
+    monkeypatch.setenv(checkpoint_load.TRUST_ENV, '1')
+    marker, path = str(tmp_path / 'ran'), tmp_path / 'trusted.pth'
+    torch.save({
+        'state_dict': {
+            'w': torch.ones(1)
+        },
+        'x': _Payload(marker)
+    }, path)
+    window = checkpoint_load.ReadOnce().start()
+    first = checkpoint_load.load_checkpoint_file(str(path), 'cpu')
+    del window  # never stopped: the failed run's hook is gone
+    gc.collect()
+    again = checkpoint_load.load_checkpoint_file(str(path), 'cpu')
+    assert again is not first and _runs(marker) == 2
+    fresh = checkpoint_load.ReadOnce().start()  # a new run opens its own
+    one = checkpoint_load.load_checkpoint_file(str(path), 'cpu')
+    assert checkpoint_load.load_checkpoint_file(str(path), 'cpu') is one
+    fresh.stop()

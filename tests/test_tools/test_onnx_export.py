@@ -448,6 +448,9 @@ def test_onnx_export_unpickles_the_checkpoint_once(demo, tmp_path,
         return load(filename, map_location)
 
     monkeypatch.setattr(checkpoint_load, '_load_untrusted', counted)
+    # no read window left open by an earlier run in this process
+    monkeypatch.setattr(checkpoint_load.ReadOnce, '_memo', None)
+    monkeypatch.setattr(checkpoint_load.ReadOnce, '_owner_ref', None)
     summary = _run([
         CONFIG,
         str(demo['ckpt']), '--out',
