@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from mmengine.registry import init_default_scope
 
-from gmpq_mm.compat import load_trusted_checkpoint
+from gmpq_mm.engine.checkpoint_load import load_checkpoint_file
 from gmpq_mm.quantization.budget import (bitops_constraint, check_budget,
                                          policy_cost, policy_size_mb,
                                          size_constraint)
@@ -99,7 +99,7 @@ def _fp_classifier_cfg(cfg, backbone):
 
 
 def _load_checkpoint(model, checkpoint, where):
-    state = load_trusted_checkpoint(checkpoint, map_location='cpu')
+    state = load_checkpoint_file(checkpoint, map_location='cpu')
     state = state.get('state_dict', state)
     state = {
         k[7:] if k.startswith('module.') else k: v
