@@ -369,38 +369,3 @@ def export_onnx(module, args, path, **kwargs):
         warnings.filterwarnings(
             'ignore', message='.*legacy TorchScript-based ONNX export.*')
         torch.onnx.export(module, args, path, **kwargs)
-
-
-# Names that moved out of this module (version differences only stay here),
-# still found under the old name for code written against it.
-_MOVED = {
-    'load_trusted_checkpoint':
-    ('gmpq_mm.engine.checkpoint_load', 'load_checkpoint_file'),
-    'strict_load_enabled':
-    'gmpq_mm.engine.checkpoint_load',
-    'unreadable_checkpoint':
-    'gmpq_mm.engine.checkpoint_load',
-    'check_finite_weights':
-    'gmpq_mm.engine.checkpoint_load',
-    'patch_checkpoint_loading':
-    'gmpq_mm.engine.checkpoint_load',
-    'init_cpu_distributed':
-    'gmpq_mm.engine.launch',
-    'prepare_cpu_distributed':
-    'gmpq_mm.engine.launch',
-    'finish_distributed':
-    'gmpq_mm.engine.launch',
-}
-
-
-def __getattr__(name):
-    if name not in _MOVED:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    import warnings
-    module, new = _MOVED[name] if isinstance(_MOVED[name], tuple) else \
-        (_MOVED[name], name)
-    warnings.warn(
-        f'gmpq_mm.compat.{name} moved to {module}.{new}',
-        DeprecationWarning,
-        stacklevel=2)
-    return getattr(importlib.import_module(module), new)
