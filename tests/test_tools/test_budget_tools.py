@@ -141,11 +141,14 @@ def test_export_warns_naming_emulated_layers(tmp_path):
     assert policy_target_warning(cfg) is None
 
 
+DEMO_INT8_RUNTIME = \
+    'configs/gmpq/demo/search_r18_fashion_mnist_int8_runtime.py'
+
+
 @pytest.mark.parametrize('path, cands, low', [
     ('configs/gmpq/search_r18_cifar10_size.py', [2, 3, 4, 6], 0.98),
     ('configs/gmpq/search_r18_cifar10_int8_runtime.py', [4, 8], 0.95),
-    ('configs/gmpq/demo/search_r18_fashion_mnist_int8_runtime.py', [4, 8],
-     0.95),
+    (DEMO_INT8_RUNTIME, [4, 8], 0.95),
 ])
 def test_shipped_configs_reach_their_size_band(path, cands, low):
     """The example configs' budgets hold a policy (any scores), at the

@@ -260,8 +260,7 @@ class CalibrationHook(Hook):
             reduce_max=reduce_max,
             reduce_sum=reduce_sum)
         flat = self._sync_from_rank0(layers)
-        digest = hashlib.sha256(
-            flat.cpu().numpy().tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()[:16]
         digests = all_gather_object(digest)
         if len(set(digests)) != 1:
             raise RuntimeError(f'CalibrationHook: ranks disagree after '
