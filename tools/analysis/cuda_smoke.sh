@@ -8,6 +8,7 @@
 # work_dirs/cuda_smoke); prints a log and writes JSON figures to OUT_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+. tools/analysis/cuda_env.sh
 OUT_DIR=${1:-work_dirs/cuda_smoke}
 WORK=${WORK:-/tmp/gmpq_cuda_smoke}
 mkdir -p "$OUT_DIR" "$WORK"
@@ -19,16 +20,7 @@ status=0
 check() { local rc=$1; shift; echo "---- $* -> rc $rc"; [ "$rc" = 0 ] || status=1; }
 
 say "environment"
-nvidia-smi -L
-# Each import on its own, under a timeout: one session's run hung here
-# with no output, so say which import stalls before anything else runs.
-for mod in numpy torch cv2 mmengine mmcv mmpretrain gmpq_mm; do
-    timeout 120 python -c "import time; t = time.time(); import $mod as m; \
-print('import $mod', getattr(m, '__version__', ''), \
-f'{time.time() - t:.1f} s')" || { echo "import $mod failed or hung"; exit 1; }
-done
-python -c "import torch; print('cuda', torch.version.cuda, \
-torch.cuda.get_device_name())"
+PYTHON=python cuda_env
 
 say "1. offline demo on the GPU (pretrain, search, finetune, test, export)"
 timeout 240 bash tools/demo.sh "$WORK/demo"

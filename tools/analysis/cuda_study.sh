@@ -19,6 +19,7 @@
 # Fashion-MNIST idx files.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+. tools/analysis/cuda_env.sh
 OUT_DIR=${1:?usage: cuda_study.sh OUT_DIR [DEADLINE_S] [WORKERS]}
 DEADLINE=${2:-560}
 WORKERS=${3:-12}
@@ -42,14 +43,7 @@ pack() {  # the small files of the study, and its FP checkpoints
 }
 
 say "environment"
-nvidia-smi -L
-for mod in numpy torch cv2 mmengine mmcv mmpretrain gmpq_mm; do
-    timeout 120 python3 -c "import time; t = time.time(); import $mod as m; \
-print('import $mod', getattr(m, '__version__', ''), \
-f'{time.time() - t:.1f} s')" || { echo "import $mod failed or hung"; exit 1; }
-done
-python3 -c "import torch; print('cuda', torch.version.cuda, \
-torch.cuda.get_device_name())"
+cuda_env
 
 say "1. tiny preset, in-domain, on the GPU"
 timeout 150 python3 tools/analysis/policy_study.py tiny --settings in_domain \
