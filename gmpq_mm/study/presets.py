@@ -105,7 +105,9 @@ SHORT_FINETUNE = dict(
 # network the other studies use. The report checks each block's headroom
 # against the 3-point bar (`headroom_bar`). Measured (seed 0 on one GPU,
 # docs/studies/small_to_large_gpu_partial.md): not met; uniform W2A2 is
-# level with the FP network after the one-epoch finetune.
+# level with the FP network after the one-epoch finetune; a half-width
+# network and a finetune on 6,000 images did not open 3 points either (the
+# guide, "Two headroom probes").
 SMALL_TO_LARGE = dict(
     FULL,
     settings=['small_to_large'],
