@@ -16,7 +16,9 @@
 # (`policy_study.py small_to_large --work-dir DIR`, which skips finished
 # runs), and `--report-only` writes its report.
 # Needs FULL_DATA (default /usr/share/datasets/fashion-mnist): the original
-# Fashion-MNIST idx files.
+# Fashion-MNIST idx files. RESUME=results.tgz (from an earlier run, which
+# used the same WORK) continues that study: its finished runs are skipped,
+# so a study longer than one lease runs over several.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . tools/analysis/cuda_env.sh
@@ -26,6 +28,9 @@ WORKERS=${3:-12}
 FULL_DATA=${FULL_DATA:-/usr/share/datasets/fashion-mnist}
 WORK=${WORK:-/tmp/gmpq_cuda_study}
 mkdir -p "$OUT_DIR" "$WORK"
+if [ -n "${RESUME:-}" ]; then
+    tar xzf "$RESUME" -C "$WORK" || { echo "cannot unpack $RESUME"; exit 1; }
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
 # eager quantization kernels: a dozen processes compiling at once would
