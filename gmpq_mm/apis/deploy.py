@@ -28,6 +28,7 @@ from gmpq_mm.quantization.atomic_file import atomic_path
 from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.export import load_artifact, save_artifact
 from gmpq_mm.quantization.layers import is_quantized_layer
+from gmpq_mm.quantization.requant_point import POINT_STATE
 from gmpq_mm.registry import MODELS
 from gmpq_mm.utils import register_all_modules
 from gmpq_mm.utils.bit_record import check_bit_widths, policy_source
@@ -136,8 +137,13 @@ def load_model(config,
                 strict=True,
                 logger='silent')
         except RuntimeError as err:
+            hint = ''
+            if POINT_STATE in str(err):
+                hint = (' (requantization points: the checkpoint was '
+                        'trained with a different model.backbone.'
+                        'requant_points than the config has)')
             raise RuntimeError(f'{checkpoint}: does not fit the model of '
-                               f'the config: {err}') from None
+                               f'the config{hint}: {err}') from None
         check_bit_widths(model, loaded, checkpoint,
                          policy_source(cfg, 'the config'))
     return model.to(device).eval(), cfg

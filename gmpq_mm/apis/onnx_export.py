@@ -41,7 +41,8 @@ from gmpq_mm.deploy.onnx_integer import (INTEGER_OPS, check_integer_model,
 from gmpq_mm.deploy.ort_check import (compare_logits, missing_deploy_packages,
                                       optimized_nodes, run_onnxruntime,
                                       tensor_ranges)
-from gmpq_mm.deploy.qdq_modules import float_module, qdq_layer_info, qdq_module
+from gmpq_mm.deploy.qdq_modules import (float_module, qdq_layer_info,
+                                        qdq_module, requant_point_count)
 from gmpq_mm.quantization.atomic_file import atomic_path
 from gmpq_mm.quantization.convert import policy_from_model
 from gmpq_mm.quantization.layers import is_quantized_layer
@@ -226,7 +227,9 @@ def export_onnx_model(model: nn.Module,
         ``dequantize_linear``, ``quantized_layers``, ``layers``; for
         ``integer`` also ``integer_layers``, ``added_points`` and
         ``onnxruntime`` (op counts of the optimized graph, ``integer_convs``,
-        ``fallback``); with ``verify`` the dict ``verify``.
+        ``fallback``); ``model_points``: the model's calibrated
+        requantization points written as Q / DQ pairs; with ``verify`` the
+        dict ``verify``.
     """
     if mode not in ONNX_MODES:
         raise ValueError(f'mode must be one of {ONNX_MODES}, got {mode!r}')
@@ -237,6 +240,7 @@ def export_onnx_model(model: nn.Module,
         exported = LogitsOnly(float_module(model)).eval()
         reference = exported
         layers = {}
+        model_points = 0
     else:
         try:
             exported = LogitsOnly(qdq_module(model)).eval()
@@ -244,6 +248,7 @@ def export_onnx_model(model: nn.Module,
             raise ValueError(f'{source}: {err}') from None
         reference = LogitsOnly(model).eval()
         layers = qdq_layer_info(exported)
+        model_points = requant_point_count(exported)
     if inputs is None:
         gen = torch.Generator().manual_seed(0)
         inputs = torch.randn((batch_size, ) + shape, generator=gen).numpy()
@@ -254,7 +259,7 @@ def export_onnx_model(model: nn.Module,
     with atomic_path(out, suffix='.tmp') as tmp:
         _export(exported, tmp, shape)
         proto = onnx.load(tmp)
-        summary = dict(mode=mode)
+        summary = dict(mode=mode, model_points=model_points)
         if layers:
             finalize_qdq_model(proto, layers)
             summary.update(check_qdq_model(proto, layers))

@@ -9,8 +9,11 @@ graph runs every layer as a float Conv. :func:`integerize` rewrites it:
 * **BatchNorm folded** into each quantized conv: the per-channel factor
   ``g = gamma / sqrt(var + eps)`` goes into the weight *scale*, so the int8
   codes stay the layer's b-bit codes (negated in a channel whose ``g`` is
-  negative, which keeps them on the symmetric grid); the shift becomes the
-  bias, quantized to int32 with scale ``s_x * s_w`` as onnxruntime wants.
+  negative, which keeps them on the symmetric grid), multiplied by the
+  integer ``m`` of :func:`~gmpq_mm.quantization.integer_fold.code_multiplier`
+  (scale divided by ``m``: the same ``2^b`` weights); the shift becomes the
+  bias, quantized to int32 with scale ``s_x * s_w / m`` as onnxruntime wants
+  (:mod:`gmpq_mm.quantization.integer_fold`).
 * **Outputs requantized.** When every reader of a conv's output (after its
   ReLU) is a quantized layer with the same grid, the output is quantized
   straight onto that grid: ``QuantizeLinear(s_a)`` into ``uint8`` (``int8``
@@ -18,6 +21,10 @@ graph runs every layer as a float Conv. :func:`integerize` rewrites it:
   ``DequantizeLinear(s_a)``. The ReLU is dropped: clipping to ``[0, n]``
   already clips below at 0. This is the layer's own input quantizer, moved
   before the ReLU, so nothing is lost.
+* **Eight-bit points the PyTorch model has.** A conv or residual ``Add``
+  output already read by an 8-bit ``QuantizeLinear`` (a requantization
+  point of the model, :mod:`gmpq_mm.quantization.requant_point`) keeps it,
+  with the model's scale: the file then rounds where the model rounds.
 * **Eight-bit points the PyTorch model does not have.** Every other
   requantized tensor (a conv output that also feeds a residual ``Add`` or a
   float op, the residual ``Add``'s inputs and output) gets an 8-bit
@@ -37,6 +44,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from gmpq_mm.quantization.integer_fold import code_multiplier, fold_conv_scales
 from gmpq_mm.quantization.quantizers import weight_levels
 from .onnx_graph import _STANDARD_DOMAINS, constants
 
@@ -99,6 +107,12 @@ def integer_layers(layers: Mapping[str, dict]) -> List[str]:
         k for k, v in layers.items()
         if v['codes'] is not None and v.get('act_scale') is not None
     ]
+
+
+def _multiplier(info: Mapping) -> int:
+    """:func:`code_multiplier` of a layer of ``qdq_layer_info``."""
+    return code_multiplier(info['w_bits'],
+                           int(round(info['act_range'] / info['act_scale'])))
 
 
 def _chain_of(clip, index: _Index, consts: dict) -> Optional[dict]:
@@ -214,15 +228,15 @@ class _Rewriter:
                        1e-5)
             g = gamma / np.sqrt(var + eps)
             bias = (bias - mean) * g + beta
-            s_w = s_w * g
             out = bn.output[0]
             self.graph.node.remove(bn)
-        sign = np.where(s_w < 0, -1, 1).astype(np.int8)
-        codes = codes * sign.reshape((-1, ) + (1, ) * (codes.ndim - 1))
-        s_w = np.abs(s_w)
-        s_w = np.where(s_w > 0, s_w, 1.0).astype(np.float32)
-        s_b = (np.float64(s_x) * s_w.astype(np.float64))
-        b_codes = np.rint(bias / s_b)
+        else:
+            g = np.ones(c_out)
+        m = _multiplier(info)
+        sign, s_w, s_b, b_codes = fold_conv_scales(s_x, s_w, bias, g, m)
+        codes = (codes.astype(np.int16) * m *
+                 sign.reshape((-1, ) + (1, ) * (codes.ndim - 1))).astype(
+                     np.int8)
         if np.abs(b_codes).max(initial=0) >= 2**31 - 1:
             raise RuntimeError(f'{name}: its folded bias does not fit int32 '
                                f'at scale s_x * s_w (s_x={s_x:g})')
@@ -258,6 +272,8 @@ class _Rewriter:
         act = _act_node(tensor, self.index, self.consts)
         after = act.output[0] if act is not None else tensor
         users = self.index.users(after)
+        if users and all(self._model_point(u) for u in users):
+            return  # the model's own 8-bit point (a RequantPoint)
         chains = [_chain_of(u, self.index, self.consts) for u in users]
         grids = {(c['lo'], c['hi'], float(c['scale']))
                  for c in chains if c is not None}
@@ -266,6 +282,19 @@ class _Rewriter:
             self._onto_grid(tensor, act, chains)
         else:
             self._eight_bit(tensor, act)
+
+    def _model_point(self, node) -> bool:
+        """Whether ``node`` is an 8-bit ``QuantizeLinear`` the model put
+        there (a ``RequantPoint``): constant scale and 8-bit zero point,
+        every reader a DequantizeLinear."""
+        if node.op_type != 'QuantizeLinear' or len(node.input) < 3 or \
+                node.input[1] not in self.consts or \
+                node.input[2] not in self.consts:
+            return False
+        zero = self.consts[node.input[2]]
+        readers = self.index.users(node.output[0])
+        return zero.dtype in (np.int8, np.uint8) and bool(readers) and all(
+            r.op_type == 'DequantizeLinear' for r in readers)
 
     def _onto_grid(self, tensor, act, chains) -> None:
         grid = chains[0]
@@ -468,8 +497,9 @@ def check_integer_model(proto, layers: Mapping[str, dict],
                         names: Sequence[str]) -> None:
     """Check the rewritten graph: the ONNX checker passes, only standard
     ops; each integer conv ``names`` (a Conv node of that name) reads
-    ``DequantizeLinear`` of its int8 codes (its layer's codes, per channel
-    up to sign, so on the b-bit grid), of an int32 bias, and of an input
+    ``DequantizeLinear`` of its int8 codes (its layer's codes times its
+    code multiplier, per channel up to sign, so on the b-bit grid), of an
+    int32 bias, and of an input
     whose scale is the layer's activation scale and whose codes are held to
     the layer's ``n`` levels (an integer Clip, or the container's own
     range when ``n`` fills it).
@@ -503,9 +533,10 @@ def check_integer_model(proto, layers: Mapping[str, dict],
             raise RuntimeError(f'{name}: weight is not an int8 initializer')
         per_channel = np.abs(codes.astype(np.int64)).reshape(len(codes), -1)
         n = weight_levels(info['w_bits'])
+        m = _multiplier(info)
         if not np.array_equal(per_channel,
-                              np.abs(expected).reshape(len(codes), -1)) or \
-                per_channel.max(initial=0) > n:
+                              m * np.abs(expected).reshape(len(codes), -1)) \
+                or per_channel.max(initial=0) > m * n:
             raise RuntimeError(f'{name}: int8 weight codes differ from the '
                                f'layer\'s {info["w_bits"]}-bit codes')
         if consts.get(dq_b.input[0]) is None or \

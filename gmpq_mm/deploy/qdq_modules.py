@@ -21,10 +21,12 @@ from gmpq_mm.quantization.export import weight_codes
 from gmpq_mm.quantization.layers import is_mixed_layer, is_quantized_layer
 from gmpq_mm.quantization.quantizers import (FP_BITS, MIN_ACT_RANGE,
                                              activation_levels, weight_levels)
+from gmpq_mm.quantization.requant_point import is_requant_point
 
 __all__ = [
-    'QDQConv2d', 'QDQLinear', 'qdq_layer', 'qdq_module', 'qdq_layer_info',
-    'float_module', 'uniform_bits_module'
+    'QDQConv2d', 'QDQLinear', 'QDQRequantPoint', 'qdq_layer', 'qdq_module',
+    'qdq_layer_info', 'float_module', 'uniform_bits_module',
+    'requant_point_count'
 ]
 
 
@@ -128,6 +130,45 @@ class QDQLinear(_QDQMixin, nn.Module):
         return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
 
 
+class QDQRequantPoint(nn.Module):
+    """Export-time stand-in for a calibrated ``RequantPoint``: its 8-bit
+    rounding as one ``QuantizeLinear -> DequantizeLinear`` pair."""
+
+    def __init__(self, point: nn.Module, name: str = ''):
+        super().__init__()
+        self.point_name = name
+        self.signed = point.signed
+        self.scale = point.scale()
+        self.qrange = point.qrange
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, 0,
+                                                     *self.qrange)
+
+    def extra_repr(self) -> str:
+        return (f'{self.point_name}: {"int8" if self.signed else "uint8"}, '
+                f'scale={self.scale:g}')
+
+
+def _swap_points(model: nn.Module, keep: bool) -> None:
+    """Replace every ``RequantPoint`` of ``model`` (in place): by its
+    :class:`QDQRequantPoint` when ``keep`` and it is calibrated, else by
+    ``nn.Identity``."""
+    for name in [n for n, m in model.named_modules() if is_requant_point(m)]:
+        parent_name, _, attr = name.rpartition('.')
+        parent = model.get_submodule(parent_name) if parent_name else model
+        point = getattr(parent, attr)
+        setattr(
+            parent, attr,
+            QDQRequantPoint(point, name)
+            if keep and point.calibrated else nn.Identity())
+
+
+def requant_point_count(module: nn.Module) -> int:
+    """The :class:`QDQRequantPoint` s of an export-time module."""
+    return sum(isinstance(m, QDQRequantPoint) for m in module.modules())
+
+
 def qdq_layer(layer: nn.Module, name: str = '') -> nn.Module:
     """The :class:`QDQConv2d` / :class:`QDQLinear` of a fixed-bit layer."""
     if isinstance(layer, nn.Conv2d):
@@ -139,7 +180,9 @@ def qdq_layer(layer: nn.Module, name: str = '') -> nn.Module:
 
 def qdq_module(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every fixed-bit layer replaced
-    by its export-time stand-in; ``model`` is left untouched.
+    by its export-time stand-in, and every calibrated requantization point
+    by its Q / DQ pair (an uncalibrated one by nothing); ``model`` is left
+    untouched.
 
     Raises:
         ValueError: if ``model`` has searchable (mixed-precision) layers or
@@ -159,10 +202,16 @@ def qdq_module(model: nn.Module) -> nn.Module:
         raise ValueError('the network has no quantized layer: a full-'
                          'precision model, nothing to export as QDQ')
     copied = copy.deepcopy(model).eval()
+    for module in copied.modules():
+        # blocks that emulate the integer runtime's rounded bias in eval
+        # (gmpq_mm.models.utils.requant_blocks) hold it in plain BatchNorm
+        if hasattr(module, 'bake_folded_bias'):
+            module.bake_folded_bias()
     for name in names:
         parent_name, _, attr = name.rpartition('.')
         parent = copied.get_submodule(parent_name) if parent_name else copied
         setattr(parent, attr, qdq_layer(getattr(parent, attr), name))
+    _swap_points(copied, keep=True)
     return copied
 
 
@@ -190,8 +239,9 @@ def qdq_layer_info(module: nn.Module,
 
 def float_module(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every quantized layer back to a
-    float ``nn.Conv2d`` / ``nn.Linear`` holding its latent weights: the
-    network without quantizers (the FP baseline of a benchmark)."""
+    float ``nn.Conv2d`` / ``nn.Linear`` holding its latent weights and
+    without requantization points: the network without quantizers (the FP
+    baseline of a benchmark)."""
     import copy
     fp = copy.deepcopy(model).eval()
     names = [n for n, m in fp.named_modules() if is_quantized_layer(m)]
@@ -210,6 +260,7 @@ def float_module(model: nn.Module) -> nn.Module:
             for k, v in q.state_dict().items() if k in ('weight', 'bias')
         })
         setattr(parent, attr, new)
+    _swap_points(fp, keep=False)
     return fp
 
 

@@ -76,9 +76,11 @@ def _export(tmp_path, bits, mode='integer'):
 
 
 def test_batchnorm_folded_by_hand(tmp_path):
-    """conv2's folded weight scale is s_w * |gamma / sqrt(var + eps)|, its
-    codes are negated where that factor is negative, its int32 bias is
-    round(shift / (s_x * s_w')), with shift = beta - mean * factor."""
+    """conv2's folded weight scale is s_w * |gamma / sqrt(var + eps)| / m,
+    its codes are the 4-bit codes times m = 127 // 7 = 18 (the largest
+    multiple int8 holds; 2 * 7 * 7 * 18 is far inside int16), negated where
+    that factor is negative, its int32 bias is round(shift / (s_x * s_w')),
+    with shift = beta - mean * factor."""
     model, _, path, summary = _export(tmp_path, (4, 3))
     net = model.net
     proto = onnx.load(str(path))
@@ -94,9 +96,11 @@ def test_batchnorm_folded_by_hand(tmp_path):
     s_x = np.float32(net.conv2.act_range.item() / 7)  # 3-bit input: n = 7
     got_codes = consts[dq_w.input[0]].astype(np.int64)
     sign = np.sign(g.numpy()).reshape(-1, 1, 1, 1).astype(np.int64)
-    np.testing.assert_array_equal(got_codes, codes.numpy() * sign)
+    m = 18
+    np.testing.assert_array_equal(got_codes, codes.numpy() * sign * m)
+    assert len(np.unique(got_codes)) <= 15  # still the 4-bit grid
     np.testing.assert_allclose(
-        consts[dq_w.input[1]], (s_w * g.abs()).numpy(), rtol=1e-6)
+        consts[dq_w.input[1]], (s_w * g.abs()).numpy() / m, rtol=1e-6)
     assert consts[dq_x.input[1]] == s_x
     shift = (bn.bias.double() - bn.running_mean.double() * g).detach()
     want = np.rint(

@@ -34,6 +34,7 @@ from gmpq_mm.quantization.calibration import (DEFAULT_ACT_CAP, DEFAULT_BINS,
                                               DEFAULT_LOW_BITS, DEFAULT_METHOD,
                                               METHODS, calibrate_model,
                                               quantized_layers)
+from gmpq_mm.quantization.requant_point import POINT_STATE
 from gmpq_mm.registry import HOOKS
 from gmpq_mm.utils.model import state_dict_mismatch, unwrap_model
 from .expected_missing_keys import ExpectedMissingKeys
@@ -41,7 +42,7 @@ from .expected_missing_keys import ExpectedMissingKeys
 META_KEY = 'gmpq_calibration'
 # State entries a quantized layer adds to its FP conv / linear: an FP
 # checkpoint does not have them.
-QUANT_STATE = ('act_range', 'w_threshold')
+QUANT_STATE = ('act_range', 'w_threshold', POINT_STATE)
 
 
 def _pretrained_inits(model):
@@ -224,7 +225,9 @@ class CalibrationHook(Hook):
                 f'CalibrationHook: {len(left_out)} quantizer entries '
                 f'({", ".join(QUANT_STATE)}) were not in the loaded weights '
                 '(expected for FP weights)' +
-                ('' if self._skip_reason else '; calibrating them now'))
+                ('' if self._skip_reason else '; calibrating them now (the '
+                 'ranges of requantization points: on the first training '
+                 'batches)'))
         if self._skip_reason is not None:
             runner.logger.info(
                 f'CalibrationHook: skipped ({self._skip_reason})')

@@ -1,7 +1,7 @@
 """Keep quiet about state that calibration is about to fill.
 
 A quantized layer has entries an FP checkpoint lacks (``act_range``,
-``w_threshold``). Loading the FP ImageNet weights at the start of a
+``w_threshold``; a requantization point its ``point_range``). Loading the FP ImageNet weights at the start of a
 finetune therefore made mmengine log "The model and loaded state dict do
 not match exactly ... missing keys ..." with every such entry -- expected,
 since :class:`~gmpq_mm.engine.CalibrationHook` sets them next, but it reads
@@ -14,6 +14,7 @@ from typing import List, Sequence
 from torch import nn
 
 from gmpq_mm.quantization.layers import is_quantized_layer
+from gmpq_mm.quantization.requant_point import is_requant_point
 
 __all__ = ['ExpectedMissingKeys']
 
@@ -40,7 +41,7 @@ class ExpectedMissingKeys:
     def attach(self, model: nn.Module) -> 'ExpectedMissingKeys':
         """Start leaving the keys out of ``model``'s loads."""
         for module in model.modules():
-            if is_quantized_layer(module):
+            if is_quantized_layer(module) or is_requant_point(module):
                 self._handles.append(
                     module.register_load_state_dict_post_hook(self._hook))
         return self

@@ -8,6 +8,7 @@ from gmpq_mm.quantization.convert import to_quantized
 from gmpq_mm.quantization.policy import validate_policy
 from gmpq_mm.quantization.quantizers import SUPPORTED_BITS, check_bits
 from gmpq_mm.registry import MODELS
+from ..utils.requant_blocks import add_requant_points
 from .mixed_precision_backbone import build_and_select, stem_in_channels
 
 
@@ -20,7 +21,8 @@ def QuantizedBackbone(backbone,
                       exclude=None,
                       signed='auto',
                       init_range=6.0,
-                      per_channel=False):
+                      per_channel=False,
+                      requant_points=False):
     """Build ``backbone`` with fixed-bit quantized convs.
 
     Give either ``policy`` (a policy JSON path or dict, keyed by module name)
@@ -34,6 +36,11 @@ def QuantizedBackbone(backbone,
         w_bits / a_bits (int, optional): Uniform bits instead of a policy.
         include / exclude, signed, init_range, per_channel: As for
             :func:`MixedPrecisionBackbone`.
+        requant_points (bool): Put the 8-bit requantization points of an
+            integer runtime into the network (ResNet blocks only: residual
+            branch, shortcut, block output; see
+            :mod:`gmpq_mm.models.utils.requant_blocks`), so that it trains
+            and tests with the roundings its integer ONNX export has.
 
     Returns:
         nn.Module: The backbone with ``QuantizedConv2d`` layers.
@@ -54,7 +61,7 @@ def QuantizedBackbone(backbone,
     else:
         bits = validate_policy(
             policy, names, w_allowed=SUPPORTED_BITS, a_allowed=SUPPORTED_BITS)
-    return to_quantized(
+    model = to_quantized(
         model,
         bits,
         names=names,
@@ -62,3 +69,10 @@ def QuantizedBackbone(backbone,
         input_shape=(stem_in_channels(model), 64, 64),
         init_range=init_range,
         per_channel=per_channel)
+    if not isinstance(requant_points, bool):
+        raise ValueError('QuantizedBackbone: requant_points must be True or '
+                         f'False, got {requant_points!r}')
+    if requant_points:
+        add_requant_points(
+            model, where=f'QuantizedBackbone({type(model).__name__})')
+    return model
