@@ -2,8 +2,9 @@
 
 A quantized layer has entries an FP checkpoint lacks (``act_range``,
 ``w_threshold``; a requantization point its ``point_range``). Loading the
-FP ImageNet weights at the start of a finetune therefore made mmengine log "The model and loaded state dict do
-not match exactly ... missing keys ..." with every such entry -- expected,
+FP ImageNet weights at the start of a finetune therefore made mmengine
+log "The model and loaded state dict do not match exactly ... missing
+keys ..." with every such entry -- expected,
 since :class:`~gmpq_mm.engine.CalibrationHook` sets them next, but it reads
 as an error. While :class:`ExpectedMissingKeys` is attached, loads do not
 report those entries of quantized layers as missing (any other missing or
