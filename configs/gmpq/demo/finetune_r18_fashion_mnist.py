@@ -21,7 +21,10 @@ model = dict(
             base_channels=16,
             out_indices=(3, ),
             style='pytorch'),
-        policy='work_dirs/demo/search/policy.json'),
+        policy='work_dirs/demo/search/policy.json',
+        # train and test with the roundings of the integer ONNX export
+        # (8-bit residual points, int32 bias): the file is this network
+        requant_points=True),
     head=dict(in_channels=128))
 # The FP teacher of stage 1 (its keys match; the quantizer ranges are new).
 load_from = 'work_dirs/demo/pretrain/epoch_3.pth'

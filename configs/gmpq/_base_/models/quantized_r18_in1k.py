@@ -8,6 +8,7 @@
 # alike, so the CIFAR-searched policy applies as is.
 # Offline: --cfg-options model.backbone.backbone.init_cfg.checkpoint=PATH
 # Another policy: --cfg-options model.backbone.policy=PATH
+# The released code's numerics: --cfg-options model.backbone.requant_points=False
 _base_ = ['./resnet18_224_imagenet_init.py']
 
 model = dict(
@@ -16,4 +17,8 @@ model = dict(
         type='QuantizedBackbone',
         backbone={{_base_.model.backbone}},
         # the output of configs/gmpq/search_r18_cifar10.py
-        policy='work_dirs/search_r18_cifar10/policy.json'))
+        policy='work_dirs/search_r18_cifar10/policy.json',
+        # train and test with the roundings of the integer ONNX export
+        # (8-bit residual points, int32 bias); False: the released code's
+        # finetune, whose export agrees less at 2-3-bit activations
+        requant_points=True))
