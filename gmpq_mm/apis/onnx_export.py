@@ -70,8 +70,14 @@ ONNX_MODES = ('integer', 'float-qdq', 'fp')
 # to int32, and integer requantization of each conv output. Measured on
 # the calibration images (docs/user_guides/export.md); the bound is set
 # above those and below what one wrong scale gives.
+#
+# integer-matched: an integer graph whose every 8-bit point is the model's
+# own (requant_points) and whose int32 bias the model emulates in eval:
+# the same function up to float order. Measured 7.3e-5 and 100 % on the
+# demo network (docs/user_guides/export.md); held to the float-QDQ bound.
 ONNX_TOLERANCES = {
     'float-qdq': dict(max_rel_l2=2e-2, min_top1_agreement=0.95),
+    'integer-matched': dict(max_rel_l2=2e-2, min_top1_agreement=0.95),
     'integer': dict(max_rel_l2=1e-1, min_top1_agreement=0.9),
     'fp': dict(max_rel_l2=1e-4, min_top1_agreement=0.99),
 }
@@ -275,7 +281,11 @@ def export_onnx_model(model: nn.Module,
         if mode == 'integer':
             summary['onnxruntime'] = _kernels(tmp, summary['integer_layers'])
         if verify:
-            summary['verify'] = _verify(reference, tmp, inputs, mode, out,
+            check = mode
+            if mode == 'integer' and model_points and \
+                    not summary['added_points']:
+                check = 'integer-matched'
+            summary['verify'] = _verify(reference, tmp, inputs, check, out,
                                         source)
     summary.update(
         path=out,
@@ -286,8 +296,8 @@ def export_onnx_model(model: nn.Module,
     return summary
 
 
-def _verify(reference, path, inputs, mode, out, source) -> dict:
-    tol = ONNX_TOLERANCES[mode]
+def _verify(reference, path, inputs, check, out, source) -> dict:
+    tol = ONNX_TOLERANCES[check]
     with torch.no_grad():
         ref = torch.cat([
             reference(torch.from_numpy(inputs[i:i + 64]))
@@ -298,12 +308,12 @@ def _verify(reference, path, inputs, mode, out, source) -> dict:
     if not cmp['ok']:
         raise RuntimeError(
             f'{out}: onnxruntime does not reproduce the checkpoint {source} '
-            f'({mode} graph) on {len(inputs)} inputs: relative L2 error of '
+            f'({check} graph) on {len(inputs)} inputs: relative L2 error of '
             f'the logits {cmp["rel_l2"]:.3g} (allowed {tol["max_rel_l2"]:g}),'
             f' top-1 agreement {cmp["top1_agreement"]:.0%} (required '
             f'{tol["min_top1_agreement"]:.0%}); nothing written')
     cmp.pop('ok')
-    return dict(cmp, batch_size=len(inputs), tolerances=dict(tol))
+    return dict(cmp, batch_size=len(inputs), tolerances=dict(tol), check=check)
 
 
 def export_onnx_checkpoint(config,

@@ -88,7 +88,7 @@ def folded_bias_shift(conv: nn.Module, norm: nn.Module) -> Tensor:
     statistics."""
     from .export import weight_codes
     if not is_integer_conv(conv):
-        return torch.zeros(getattr(conv, 'out_channels', 1))
+        return conv.weight.new_zeros(conv.weight.shape[0])
     c_out = conv.out_channels
     if not isinstance(
             norm, nn.modules.batchnorm._BatchNorm) or \

@@ -185,8 +185,11 @@ def export_onnx(cfg, args):
             f'{len(summary["integer_layers"])} integer convs as QLinearConv'
             f' ({ort["ops"].get("QLinearAdd", 0)} QLinearAdd, '
             f'{ort["ops"].get("Conv", 0)} float Conv left: FP layers); '
-            f'{len(summary["added_points"])} 8-bit points the PyTorch model '
-            f'does not have, ranges from {summary["calibration"]}')
+            f'{summary.get("model_points", 0)} 8-bit points from the model '
+            f'(requant_points); {len(summary["added_points"])} 8-bit points '
+            'the PyTorch model does not have' +
+            (f', ranges from {summary["calibration"]}'
+             if summary['added_points'] else ''))
     else:
         lines.append(f'{summary["quantize_linear"]} QuantizeLinear, '
                      f'{summary["dequantize_linear"]} DequantizeLinear')

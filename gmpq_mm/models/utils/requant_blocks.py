@@ -19,6 +19,7 @@ The block keeps its class's parameters and names (an FP checkpoint loads as
 before; only the points' ranges are new); its class becomes the subclass
 below, whose ``forward`` is mmpretrain's with the points in it.
 """
+import torch
 import torch.utils.checkpoint as cp
 from mmpretrain.models.backbones.resnet import BasicBlock, Bottleneck
 from torch import nn
@@ -46,8 +47,29 @@ class _RequantMixin:
         out = norm(conv(x))
         if self.training or not self.emulate_int_bias:
             return out
-        shift = folded_bias_shift(conv, norm)
-        return out + shift.reshape(1, -1, 1, 1).to(out.dtype)
+        return out + self._shift(conv, norm).reshape(1, -1, 1, 1).to(out)
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop('_shift_cache', None)  # model.eval() recomputes
+        return super().train(mode)
+
+    def _shift(self, conv, norm):
+        """:func:`folded_bias_shift`, cached from one ``eval()`` call to
+        the next; recomputed sooner when a tensor it reads was changed in
+        place (an optimizer step, a load) or moved."""
+        tensors = [
+            t for t in (conv.weight, getattr(conv, 'act_range', None),
+                        getattr(conv, 'w_threshold', None), norm.weight,
+                        norm.bias, norm.running_mean, norm.running_var)
+            if t is not None
+        ]
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cache = self.__dict__.setdefault('_shift_cache', {})
+        hit = cache.get(id(conv))
+        if hit is None or hit[0] != key:
+            hit = (key, folded_bias_shift(conv, norm))
+            cache[id(conv)] = hit
+        return hit[1]
 
     def _conv_norms(self):
         """The ``(conv, norm)`` pairs of the block, the downsample's too."""
@@ -62,11 +84,25 @@ class _RequantMixin:
     def bake_folded_bias(self) -> None:
         """Move the eval-mode bias rounding into the norms' biases and stop
         emulating it: the same eval function, in plain conv / BatchNorm
-        (the ONNX export calls it on its eval copy)."""
+        (the ONNX export calls it on its eval copy). Nothing to do when
+        the block does not emulate it.
+
+        Raises:
+            RuntimeError: in training mode (the eval function is baked).
+        """
+        if not self.emulate_int_bias:
+            return
+        if self.training:
+            raise RuntimeError('bake_folded_bias: call it in eval mode')
         for conv, norm in self._conv_norms():
-            if norm.bias is not None and not self.training:
-                norm.bias.data += folded_bias_shift(conv, norm).to(norm.bias)
+            shift = folded_bias_shift(conv, norm)
+            if norm.bias is None:  # affine=False: the shift is the bias
+                norm.bias = nn.Parameter(shift.to(norm.running_mean))
+            else:
+                with torch.no_grad():
+                    norm.bias += shift.to(norm.bias)
         self.emulate_int_bias = False
+        self.__dict__.pop('_shift_cache', None)
 
     def _residual(self, x, out):
         identity = x
