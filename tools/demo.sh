@@ -4,7 +4,8 @@
 #   1. pretrain the FP teacher and print its test accuracy,
 #   2. search a bit policy against it and print the policy table,
 #   3. finetune the mixed-precision network with that policy, test it
-#      (accuracy with BitOPs) and export it as a packed low-bit artifact,
+#      (accuracy with BitOPs), export it as a packed low-bit artifact and
+#      as an integer ONNX file, and test that file against PyTorch,
 #   4. finetune uniform W2A2 / W4A4 baselines the same way, then draw the
 #      pictures: accuracy vs BitOPs (with a markdown table), the policy,
 #      the search curves, and teacher vs mixed attribution maps.
@@ -57,6 +58,23 @@ python tools/deploy/export.py $CFG/finetune_r18_fashion_mnist.py "$MIXED" \
     --out "$WORK/mixed.safetensors" --json "$WORK/export.json" \
     --cfg-options model.backbone.policy="$WORK/search/policy.json" \
     > "$WORK/export.log" 2>&1 || { tail -40 "$WORK/export.log"; exit 1; }
+if python -c "import onnx, onnxruntime" 2> /dev/null; then
+    # the integer ONNX file onnxruntime runs, and its agreement with PyTorch
+    python tools/deploy/export.py $CFG/finetune_r18_fashion_mnist.py \
+        "$MIXED" --out "$WORK/mixed.onnx" \
+        --cfg-options model.backbone.policy="$WORK/search/policy.json" \
+        > "$WORK/export_onnx.log" 2>&1 \
+        || { tail -40 "$WORK/export_onnx.log"; exit 1; }
+    python tools/deploy/test_onnx.py $CFG/finetune_r18_fashion_mnist.py \
+        "$WORK/mixed.onnx" --checkpoint "$MIXED" \
+        --cfg-options model.backbone.policy="$WORK/search/policy.json" \
+        > "$WORK/test_onnx.log" 2>&1 \
+        || { tail -40 "$WORK/test_onnx.log"; exit 1; }
+    tail -1 "$WORK/test_onnx.log"
+else
+    echo "onnx / onnxruntime not installed: integer ONNX export skipped" \
+        "(pip install onnx onnxruntime)"
+fi
 python - "$WORK" <<'PY'
 import json, os, sys
 work = sys.argv[1]
