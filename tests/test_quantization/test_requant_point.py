@@ -246,3 +246,25 @@ def test_folded_bias_lands_on_the_unit_grid():
     unit = 0.25 * np.abs(0.125 * g.numpy()) / 18
     k = (b + shift) / unit
     assert all(math.isclose(v, round(v), abs_tol=1e-4) for v in k), k
+
+
+@pytest.mark.parametrize('qrange', [(0, 255), (-128, 127)])
+def test_plain_fake_quantize_equals_torch(qrange):
+    """The CPU path computes exactly what torch's fused op computes (values
+    and gradient), ties and both saturations included."""
+    from gmpq_mm.quantization.requant_point import fake_quantize_8bit
+    scale = torch.tensor([0.0123])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.randn(4000, generator=gen) * 2,
+        (torch.arange(-300, 300) + 0.5) * scale,  # halfway between codes
+        torch.tensor([-10.0, 10.0, 0.0])
+    ]).requires_grad_()
+    ours = fake_quantize_8bit(x, scale, *qrange)
+    ref = torch.fake_quantize_per_tensor_affine(
+        x, scale, torch.zeros(1, dtype=torch.int32), *qrange)
+    assert torch.equal(ours, ref)
+    g_ours, = torch.autograd.grad(ours.sum(), x)
+    g_ref, = torch.autograd.grad(ref.sum(), x)
+    assert torch.equal(g_ours, g_ref)
+    assert 0 < g_ours.sum() < len(x)  # some inside, some outside
