@@ -125,6 +125,8 @@ def _chain_of(clip, index: _Index, consts: dict) -> Optional[dict]:
     if len(users) != 1 or users[0].op_type != 'QuantizeLinear':
         return None
     q = users[0]
+    if len(q.input) < 2 or q.input[1] not in consts:
+        return None  # an 8-bit point still waiting for its range
     dqs = index.users(q.output[0])
     if not dqs or any(d.op_type != 'DequantizeLinear' for d in dqs):
         return None

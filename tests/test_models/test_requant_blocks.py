@@ -135,12 +135,17 @@ def test_bottleneck_resnet_gets_points():
         assert torch.allclose(baked(x), want, atol=1e-6)
 
 
-def test_non_resnet_refused():
-    with pytest.raises(ValueError, match='requant_points'):
+def test_other_backbones_refused():
+    with pytest.raises(ValueError, match='requant_points=True needs'):
         _backbone(
-            backbone=dict(type='MobileNetV2', widen_factor=0.25),
+            backbone=dict(type='VGG', depth=11, num_classes=-1),
             w_bits=4,
             a_bits=4)
+
+
+def test_activation_checkpointing_refused():
+    with pytest.raises(ValueError, match='with_cp=True'):
+        _backbone(backbone=dict(R18_TINY, with_cp=True))
 
 
 def test_requant_points_must_be_bool():

@@ -19,18 +19,17 @@ The block keeps its class's parameters and names (an FP checkpoint loads as
 before; only the points' ranges are new); its class becomes the subclass
 below, whose ``forward`` is mmpretrain's with the points in it.
 """
-import torch
-import torch.utils.checkpoint as cp
 from mmpretrain.models.backbones.resnet import BasicBlock, Bottleneck
 from torch import nn
 
-from gmpq_mm.quantization.integer_fold import folded_bias_shift
 from gmpq_mm.quantization.requant_point import RequantPoint
+from .bias_emulation import IntBiasEmulation
+from .requant_mobilenet import add_mobilenet_points
 
 __all__ = ['RequantBasicBlock', 'RequantBottleneck', 'add_requant_points']
 
 
-class _RequantMixin:
+class _RequantMixin(IntBiasEmulation):
 
     def _add_points(self, first: bool, momentum: float) -> None:
         self.requant_in = RequantPoint(False, momentum) if first else None
@@ -39,37 +38,6 @@ class _RequantMixin:
             RequantPoint(True, momentum)
             if self.downsample is not None else None)
         self.requant_out = RequantPoint(False, momentum)
-
-    # eval: each integer conv's bias rounded as the runtime holds it
-    emulate_int_bias = True
-
-    def _conv_norm(self, conv, norm, x):
-        out = norm(conv(x))
-        if self.training or not self.emulate_int_bias:
-            return out
-        return out + self._shift(conv, norm).reshape(1, -1, 1, 1).to(out)
-
-    def train(self, mode: bool = True):
-        self.__dict__.pop('_shift_cache', None)  # model.eval() recomputes
-        return super().train(mode)
-
-    def _shift(self, conv, norm):
-        """:func:`folded_bias_shift`, cached from one ``eval()`` call to
-        the next; recomputed sooner when a tensor it reads was changed in
-        place (an optimizer step, a load) or moved."""
-        tensors = [
-            t for t in (conv.weight, getattr(conv, 'act_range', None),
-                        getattr(conv, 'w_threshold', None), norm.weight,
-                        norm.bias, norm.running_mean, norm.running_var)
-            if t is not None
-        ]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
-        cache = self.__dict__.setdefault('_shift_cache', {})
-        hit = cache.get(id(conv))
-        if hit is None or hit[0] != key:
-            hit = (key, folded_bias_shift(conv, norm))
-            cache[id(conv)] = hit
-        return hit[1]
 
     def _conv_norms(self):
         """The ``(conv, norm)`` pairs of the block, the downsample's too."""
@@ -80,29 +48,6 @@ class _RequantMixin:
         if isinstance(ds, nn.Sequential) and len(ds) >= 2:
             pairs.append((ds[-2], ds[-1]))
         return pairs
-
-    def bake_folded_bias(self) -> None:
-        """Move the eval-mode bias rounding into the norms' biases and stop
-        emulating it: the same eval function, in plain conv / BatchNorm
-        (the ONNX export calls it on its eval copy). Nothing to do when
-        the block does not emulate it.
-
-        Raises:
-            RuntimeError: in training mode (the eval function is baked).
-        """
-        if not self.emulate_int_bias:
-            return
-        if self.training:
-            raise RuntimeError('bake_folded_bias: call it in eval mode')
-        for conv, norm in self._conv_norms():
-            shift = folded_bias_shift(conv, norm)
-            if norm.bias is None:  # affine=False: the shift is the bias
-                norm.bias = nn.Parameter(shift.to(norm.running_mean))
-            else:
-                with torch.no_grad():
-                    norm.bias += shift.to(norm.bias)
-        self.emulate_int_bias = False
-        self.__dict__.pop('_shift_cache', None)
 
     def _residual(self, x, out):
         identity = x
@@ -119,11 +64,8 @@ class _RequantMixin:
     def _run(self, inner, x):
         if self.requant_in is not None:
             x = self.requant_in(x)
-        if self.with_cp and x.requires_grad:
-            out = cp.checkpoint(inner, x)
-        else:
-            out = inner(x)
-        return self.requant_out(self.relu(out))
+        # with_cp is refused by add_requant_points
+        return self.requant_out(self.relu(inner(x)))
 
 
 class RequantBasicBlock(_RequantMixin, BasicBlock):
@@ -174,6 +116,9 @@ def add_requant_points(backbone: nn.Module,
             ResNet ``BasicBlock`` / ``Bottleneck``, or a block whose class
             has its own ``forward``.
     """
+    count = add_mobilenet_points(backbone, momentum, where)
+    if count:
+        return count
     blocks = [(n, m) for n, m in backbone.named_modules()
               if isinstance(m, (BasicBlock, Bottleneck))]
     if any(isinstance(m, _RequantMixin) for _, m in blocks):
@@ -181,10 +126,9 @@ def add_requant_points(backbone: nn.Module,
     if not blocks:
         raise ValueError(
             f'{where}: requant_points=True needs a ResNet-family backbone '
-            f'(mmpretrain BasicBlock / Bottleneck blocks); '
+            f'(mmpretrain BasicBlock / Bottleneck blocks) or MobileNetV2; '
             f'{type(backbone).__name__} has none. Set requant_points=False '
             '(the ONNX export then calibrates its own 8-bit points)')
-    count = 0
     for i, (name, block) in enumerate(blocks):
         cls = _requant_class(block)
         if cls is None:
@@ -192,6 +136,12 @@ def add_requant_points(backbone: nn.Module,
                 f'{where}: block {name!r} is a {type(block).__name__}, not '
                 'mmpretrain\'s BasicBlock / Bottleneck: its forward may '
                 'differ, so requantization points cannot be placed in it')
+        if getattr(block, 'with_cp', False):
+            raise ValueError(
+                f'{where}: block {name!r} uses with_cp=True (activation '
+                'checkpointing runs its forward twice, which would move '
+                'the points\' ranges twice per step); set with_cp=False '
+                'or requant_points=False')
         block.__class__ = cls
         block._add_points(first=i == 0, momentum=momentum)
         count += sum(1 for m in block.children()

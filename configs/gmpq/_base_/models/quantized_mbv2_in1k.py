@@ -14,4 +14,7 @@ model = dict(
         type='QuantizedBackbone',
         backbone={{_base_.model.backbone}},
         # the output of configs/gmpq/search_mbv2_cifar10.py
-        policy='work_dirs/search_mbv2_cifar10/policy.json'))
+        policy='work_dirs/search_mbv2_cifar10/policy.json',
+        # train and test with the roundings of the integer ONNX export
+        # (8-bit residual points, int32 bias); False: the released code's
+        requant_points=True))
