@@ -15,6 +15,10 @@ onnxruntime's integer graph has (see ``docs/user_guides/export.md``):
   :func:`~gmpq_mm.quantization.integer_fold.folded_bias_shift`: the bias
   rounded to int32 as the runtime's folded conv holds it.
 
+(A MobileNetV2 gets its points from
+:func:`~.requant_mobilenet.add_mobilenet_points`, which
+:func:`add_requant_points` tries first.)
+
 The block keeps its class's parameters and names (an FP checkpoint loads as
 before; only the points' ranges are new); its class becomes the subclass
 below, whose ``forward`` is mmpretrain's with the points in it.
@@ -24,7 +28,7 @@ from torch import nn
 
 from gmpq_mm.quantization.requant_point import RequantPoint
 from .bias_emulation import IntBiasEmulation
-from .requant_mobilenet import add_mobilenet_points
+from .requant_mobilenet import add_mobilenet_points, refuse_checkpointing
 
 __all__ = ['RequantBasicBlock', 'RequantBottleneck', 'add_requant_points']
 
@@ -108,8 +112,8 @@ def _requant_class(block: nn.Module):
 def add_requant_points(backbone: nn.Module,
                        momentum: float = 0.01,
                        where: str = 'backbone') -> int:
-    """Give every ResNet block of ``backbone`` its requantization points
-    (in place); returns the number of points.
+    """Give every ResNet block of ``backbone`` (or a MobileNetV2's blocks)
+    its requantization points (in place); returns the number of points.
 
     Raises:
         ValueError: naming ``where`` and the backbone's type when it has no
@@ -136,12 +140,7 @@ def add_requant_points(backbone: nn.Module,
                 f'{where}: block {name!r} is a {type(block).__name__}, not '
                 'mmpretrain\'s BasicBlock / Bottleneck: its forward may '
                 'differ, so requantization points cannot be placed in it')
-        if getattr(block, 'with_cp', False):
-            raise ValueError(
-                f'{where}: block {name!r} uses with_cp=True (activation '
-                'checkpointing runs its forward twice, which would move '
-                'the points\' ranges twice per step); set with_cp=False '
-                'or requant_points=False')
+        refuse_checkpointing(block, name, where)
         block.__class__ = cls
         block._add_points(first=i == 0, momentum=momentum)
         count += sum(1 for m in block.children()

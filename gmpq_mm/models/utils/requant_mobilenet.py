@@ -28,7 +28,8 @@ from gmpq_mm.quantization.requant_point import RequantPoint
 from .bias_emulation import IntBiasEmulation
 
 __all__ = [
-    'RequantConvModule', 'RequantInvertedResidual', 'add_mobilenet_points'
+    'RequantConvModule', 'RequantInvertedResidual', 'add_mobilenet_points',
+    'refuse_checkpointing'
 ]
 
 
@@ -66,6 +67,18 @@ class RequantInvertedResidual(InvertedResidual):
         return out if self.requant_out is None else self.requant_out(out)
 
 
+def refuse_checkpointing(block: nn.Module, name: str, where: str) -> None:
+    """A ``ValueError`` for a block with ``with_cp=True``: activation
+    checkpointing runs its forward twice per step, which would move its
+    points' ranges twice."""
+    if getattr(block, 'with_cp', False):
+        raise ValueError(
+            f'{where}: block {name!r} uses with_cp=True (activation '
+            'checkpointing runs its forward twice, which would move the '
+            'points\' ranges twice per step); set with_cp=False or '
+            'requant_points=False')
+
+
 def _after_activation(backbone: nn.Module) -> bool:
     """Whether the stem (``conv1``) ends with an activation (ReLU-like:
     its output is never negative)."""
@@ -97,12 +110,7 @@ def add_mobilenet_points(backbone: nn.Module,
                 f'{where}: {name!r} is a {type(m).__name__}, not mmpretrain'
                 '\'s InvertedResidual / mmcv\'s ConvModule: its forward may '
                 'differ, so requantization points cannot be placed in it')
-        if getattr(m, 'with_cp', False):
-            raise ValueError(
-                f'{where}: block {name!r} uses with_cp=True (activation '
-                'checkpointing runs its forward twice, which would move '
-                'the points\' ranges twice per step); set with_cp=False '
-                'or requant_points=False')
+        refuse_checkpointing(m, name, where)
         if isinstance(m, ConvModule) and \
                 tuple(m.order) != ('conv', 'norm', 'act'):
             raise ValueError(f'{where}: ConvModule {name!r} has the order '
