@@ -395,6 +395,43 @@ class _Rewriter:
             for dq in chain['dqs']:
                 dq.input[2] = zero
 
+    def signed_in_uint8(self) -> None:
+        """Every activation held in ``int8`` (a signed grid, a symmetric
+        8-bit point) moves to ``uint8`` with zero point 128: the same codes
+        shifted by 128, so the same values. onnxruntime fuses a conv or an
+        add only when its quantized input and output have one type, and a
+        signed tensor between unsigned ones (MobileNetV2's linear
+        bottlenecks, a residual branch) otherwise leaves the layer in
+        float. An integer Clip on the codes moves with them."""
+        self.index.refresh()
+        self.consts = constants(self.graph)
+        weights = {t.name for t in self.graph.initializer}
+        for q in list(self.graph.node):
+            if q.op_type != 'QuantizeLinear' or q.input[0] in weights or \
+                    len(q.input) < 3 or q.input[2] not in self.consts:
+                continue
+            zero = self.consts[q.input[2]]
+            if zero.dtype != np.int8 or zero.size != 1:
+                continue
+            shifted = self.build.const('zero_u8',
+                                       np.array(int(zero) + 128, np.uint8))
+            q.input[2] = shifted
+            readers = list(self.index.users(q.output[0]))
+            for node in readers:
+                if node.op_type == 'Clip':  # integer Clip on the codes
+                    for i in (1, 2):
+                        node.input[i] = self.build.const(
+                            'bound_u8',
+                            np.array(
+                                int(self.consts[node.input[i]]) + 128,
+                                np.uint8))
+                    readers += self.index.users(node.output[0])
+                elif node.op_type == 'DequantizeLinear':
+                    node.input[2] = shifted
+                else:
+                    raise RuntimeError(f'{q.name}: an int8 activation read '
+                                       f'by a {node.op_type}')
+
     def _aligned(self, dnode, hi: float) -> Optional[float]:
         """An 8-bit scale ``s_a / k`` (``k`` odd, ``255 s_a / k >= hi``)
         when the point's DequantizeLinear feeds quantizers of one unsigned
@@ -487,6 +524,7 @@ def integerize(proto, layers: Mapping[str, dict],
     rw.residual_adds()
     rw.unsigned_containers()
     rw.calibrate()
+    rw.signed_in_uint8()
     _drop_unused(proto.graph)
     used = {i for n in proto.graph.node for i in n.input}
     keep = [t for t in proto.graph.initializer if t.name in used]
@@ -550,12 +588,14 @@ def check_integer_model(proto, layers: Mapping[str, dict],
                 f'{name}: input scale {scale:g} differs from the layer\'s '
                 f'activation scale {info["act_scale"]:g}')
         zero = consts[dq_x.input[2]]
-        top = np.iinfo(zero.dtype).max
+        # a signed grid sits in uint8 around zero point 128
+        offset = 128 if info['signed'] and zero.dtype == np.uint8 else 0
+        top = int(np.iinfo(zero.dtype).max) - offset
         levels = int(round(info['act_range'] / info['act_scale']))
         src = producer.get(dq_x.input[0])
         if src is not None and src.op_type == 'Clip' and \
                 src.input[2] in consts:  # integer Clip on the codes
-            top = int(consts[src.input[2]])
+            top = int(consts[src.input[2]]) - offset
         elif src is not None and src.op_type == 'QuantizeLinear':
             clip = producer.get(src.input[0])  # float Clip to [lo, r]
             if clip is not None and clip.op_type == 'Clip' and \
@@ -563,7 +603,7 @@ def check_integer_model(proto, layers: Mapping[str, dict],
                         consts[clip.input[2]]) == np.float32(
                             info['act_range']):
                 top = levels
-        if top != levels or np.any(zero != 0):
+        if top != levels or np.any(zero != offset):
             raise RuntimeError(
                 f'{name}: input codes are held to [.., {top}], not to the '
                 f'{levels} levels of its {info["a_bits"]}-bit grid')

@@ -106,6 +106,25 @@ def test_integer_export_computes_the_network(tmp_path, requant_points):
     got = run_onnxruntime(path, x)
     rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     print(f'requant_points={requant_points}: relative L2 {rel:.3g}')
+    # onnxruntime fuses a conv / add only when its quantized input and
+    # output share one type: every activation, signed grids included (in
+    # uint8 around 128), is uint8, so all 51 convs and the 11 residual adds
+    # run on integer kernels (before: 37 and 0 with int8 signed grids)
+    ops = summary['onnxruntime']['ops']
+    assert summary['onnxruntime']['integer_convs'] == 51
+    assert ops.get('QLinearAdd') == 11 and 'Add' not in ops
+    assert ops.get('Conv') == 1  # the FP stem
+    import onnx
+
+    from gmpq_mm.deploy.onnx_graph import constants
+    graph = onnx.load(path).graph
+    consts = constants(graph)
+    zeros = [
+        consts[n.input[2]] for n in graph.node
+        if n.op_type == 'QuantizeLinear' and len(n.input) > 2
+    ]
+    assert zeros and all(z.dtype == np.uint8 for z in zeros)
+    assert any(int(z) == 128 for z in zeros)  # the signed grids
     if requant_points:
         assert summary['model_points'] == 23
         assert summary['added_points'] == []
