@@ -175,5 +175,10 @@ def test_frozen_rank_ends_job_within_timeout(tmp_path, cifar10_root, repo_root,
     print(f'frozen rank: job ended rc={rc} {elapsed:.1f} s after SIGSTOP')
     assert rc != 0
     assert elapsed < timeout + 30 + 45, elapsed
-    # The live rank's collective gave up after exactly the configured time.
-    assert f'Timed out waiting {timeout * 1000}ms' in out, out[-3000:]
+    # The live rank's collective gave up on gloo's timeout (the configured
+    # one: the elapsed bound above). On a timeout gloo throws "Timed out
+    # waiting ..." where the wait was and closes every pair, so another
+    # pending operation (seen: DDP's buffer sync) may report the closure
+    # instead.
+    assert f'Timed out waiting {timeout * 1000}ms' in out or \
+        'Application timeout caused pair closure' in out, out[-3000:]
