@@ -70,9 +70,15 @@ class RequantPoint(nn.Module):
     def calibrated(self) -> bool:
         return bool(self.point_range > 0)
 
+    def _scale(self) -> Tensor:
+        """The 8-bit step ``range / levels`` (float32, one element; a tiny
+        positive step while the range is still 0)."""
+        return (self.point_range.float().clamp_min(1e-12) /
+                self.levels).reshape(1)
+
     def scale(self) -> float:
-        """The 8-bit step, ``range / levels`` (float32), as exported."""
-        return float(self.point_range.float() / self.levels)
+        """The 8-bit step of a calibrated point, as exported."""
+        return float(self._scale())
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
@@ -89,9 +95,9 @@ class RequantPoint(nn.Module):
             self._observe(x)
         elif not self.calibrated:
             return x
-        scale = (self.point_range.float().clamp_min(1e-12) /
-                 self.levels).reshape(1).to(x.device)
-        return fake_quantize_8bit(x.float(), scale, *self.qrange).to(x.dtype)
+        return fake_quantize_8bit(x.float(),
+                                  self._scale().to(x.device),
+                                  *self.qrange).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f'{"int8" if self.signed else "uint8"}, '

@@ -36,11 +36,11 @@ def QuantizedBackbone(backbone,
         w_bits / a_bits (int, optional): Uniform bits instead of a policy.
         include / exclude, signed, init_range, per_channel: As for
             :func:`MixedPrecisionBackbone`.
-        requant_points (bool): Put the 8-bit requantization points of an
-            integer runtime into the network (ResNet blocks only: residual
-            branch, shortcut, block output; see
+        requant_points (bool): Put the roundings of an integer runtime
+            into the network: 8-bit points on the residual stream and, in
+            eval, the int32 bias (ResNet and MobileNetV2 blocks; see
             :mod:`gmpq_mm.models.utils.requant_blocks`), so that it trains
-            and tests with the roundings its integer ONNX export has.
+            and tests as its integer ONNX export computes.
 
     Returns:
         nn.Module: The backbone with ``QuantizedConv2d`` layers.

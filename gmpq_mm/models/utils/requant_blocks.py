@@ -28,7 +28,8 @@ from torch import nn
 
 from gmpq_mm.quantization.requant_point import RequantPoint
 from .bias_emulation import IntBiasEmulation
-from .requant_mobilenet import add_mobilenet_points, refuse_checkpointing
+from .requant_mobilenet import (add_mobilenet_points, is_mobilenet,
+                                refuse_checkpointing)
 
 __all__ = ['RequantBasicBlock', 'RequantBottleneck', 'add_requant_points']
 
@@ -99,14 +100,9 @@ class RequantBottleneck(_RequantMixin, Bottleneck):
         return self._run(inner, x)
 
 
-_SWAP = ((BasicBlock, RequantBasicBlock), (Bottleneck, RequantBottleneck))
-
-
-def _requant_class(block: nn.Module):
-    """The subclass for ``block``: mmpretrain's own ``BasicBlock`` /
-    ``Bottleneck`` only (a subclass may change ``forward``, which would put
-    the points in the wrong places); None for anything else."""
-    return dict(_SWAP).get(type(block))
+# mmpretrain's own classes only: a subclass may change ``forward``, which
+# would put the points in the wrong places
+_SWAP = {BasicBlock: RequantBasicBlock, Bottleneck: RequantBottleneck}
 
 
 def add_requant_points(backbone: nn.Module,
@@ -120,9 +116,8 @@ def add_requant_points(backbone: nn.Module,
             ResNet ``BasicBlock`` / ``Bottleneck``, or a block whose class
             has its own ``forward``.
     """
-    count = add_mobilenet_points(backbone, momentum, where)
-    if count:
-        return count
+    if is_mobilenet(backbone):
+        return add_mobilenet_points(backbone, momentum, where)
     blocks = [(n, m) for n, m in backbone.named_modules()
               if isinstance(m, (BasicBlock, Bottleneck))]
     if any(isinstance(m, _RequantMixin) for _, m in blocks):
@@ -133,8 +128,9 @@ def add_requant_points(backbone: nn.Module,
             f'(mmpretrain BasicBlock / Bottleneck blocks) or MobileNetV2; '
             f'{type(backbone).__name__} has none. Set requant_points=False '
             '(the ONNX export then calibrates its own 8-bit points)')
+    count = 0
     for i, (name, block) in enumerate(blocks):
-        cls = _requant_class(block)
+        cls = _SWAP.get(type(block))
         if cls is None:
             raise ValueError(
                 f'{where}: block {name!r} is a {type(block).__name__}, not '

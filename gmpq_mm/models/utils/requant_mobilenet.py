@@ -29,7 +29,7 @@ from .bias_emulation import IntBiasEmulation
 
 __all__ = [
     'RequantConvModule', 'RequantInvertedResidual', 'add_mobilenet_points',
-    'refuse_checkpointing'
+    'is_mobilenet', 'refuse_checkpointing'
 ]
 
 
@@ -86,12 +86,16 @@ def _after_activation(backbone: nn.Module) -> bool:
     return isinstance(stem, ConvModule) and stem.with_activation
 
 
+def is_mobilenet(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` has mmpretrain ``InvertedResidual`` blocks."""
+    return any(isinstance(m, InvertedResidual) for m in backbone.modules())
+
+
 def add_mobilenet_points(backbone: nn.Module,
                          momentum: float = 0.01,
                          where: str = 'backbone') -> int:
     """Give ``backbone`` (an mmpretrain ``MobileNetV2``) its points (in
-    place); returns their number, or 0 when it has no inverted residual
-    block.
+    place); returns their number.
 
     Raises:
         ValueError: naming ``where`` for ``with_cp=True``, a block or
@@ -100,8 +104,6 @@ def add_mobilenet_points(backbone: nn.Module,
     """
     blocks = [(n, m) for n, m in backbone.named_modules()
               if isinstance(m, InvertedResidual)]
-    if not blocks:
-        return 0
     modules = [(n, m) for n, m in backbone.named_modules()
                if isinstance(m, ConvModule) and is_quantized_layer(m.conv)]
     for name, m in blocks + modules:
